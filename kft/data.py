@@ -1,0 +1,371 @@
+"""Reading, validating and describing labelled text data.
+
+Sources: CSV / TSV / JSONL files (local or any `tf.io.gfile` path such as gs://), TFDS datasets, and
+the small sample that ships with kft. Every problem is reported as a `DataError` naming the file,
+line and field; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import io
+import json
+import os
+import re
+
+import numpy as np
+import tensorflow as tf
+
+SAMPLE_DATASET = "sample_reviews"
+_SAMPLE_DIR = os.path.join(os.path.dirname(__file__), "sample_data")
+
+# Field names and splits of the TFDS datasets kft knows; others use --text_field/--label_field.
+TFDS_DEFAULTS = {
+    "imdb_reviews": {"text": "text", "label": "label", "eval_split": "test"},
+    "glue/sst2": {"text": "sentence", "label": "label", "eval_split": "validation"},
+}
+
+_INT_RE = re.compile(r"^[+-]?\d+$")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, line and field."""
+
+
+@dataclasses.dataclass
+class Split:
+    """Texts and raw labels of one split, with where each example came from."""
+
+    name: str
+    source: str
+    texts: list[str]
+    labels: list  # ints or strings, as found in the source
+    lines: list[int] | None = None  # 1-based source line per example (files only)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def where(self, i: int) -> str:
+        return f"{self.source}:{self.lines[i]}" if self.lines else f"{self.source}[{i}]"
+
+    def head(self, n: int) -> "Split":
+        if not n or n >= len(self):
+            return self
+        return Split(self.name, self.source, self.texts[:n], self.labels[:n],
+                     self.lines[:n] if self.lines else None)
+
+
+@dataclasses.dataclass
+class LabelVocab:
+    """Maps raw label values to class ids 0..k-1 and to display names. Built from train only."""
+
+    values: list  # sorted raw values (all int or all str)
+    names: list[str]
+
+    @classmethod
+    def from_split(cls, split: Split, label_names: list[str] | None = None,
+                   tfds_names: list[str] | None = None) -> "LabelVocab":
+        values = sorted(set(split.labels))
+        if not values:
+            raise DataError(f"{split.source}: no labelled examples")
+        if label_names:
+            if not all(isinstance(v, int) for v in values):
+                raise DataError("--label_names applies to integer labels only; "
+                                f"{split.source} has string labels {values[:5]}")
+            if max(values) >= len(label_names) or min(values) < 0:
+                raise DataError(f"--label_names has {len(label_names)} names but {split.source} "
+                                f"has labels {values}")
+            names = [label_names[v] for v in values]
+        elif tfds_names:
+            names = [tfds_names[v] for v in values]
+        else:
+            names = [str(v) for v in values]
+        return cls(values, names)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def encode(self, split: Split, label_field: str = "label") -> np.ndarray:
+        """Class ids for `split`; a label unseen in train is an error naming where it is."""
+        index = {v: i for i, v in enumerate(self.values)}
+        ids = np.empty(len(split), dtype=np.int32)
+        for i, label in enumerate(split.labels):
+            if label not in index:
+                raise DataError(f"{split.where(i)}: field '{label_field}': label {label!r} does not occur "
+                                f"in the training data (known: {self.values})")
+            ids[i] = index[label]
+        return ids
+
+    def to_json(self) -> dict:
+        return {"values": self.values, "names": self.names}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "LabelVocab":
+        return cls(list(d["values"]), list(d["names"]))
+
+
+def _read_bytes(path: str, flag: str) -> bytes:
+    if not tf.io.gfile.exists(path):
+        raise DataError(f"{path}: file not found (given by {flag})")
+    with tf.io.gfile.GFile(path, "rb") as f:
+        data = f.read()
+    if not data.strip():
+        raise DataError(f"{path}: file is empty (given by {flag})")
+    return data
+
+
+def _check_decoded(path: str, line: int, field: str, value: str) -> None:
+    # Text was decoded with surrogateescape: undecodable bytes show up as lone surrogates.
+    for ch in value:
+        if "\udc80" <= ch <= "\udcff":
+            raise DataError(f"{path}:{line}: field '{field}': bytes that are not valid UTF-8 "
+                            f"(0x{ord(ch) - 0xDC00:02x}); re-encode the file as UTF-8")
+
+
+def _delimited_rows(path: str, text: str, delimiter: str):
+    """Yields (line_number, row) for CSV (quoted) or TSV (GLUE style, no quoting)."""
+    if delimiter == "\t":
+        for n, line in enumerate(text.split("\n"), start=1):
+            line = line.rstrip("\r")
+            if line.strip():
+                yield n, line.split("\t")
+        return
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=",", strict=True)
+    start = 1
+    try:
+        for row in reader:
+            if any(cell.strip() for cell in row):
+                yield start, row
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"{path}:{start}: malformed CSV ({e}); check for an unbalanced quote") from None
+
+
+def _read_delimited(path: str, text: str, delimiter: str, text_field: str,
+                    label_field: str | None) -> tuple[list, list, list]:
+    rows = _delimited_rows(path, text, delimiter)
+    try:
+        _, header = next(rows)
+    except StopIteration:
+        raise DataError(f"{path}: no header line") from None
+    header = [h.strip() for h in header]
+    wanted = [text_field] + ([label_field] if label_field else [])
+    for field, flag in zip(wanted, ("--text_field", "--label_field")):
+        if field not in header:
+            raise DataError(f"{path}:1: header has no field '{field}' ({flag}); fields are {header}")
+    ti = header.index(text_field)
+    li = header.index(label_field) if label_field else None
+    texts, labels, lines = [], [], []
+    for line, row in rows:
+        if len(row) != len(header):
+            raise DataError(f"{path}:{line}: {len(row)} fields, header has {len(header)} "
+                            f"({'tab' if delimiter == chr(9) else 'comma'}-separated)")
+        texts.append(row[ti])
+        labels.append(row[li].strip() if li is not None else None)
+        lines.append(line)
+    if label_field:
+        # Integer-looking labels become ints; a column mixing them with words fails the type check.
+        labels = [int(v) if _INT_RE.match(v) else v for v in labels]
+    return texts, labels, lines
+
+
+def _read_jsonl(path: str, text: str, text_field: str, label_field: str | None):
+    texts, labels, lines = [], [], []
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+        for field, flag in ((text_field, "--text_field"), (label_field, "--label_field")):
+            if field and field not in record:
+                raise DataError(f"{path}:{n}: missing field '{field}' ({flag}); keys are {sorted(record)}")
+        value = record[text_field]
+        if not isinstance(value, str):
+            raise DataError(f"{path}:{n}: field '{text_field}': expected a string, "
+                            f"got {type(value).__name__}")
+        label = record[label_field] if label_field else None
+        if label_field and (isinstance(label, bool) or not isinstance(label, (int, str))):
+            raise DataError(f"{path}:{n}: field '{label_field}': expected an int or string label, "
+                            f"got {json.dumps(label)}")
+        texts.append(value)
+        labels.append(label)
+        lines.append(n)
+    return texts, labels, lines
+
+
+def read_file(path: str, split_name: str, text_field: str, label_field: str | None = "label",
+              flag: str = "--train_file") -> Split:
+    """Reads and validates one CSV/TSV/JSONL file."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".csv", ".tsv", ".jsonl", ".json"):
+        raise DataError(f"{path}: unsupported extension '{ext}' (given by {flag}); "
+                        "use .csv, .tsv or .jsonl")
+    text = _read_bytes(path, flag).decode("utf-8", errors="surrogateescape")
+    text = text.lstrip("\ufeff")
+    if ext in (".jsonl", ".json"):
+        texts, labels, lines = _read_jsonl(path, text, text_field, label_field)
+    else:
+        texts, labels, lines = _read_delimited(path, text, "," if ext == ".csv" else "\t",
+                                               text_field, label_field)
+    if not texts:
+        raise DataError(f"{path}: no examples after the header (given by {flag})")
+    for t, label, line in zip(texts, labels, lines):
+        _check_decoded(path, line, text_field, t)
+        if isinstance(label, str):
+            _check_decoded(path, line, label_field, label)
+        if not t.strip():
+            raise DataError(f"{path}:{line}: field '{text_field}' is empty")
+        if label_field and label == "":
+            raise DataError(f"{path}:{line}: field '{label_field}' is empty")
+    split = Split(split_name, path, texts, labels, lines)
+    if label_field:
+        check_label_types(split, label_field)
+    return split
+
+
+def check_label_types(split: Split, label_field: str) -> None:
+    """All labels of a split must be ints or all strings: a mix usually means a broken column."""
+    kinds = [int if isinstance(v, int) else str for v in split.labels]
+    first = kinds[0]
+    for i, kind in enumerate(kinds):
+        if kind is not first:
+            raise DataError(
+                f"{split.where(i)}: field '{label_field}': label {split.labels[i]!r} is "
+                f"{'an integer' if kind is int else 'a string'} but {split.where(0)} has "
+                f"{'an integer' if first is int else 'a string'} label {split.labels[0]!r}; "
+                "labels must be all integers or all strings")
+
+
+def check_same_label_type(train: Split, other: Split, label_field: str) -> None:
+    if not other.labels or not train.labels:
+        return
+    if isinstance(train.labels[0], int) != isinstance(other.labels[0], int):
+        raise DataError(f"{other.where(0)}: field '{label_field}': label {other.labels[0]!r} has a "
+                        f"different type than the training labels (e.g. {train.labels[0]!r})")
+
+
+def read_tfds(name: str, split: str, data_dir: str, text_field: str, label_field: str):
+    """Loads a TFDS split into memory. Returns (Split, class names or None)."""
+    import tensorflow_datasets as tfds
+
+    defaults = TFDS_DEFAULTS.get(name, {})
+    builder = tfds.builder(name, data_dir=data_dir or None)
+    features = builder.info.features
+    text_key = text_field if text_field in features else defaults.get("text", text_field)
+    label_key = label_field if label_field in features else defaults.get("label", label_field)
+    for key, flag in ((text_key, "--text_field"), (label_key, "--label_field")):
+        if key not in features:
+            raise DataError(f"tfds:{name}: no feature '{key}' ({flag}); features are {sorted(features)}")
+    builder.download_and_prepare()
+    ds = builder.as_dataset(split=split)
+    texts, labels = [], []
+    for ex in tfds.as_numpy(ds):
+        texts.append(ex[text_key].decode("utf-8"))
+        labels.append(int(ex[label_key]))
+    names = getattr(features[label_key], "names", None)
+    result = Split(split, f"tfds:{name}/{split}", texts, labels)
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise DataError(f"{result.where(i)}: field '{text_key}' is empty")
+    return result, names
+
+
+def stratified_holdout(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Splits off `fraction` of each class (seeded) as an evaluation set."""
+    if not 0 < fraction < 1:
+        raise DataError(f"--validation_fraction must be in (0, 1) when no eval data is given, got {fraction}")
+    rng = np.random.default_rng(seed)
+    by_label = collections.defaultdict(list)
+    for i, label in enumerate(split.labels):
+        by_label[label].append(i)
+    held = set()
+    for idx in by_label.values():
+        k = int(round(len(idx) * fraction))
+        held.update(rng.permutation(idx)[:k].tolist())
+
+    def take(name, keep):
+        idx = [i for i in range(len(split)) if (i in held) == keep]
+        return Split(name, split.source, [split.texts[i] for i in idx], [split.labels[i] for i in idx],
+                     [split.lines[i] for i in idx] if split.lines else None)
+
+    return take("train", False), take("eval", True)
+
+
+def label_distribution(ids: np.ndarray, vocab: LabelVocab) -> dict[str, int]:
+    counts = np.bincount(ids, minlength=len(vocab))
+    return {name: int(c) for name, c in zip(vocab.names, counts)}
+
+
+def balanced_class_weights(ids: np.ndarray, num_classes: int) -> dict[int, float]:
+    """n / (k * count_c): every class contributes the same total weight to the loss."""
+    counts = np.bincount(ids, minlength=num_classes)
+    return {i: float(len(ids) / (num_classes * c)) if c else 0.0 for i, c in enumerate(counts)}
+
+
+@dataclasses.dataclass
+class Data:
+    """The splits of a run, validated, with the label vocabulary built from train."""
+
+    train: Split
+    eval: Split
+    test: Split | None
+    vocab: LabelVocab
+    description: str
+
+    def ids(self, split: Split, label_field: str) -> np.ndarray:
+        return self.vocab.encode(split, label_field)
+
+
+def load(config) -> Data:
+    """Loads the splits named by the config (files, a TFDS dataset, or the bundled sample)."""
+    tfds_names = None
+    label_field = config.label_field
+    if config.dataset and (config.train_file or config.eval_file or config.test_file):
+        raise DataError("give either --dataset or --train_file/--eval_file/--test_file, not both")
+    if config.dataset == SAMPLE_DATASET:
+        train = read_file(os.path.join(_SAMPLE_DIR, "reviews_train.tsv"), "train", "sentence", "label")
+        eval_ = read_file(os.path.join(_SAMPLE_DIR, "reviews_test.tsv"), "eval", "sentence", "label")
+        test, description, label_field = None, "kft sample movie reviews", "label"
+    elif config.dataset:
+        defaults = TFDS_DEFAULTS.get(config.dataset, {})
+        train, tfds_names = read_tfds(config.dataset, config.train_split, config.data_dir,
+                                      config.text_field, label_field)
+        eval_split = config.eval_split or defaults.get("eval_split", "test")
+        eval_, _ = read_tfds(config.dataset, eval_split, config.data_dir, config.text_field, label_field)
+        test, description = None, f"tfds:{config.dataset} ({config.train_split} / {eval_split})"
+    elif config.train_file:
+        train = read_file(config.train_file, "train", config.text_field, label_field, "--train_file")
+        eval_ = (read_file(config.eval_file, "eval", config.text_field, label_field, "--eval_file")
+                 if config.eval_file else None)
+        test = (read_file(config.test_file, "test", config.text_field, label_field, "--test_file")
+                if config.test_file else None)
+        description = config.train_file
+    else:
+        raise DataError("no training data: give --dataset (e.g. imdb_reviews, sample_reviews) "
+                        "or --train_file")
+
+    train = train.head(config.max_train_examples)
+    if eval_ is None:
+        train, eval_ = stratified_holdout(train, config.validation_fraction, config.seed)
+        description += f" (eval = {config.validation_fraction:.0%} of train, stratified)"
+    eval_ = eval_.head(config.max_eval_examples)
+    for other in (eval_, test):
+        if other is not None:
+            check_same_label_type(train, other, label_field)
+    vocab = LabelVocab.from_split(train, config.label_names, tfds_names)
+    if config.num_classes and config.num_classes != len(vocab):
+        raise DataError(f"--num_classes={config.num_classes} but {train.source} has {len(vocab)} "
+                        f"distinct labels: {vocab.values}")
+    if len(vocab) < 2:
+        raise DataError(f"{train.source}: only one label ({vocab.values}) in the training data")
+    data = Data(train, eval_, test, vocab, description)
+    for split in (eval_, test):
+        if split is not None:
+            vocab.encode(split, label_field)  # fail before training, not after
+    return data

@@ -1,0 +1,51 @@
+"""Choosing a tf.distribute strategy from --strategy / --tpu."""
+
+from __future__ import annotations
+
+from absl import logging
+
+import tensorflow as tf
+
+
+
+
+def get_strategy(name: str = "auto", tpu: str = "") -> tf.distribute.Strategy:
+    """Builds the strategy; model creation and compile must happen under its scope().
+
+    auto: TPU if --tpu is given, MirroredStrategy over several GPUs, else one device (GPU or CPU).
+    """
+    if name == "auto":
+        gpus = tf.config.list_logical_devices("GPU")
+        if tpu:
+            name = "tpu"
+        elif len(gpus) > 1:
+            name = "mirrored"
+        else:
+            name = "one_device"
+    if name == "tpu":
+        if not tpu:
+            raise ValueError("--strategy=tpu needs --tpu (a TPU name, 'local', or grpc:// address)")
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        if tpu != "local":
+            tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        strategy = tf.distribute.TPUStrategy(resolver)
+    elif name == "cpu":
+        strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    elif name == "one_device":
+        gpus = tf.config.list_logical_devices("GPU")
+        strategy = tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    elif name == "mirrored":
+        strategy = tf.distribute.MirroredStrategy()
+    elif name == "multi_worker_mirrored":
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    else:
+        raise ValueError(f"unknown --strategy={name}; use auto, cpu, one_device, mirrored, "
+                         "multi_worker_mirrored or tpu")
+    logging.info("strategy: %s with %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync)
+    return strategy
+
+
+def uses_static_shapes(strategy: tf.distribute.Strategy) -> bool:
+    """TPUs compile one program per input shape: feed them fixed bucket shapes."""
+    return isinstance(strategy, tf.distribute.TPUStrategy)

@@ -1,0 +1,93 @@
+"""SavedModel export in the TF Serving layout: <export_dir>/<run_name>/<version>/.
+
+Two signatures:
+  serving_default: text (tf.string [batch]) -> the task's outputs; tokenization runs in the graph.
+  serve_token_ids: token_ids, padding_mask (int32 [batch, length]) -> the same outputs.
+`assets.extra/` holds labels.txt and metadata.json. Loading needs `import tensorflow_text` first
+(it registers the word-piece tokenizer ops used by serving_default).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from kft import inputs
+
+
+def next_version(run_dir: str) -> int:
+    """1 + the highest integer version folder under run_dir (TF Serving serves the highest)."""
+    if not tf.io.gfile.isdir(run_dir):
+        return 1
+    versions = [int(n.rstrip("/")) for n in tf.io.gfile.listdir(run_dir) if re.fullmatch(r"\d+/?", n)]
+    return max(versions, default=0) + 1
+
+
+def export(model: keras.Model, tokenizer, packing: inputs.Packing, sequence_length: int, task,
+           label_names: list[str], export_dir: str, run_name: str, metadata: dict) -> str:
+    """Writes a new version of the run's SavedModel and returns its path.
+
+    The version is written under a temporary name and renamed when complete, so a server watching
+    the folder never sees a half-written version.
+    """
+    run_dir = os.path.join(export_dir, run_name)
+    version = next_version(run_dir)
+    final = os.path.join(run_dir, str(version))
+    tmp = os.path.join(run_dir, f".tmp-{version}")
+    if tf.io.gfile.exists(tmp):
+        tf.io.gfile.rmtree(tmp)
+    tf.io.gfile.makedirs(run_dir)
+
+    def outputs(token_ids, padding_mask):
+        probabilities = model({"token_ids": token_ids, "padding_mask": padding_mask}, training=False)
+        return task.serving_outputs(probabilities, label_names)
+
+    def serve_text(text):
+        ids = inputs.pack(tokenizer(text), packing, sequence_length)
+        token_ids = ids.to_tensor(default_value=packing.pad)
+        padding_mask = tf.ones_like(ids).to_tensor(default_value=0)
+        return outputs(token_ids, padding_mask)
+
+    if not tokenizer.built:
+        tokenizer.build(None)  # ExportArchive tracks built layers only; a tokenizer has no weights
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.track(tokenizer)
+    archive.add_endpoint("serving_default", serve_text,
+                         input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+    archive.add_endpoint("serve_token_ids", outputs, input_signature=[
+        tf.TensorSpec([None, None], tf.int32, name="token_ids"),
+        tf.TensorSpec([None, None], tf.int32, name="padding_mask")])
+    archive.write_out(tmp, verbose=False)
+
+    extra = os.path.join(tmp, "assets.extra")
+    tf.io.gfile.makedirs(extra)
+    with tf.io.gfile.GFile(os.path.join(extra, "labels.txt"), "w") as f:
+        f.write("".join(name + "\n" for name in label_names))
+    with tf.io.gfile.GFile(os.path.join(extra, "metadata.json"), "w") as f:
+        json.dump({**metadata, "labels": label_names, "sequence_length": sequence_length,
+                   "signatures": ["serving_default", "serve_token_ids"],
+                   "serving_imports": ["tensorflow", "tensorflow_text"]}, f, indent=2, default=str)
+    tf.io.gfile.rename(tmp, final)
+    logging.info("exported SavedModel version %d to %s", version, final)
+    return final
+
+
+def load(path: str):
+    """Loads an exported model for serving (registers the tensorflow_text ops first)."""
+    import tensorflow_text  # noqa: F401  (registers FastWordpieceTokenize* ops)
+
+    if not tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
+        raise FileNotFoundError(f"{path}: no saved_model.pb; pass a version folder such as "
+                                "saved_models/<run>/<version>")
+    return tf.saved_model.load(path)
+
+
+def read_labels(path: str) -> list[str]:
+    with tf.io.gfile.GFile(os.path.join(path, "assets.extra", "labels.txt")) as f:
+        return [line.rstrip("\n") for line in f if line.strip()]

@@ -1,0 +1,51 @@
+"""PNG figures written next to metrics.json: training curves and the confusion matrix."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def training_curves(steps: list[int], losses: list[float], epochs: list[dict], path: str) -> None:
+    """Train loss per logged step, and eval accuracy / loss per epoch."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(steps, losses, label="train loss (running mean in epoch)")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    if epochs:
+        x = [e["step"] for e in epochs]
+        for key, style in (("val_accuracy", "o-"), ("accuracy", "s--")):
+            if key in epochs[0]:
+                ax2.plot(x, [e[key] for e in epochs], style, label=key.replace("val_", "eval "))
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("accuracy")
+        ax2.legend()
+    ax2.set_title("per epoch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def confusion_matrix(cm: list[list[int]], names: list[str], path: str, title: str = "") -> None:
+    cm = np.asarray(cm)
+    size = max(4, 0.6 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "confusion matrix")
+    threshold = cm.max() / 2 if cm.size else 0
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > threshold else "black")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,66 @@
+"""Classify texts with an exported SavedModel; prints one JSON line per text.
+
+    python -m kft.predict --model=saved_models/<run>/<version> "a moving film"
+    python -m kft.predict --model=... --input_file=texts.txt   # one text per line
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_string("model", "", "Exported version folder, e.g. saved_models/sst2/1.")
+flags.DEFINE_string("input_file", "", "Text file with one text per line (instead of arguments).")
+flags.DEFINE_integer("batch_size", 64, "Texts per call into the model.")
+FLAGS = flags.FLAGS
+
+
+def predict(model, texts: list[str], labels: list[str], batch_size: int = 64):
+    """Yields one result dict per text."""
+    import tensorflow as tf
+
+    serve = model.signatures["serving_default"]
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i:i + batch_size]
+        out = serve(text=tf.constant(chunk))
+        probs = out["probabilities"].numpy()
+        for text, p, label in zip(chunk, probs, out["label"].numpy()):
+            yield {"text": text, "label": label.decode("utf-8"),
+                   "probabilities": {name: round(float(v), 6) for name, v in zip(labels, p)}}
+
+
+def main(argv):
+    from kft import export
+
+    texts = list(argv[1:])
+    if FLAGS.input_file:
+        if texts:
+            raise app.UsageError("give texts as arguments or --input_file, not both")
+        with open(FLAGS.input_file, encoding="utf-8") as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+    if not texts:
+        raise app.UsageError("no texts: pass them as arguments or with --input_file")
+    if not FLAGS.model:
+        raise app.UsageError("--model is required (an export version folder)")
+    try:
+        model = export.load(FLAGS.model)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    labels = export.read_labels(FLAGS.model)
+    for result in predict(model, texts, labels, FLAGS.batch_size):
+        print(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

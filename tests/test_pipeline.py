@@ -1,0 +1,100 @@
+"""train_and_evaluate end to end on the tiny backbone: outputs, determinism, early stopping, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, run_python, tiny_config
+from kft import trainer
+
+
+@pytest.fixture(scope="module")
+def run(tiny_preset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    config = tiny_config(backbone=tiny_preset, epochs=2, export=True, export_dir=str(out / "exports"),
+                         run_name="tiny", class_weights="balanced")
+    model_dir = str(out / "model")
+    return trainer.train_and_evaluate(config, model_dir), model_dir
+
+
+def test_run_writes_metrics_plots_logs_and_a_versioned_export(run):
+    result, model_dir = run
+    with open(os.path.join(model_dir, "metrics.json")) as f:
+        saved = json.load(f)
+    assert saved["eval"]["examples"] == 60 and 0 <= saved["eval"]["accuracy"] <= 1
+    for key in ("macro_precision", "macro_recall", "macro_f1", "per_class", "confusion_matrix"):
+        assert key in saved["eval"]
+    assert saved["data"]["train"]["labels"] == {"negative": 120, "positive": 120}
+    assert saved["data"]["train"]["truncated"] == 0
+    assert saved["parameters"]["trainable"] == saved["parameters"]["total"] > 0
+    assert saved["training"]["epochs_run"] == 2
+    assert saved["training"]["class_weights"] == {"0": 1.0, "1": 1.0}
+    for png in ("training_curves.png", "confusion_matrix.png"):
+        with open(os.path.join(model_dir, png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert any(n.startswith("events.out.tfevents")
+               for _, _, files in os.walk(os.path.join(model_dir, "logs")) for n in files)
+    assert result["export"].endswith(os.path.join("tiny", "1"))
+    extra = os.path.join(result["export"], "assets.extra")
+    assert open(os.path.join(extra, "labels.txt")).read() == "negative\npositive\n"
+    meta = json.load(open(os.path.join(extra, "metadata.json")))
+    assert meta["flags"]["backbone"] and meta["labels"] == ["negative", "positive"]
+    assert not os.path.exists(os.path.join(model_dir, "backup"))  # removed once training completed
+
+
+def test_same_seed_same_data_same_result(tiny_preset, tmp_path):
+    results = [trainer.train_and_evaluate(tiny_config(backbone=tiny_preset, seed=5), str(tmp_path / f"m{i}"))
+               for i in range(2)]
+    a, b = (r["training"]["history"][-1] for r in results)
+    assert a["loss"] == b["loss"] and a["val_loss"] == b["val_loss"]
+    c = trainer.train_and_evaluate(tiny_config(backbone=tiny_preset, seed=6), str(tmp_path / "m2"))
+    assert c["training"]["history"][-1]["loss"] != a["loss"]
+
+
+def test_early_stopping_stops_when_eval_accuracy_stalls(tiny_preset, tmp_path):
+    # With a zero learning rate eval accuracy never improves: patience 1 stops after epoch 2.
+    result = trainer.train_and_evaluate(
+        tiny_config(backbone=tiny_preset, epochs=6, learning_rate=0.0, early_stopping_patience=1),
+        str(tmp_path / "m"))
+    assert result["training"]["epochs_run"] == 2
+
+
+def test_export_versions_increase(run, tiny_preset):
+    result, _ = run
+    from kft import export
+
+    run_dir = os.path.dirname(result["export"])
+    assert export.next_version(run_dir) == 2
+
+
+@pytest.mark.slow
+def test_rerun_with_same_model_dir_resumes_after_a_kill(tiny_preset, tmp_path):
+    model_dir = str(tmp_path / "model")
+    args = ["-m", "kft.train", "--dataset=sample_reviews", f"--backbone={tiny_preset}", "--epochs=4",
+            "--batch_size=8", "--learning_rate=1e-3", f"--model_dir={model_dir}", "--noexport"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KFT_QUIET": "1"}
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = os.path.join(model_dir, "backup", "training_metadata.json")
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(marker) and json.load(open(marker)).get("epoch", 0) >= 1:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done_epochs = json.load(open(marker))["epoch"]
+    rerun = run_python(args)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    history = json.load(open(os.path.join(model_dir, "metrics.json")))["training"]["history"]
+    assert [h["epoch"] for h in history] == list(range(done_epochs + 1, 5))

@@ -1,0 +1,135 @@
+"""Model, optimizer and strategy behaviour on a tiny random backbone."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+from conftest import tiny_config
+from kft import backbones, data, distribute, metrics, optim
+from kft.methods import freeze
+from kft.tasks import classification
+
+
+def _batch(n=8, length=10, vocab=50, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, vocab, (n, length)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[: n // 2, length // 2:] = 0
+    ids[mask == 0] = 0
+    return {"token_ids": ids, "padding_mask": mask}, rng.integers(0, 2, n).astype(np.int32)
+
+
+def _model(tiny_preset, **overrides):
+    config = tiny_config(**overrides)
+    loaded = backbones.load(tiny_preset)
+    freeze.apply(loaded.backbone, config)
+    model = classification.build_model(loaded.backbone, 2, config.dropout, config.pooling, seed=1)
+    model.compile(optimizer=optim.build_optimizer(config, total_steps=10), loss=classification.loss(),
+                  metrics=classification.train_metrics())
+    return model, loaded
+
+
+def _snapshot(layers):
+    return [w.numpy().copy() for layer in layers for w in layer.weights]
+
+
+def test_frozen_layers_do_not_change_after_a_step_while_the_head_does(tiny_preset):
+    model, loaded = _model(tiny_preset, method="freeze", freeze_layers=1, warmup_ratio=0.0)
+    blocks = backbones.transformer_layers(loaded.backbone)
+    frozen = backbones.embedding_layers(loaded.backbone) + blocks[:1]
+    before_frozen, before_top = _snapshot(frozen), _snapshot(blocks[1:])
+    before_head = _snapshot([model.get_layer("classifier")])
+    x, y = _batch()
+    model.train_on_batch(x, y)
+    for a, b in zip(before_frozen, _snapshot(frozen)):
+        np.testing.assert_array_equal(a, b)  # bit-identical
+    assert any(not np.array_equal(a, b) for a, b in zip(before_top, _snapshot(blocks[1:])))
+    assert any(not np.array_equal(a, b) for a, b in zip(before_head, _snapshot([model.get_layer("classifier")])))
+
+
+def test_head_only_training_counts_only_head_parameters(tiny_preset):
+    model, _ = _model(tiny_preset, method="freeze", freeze_layers=-1)
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert trainable == 16 * 2 + 2  # Dense(hidden=16 -> 2 classes)
+
+
+def test_weight_decay_skips_biases_and_layer_norms(tiny_preset):
+    model, _ = _model(tiny_preset)
+    opt = model.optimizer
+    decayed = {v.path for v in model.trainable_variables if opt._use_weight_decay(v)}
+    assert any(p.endswith("kernel") for p in decayed)
+    assert not any(p.endswith(("bias", "gamma", "beta")) for p in decayed)
+
+
+def test_warmup_then_linear_or_cosine_decay():
+    lin = optim.WarmupDecay(1e-3, total_steps=100, warmup_steps=10, decay="linear")
+    cos = optim.WarmupDecay(1e-3, total_steps=100, warmup_steps=10, decay="cosine")
+    values = lambda s, steps: [float(s(t)) for t in steps]  # noqa: E731
+    np.testing.assert_allclose(values(lin, [0, 5, 10, 55, 100]), [0, 5e-4, 1e-3, 5e-4, 0], atol=1e-9)
+    np.testing.assert_allclose(values(cos, [10, 55, 100]), [1e-3, 5e-4, 0], atol=1e-9)
+    restored = optim.WarmupDecay.from_config(lin.get_config())
+    assert float(restored(30)) == pytest.approx(float(lin(30)))
+
+
+def test_balanced_class_weights_equalise_class_totals():
+    ids = np.array([0] * 90 + [1] * 10)
+    w = data.balanced_class_weights(ids, 2)
+    assert w[0] * 90 == pytest.approx(w[1] * 10) == pytest.approx(50)
+
+
+def test_classification_report_on_a_hand_made_case():
+    y_true = np.array([0, 0, 0, 1, 1, 2])
+    y_pred = np.array([0, 0, 1, 1, 0, 1])
+    r = metrics.classification_report(y_true, y_pred, ["a", "b", "c"])
+    assert r["accuracy"] == pytest.approx(3 / 6)
+    assert r["per_class"]["a"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 3})
+    assert r["per_class"]["b"]["precision"] == pytest.approx(1 / 3)
+    assert r["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert r["macro_f1"] == pytest.approx((2 / 3 + 0.4 + 0) / 3)
+    assert r["confusion_matrix"] == [[2, 1, 0], [1, 1, 0], [0, 1, 0]]
+
+
+@pytest.mark.parametrize("pooling", ["pooled", "cls", "mean"])
+def test_pooling_choices_ignore_padding_where_they_should(tiny_preset, pooling):
+    model, _ = _model(tiny_preset, pooling=pooling)
+    x, _ = _batch(n=2, length=6)
+    x["padding_mask"][:] = [[1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0]]
+    changed = {k: v.copy() for k, v in x.items()}
+    changed["token_ids"][:, 3:] = 7  # only padded positions differ
+    np.testing.assert_allclose(model(x, training=False), model(changed, training=False), atol=1e-6)
+
+
+def test_strategy_selection():
+    assert isinstance(distribute.get_strategy("cpu"), tf.distribute.OneDeviceStrategy)
+    one = distribute.get_strategy("auto")
+    assert isinstance(one, tf.distribute.OneDeviceStrategy) and one.num_replicas_in_sync == 1
+    assert isinstance(distribute.get_strategy("mirrored"), tf.distribute.MirroredStrategy)
+    with pytest.raises(ValueError, match="--strategy=tpu needs --tpu"):
+        distribute.get_strategy("tpu")
+    with pytest.raises(ValueError, match="unknown --strategy"):
+        distribute.get_strategy("horovod")
+
+
+def test_tpu_strategy_uses_the_resolver_and_initialises_the_system(monkeypatch):
+    calls = {}
+
+    class FakeResolver:
+        def __init__(self, tpu):
+            calls["tpu"] = tpu
+
+    class FakeTPUStrategy:
+        num_replicas_in_sync = 8
+
+        def __init__(self, resolver):
+            calls["strategy_resolver"] = resolver
+
+    monkeypatch.setattr(tf.distribute.cluster_resolver, "TPUClusterResolver", FakeResolver)
+    monkeypatch.setattr(tf.config, "experimental_connect_to_cluster", lambda r: calls.setdefault("connect", r))
+    monkeypatch.setattr(tf.tpu.experimental, "initialize_tpu_system", lambda r: calls.setdefault("init", r))
+    monkeypatch.setattr(tf.distribute, "TPUStrategy", FakeTPUStrategy)
+    strategy = distribute.get_strategy("tpu", tpu="my-tpu")
+    assert isinstance(strategy, FakeTPUStrategy)
+    assert calls["tpu"] == "my-tpu"
+    assert calls["connect"] is calls["init"] is calls["strategy_resolver"]
+    assert distribute.uses_static_shapes(strategy)
