@@ -10,17 +10,18 @@ import numpy as np  # noqa: E402
 
 
 def training_curves(steps: list[int], losses: list[float], epochs: list[dict], path: str) -> None:
-    """Train loss per logged step, and eval accuracy / loss per epoch."""
+    """Train loss per window of steps, and train / eval accuracy per epoch."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(steps, losses, label="train loss (running mean in epoch)")
+    ax1.plot(steps, losses, label="train loss (mean over each logged window)")
     ax1.set_xlabel("step")
     ax1.set_ylabel("loss")
     ax1.legend()
     if epochs:
         x = [e["step"] for e in epochs]
-        for key, style in (("val_accuracy", "o-"), ("accuracy", "s--")):
+        for key, style, label in (("val_accuracy", "o-", "eval accuracy"),
+                                  ("accuracy", "s--", "train accuracy (epoch mean)")):
             if key in epochs[0]:
-                ax2.plot(x, [e[key] for e in epochs], style, label=key.replace("val_", "eval "))
+                ax2.plot(x, [e[key] for e in epochs], style, label=label)
         ax2.set_xlabel("step")
         ax2.set_ylabel("accuracy")
         ax2.legend()

@@ -31,26 +31,31 @@ def default_model_dir(config: Config) -> str:
 
 
 class _StepLog(keras.callbacks.Callback):
-    """Keeps the running train loss every `every` steps and eval metrics per epoch, for the curves."""
+    """Train loss averaged over windows of `every` steps, and eval metrics per epoch, for the curves.
+
+    Keras reports the running mean of the epoch's loss; the mean over steps (a, b] of the same
+    epoch is (b * mean_b - a * mean_a) / (b - a), which shows the loss of that window itself.
+    """
 
     def __init__(self, every: int):
         super().__init__()
         self.every = max(1, every)
         self.steps, self.losses, self.epochs = [], [], []
         self._epoch_start = 0
-        self._step = 0
-
-    def on_train_begin(self, logs=None):
-        self._step = int(self.model.optimizer.iterations.numpy())
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._step = self._epoch_start + batch + 1
-        if logs and "loss" in logs and self._step % self.every == 0:
-            self.steps.append(self._step)
-            self.losses.append(float(logs["loss"]))
+        self._last = (0, 0.0)  # (batches seen in this epoch, their running mean loss)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = int(self.model.optimizer.iterations.numpy())
+        self._last = (0, 0.0)
+
+    def on_train_batch_end(self, batch, logs=None):
+        seen = batch + 1
+        if logs and "loss" in logs and seen % self.every == 0:
+            mean = float(logs["loss"])
+            a, mean_a = self._last
+            self.steps.append(self._epoch_start + seen)
+            self.losses.append((seen * mean - a * mean_a) / (seen - a))
+            self._last = (seen, mean)
 
     def on_epoch_end(self, epoch, logs=None):
         entry = {"epoch": epoch + 1, "step": int(self.model.optimizer.iterations.numpy())}
