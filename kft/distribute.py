@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from absl import logging
 
+from kft.config import FlagError
+
 import tensorflow as tf
 
 
@@ -24,7 +26,7 @@ def get_strategy(name: str = "auto", tpu: str = "") -> tf.distribute.Strategy:
             name = "one_device"
     if name == "tpu":
         if not tpu:
-            raise ValueError("--strategy=tpu needs --tpu (a TPU name, 'local', or grpc:// address)")
+            raise FlagError("--strategy=tpu needs --tpu (a TPU name, 'local', or grpc:// address)")
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
         if tpu != "local":
             tf.config.experimental_connect_to_cluster(resolver)
@@ -40,7 +42,7 @@ def get_strategy(name: str = "auto", tpu: str = "") -> tf.distribute.Strategy:
     elif name == "multi_worker_mirrored":
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     else:
-        raise ValueError(f"unknown --strategy={name}; use auto, cpu, one_device, mirrored, "
+        raise FlagError(f"unknown --strategy={name}; use auto, cpu, one_device, mirrored, "
                          "multi_worker_mirrored or tpu")
     logging.info("strategy: %s with %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync)
     return strategy

@@ -22,13 +22,12 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
     from kft import backbones, data, trainer
-    from kft.methods.freeze import MethodError
 
     config = config_lib.from_flags(FLAGS)
     model_dir = trainer.default_model_dir(config)
     try:
         result = trainer.train_and_evaluate(config, model_dir)
-    except (data.DataError, backbones.BackboneError, MethodError) as e:
+    except (data.DataError, backbones.BackboneError, config_lib.FlagError) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,7 +13,8 @@ import tensorflow as tf
 from absl import logging
 
 from kft import backbones, data as data_lib, distribute, export, inputs, methods, optim, plots, tasks
-from kft.config import Config, to_dict
+from kft.config import Config, FlagError, to_dict
+from kft.metrics import format_report
 
 
 def default_run_name(config: Config) -> str:
@@ -112,7 +113,7 @@ def train_and_evaluate(config: Config, model_dir: str) -> dict:
     sequence_length = config.sequence_length or inputs.choose_sequence_length(
         raw_lengths, loaded.packing, loaded.max_sequence_length)
     if sequence_length > loaded.max_sequence_length:
-        raise ValueError(f"--sequence_length={sequence_length} exceeds the backbone's limit of "
+        raise FlagError(f"--sequence_length={sequence_length} exceeds the backbone's limit of "
                          f"{loaded.max_sequence_length} positions")
     splits = {"train": data.train, "eval": data.eval}
     if data.test is not None:
@@ -160,6 +161,8 @@ def train_and_evaluate(config: Config, model_dir: str) -> dict:
     step_log = _StepLog(every=max(1, total_steps // 200))
     callbacks = [
         keras.callbacks.BackupAndRestore(os.path.join(model_dir, "backup")),
+        keras.callbacks.ModelCheckpoint(os.path.join(model_dir, "best.weights.h5"), monitor="val_accuracy",
+                                        mode="max", save_best_only=True, save_weights_only=True),
         keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), update_freq=max(1, steps_per_epoch // 20)),
         step_log,
     ]
@@ -181,7 +184,7 @@ def train_and_evaluate(config: Config, model_dir: str) -> dict:
             continue
         probabilities = _predict(model, encoded[k], config.batch_size, loaded.packing.pad)
         results[k] = task.evaluate(probabilities, label_ids[k], vocab.names)
-        logging.info("%s metrics:\n%s", k, _format(results[k], vocab.names))
+        logging.info("%s metrics:\n%s", k, format_report(results[k], vocab.names))
     eval_seconds = time.time() - t0
 
     metrics = {
@@ -222,8 +225,3 @@ def train_and_evaluate(config: Config, model_dir: str) -> dict:
         json.dump(metrics, f, indent=2, default=str)
     return metrics
 
-
-def _format(report: dict, names: list[str]) -> str:
-    from kft.metrics import format_report
-
-    return format_report(report, names)

@@ -9,6 +9,7 @@ import pytest
 from conftest import tiny_config
 from kft import backbones
 from kft.backbones import BackboneError
+from kft.config import FlagError
 from kft.methods import freeze
 
 
@@ -72,7 +73,8 @@ def test_hf_folder_weights_are_the_safetensors_weights(tiny_hf_folder):
 @pytest.mark.parametrize("n,frozen_blocks", [(0, 0), (1, 1), (2, 2)])
 def test_freeze_layers_freezes_embeddings_and_lowest_blocks(tiny_preset, n, frozen_blocks):
     loaded = backbones.load(tiny_preset)
-    freeze.apply(loaded.backbone, tiny_config(method="freeze" if n else "full", freeze_layers=n))
+    info = freeze.apply(loaded.backbone, tiny_config(freeze_layers=n))  # nonzero N implies freeze
+    assert info["method"] == ("freeze" if n else "full")
     blocks = backbones.transformer_layers(loaded.backbone)
     assert [b.trainable for b in blocks] == [i >= frozen_blocks for i in range(len(blocks))]
     assert all(layer.trainable == (n == 0) for layer in backbones.embedding_layers(loaded.backbone))
@@ -87,9 +89,9 @@ def test_freeze_minus_one_freezes_the_whole_backbone(tiny_preset):
 @pytest.mark.parametrize("method,n,message", [
     ("freeze", 3, "--freeze_layers=3 but the backbone has 2 transformer layers"),
     ("freeze", -2, "--freeze_layers=-2"),
-    ("full", 1, "--method=full trains every layer but --freeze_layers=1"),
+    ("freeze", 0, "--method=freeze needs --freeze_layers=N"),
 ])
 def test_contradictory_freeze_flags_are_refused(tiny_preset, method, n, message):
     loaded = backbones.load(tiny_preset)
-    with pytest.raises(freeze.MethodError, match=message):
+    with pytest.raises(FlagError, match=message):
         freeze.apply(loaded.backbone, tiny_config(method=method, freeze_layers=n))

@@ -63,3 +63,11 @@ def test_train_cli_reports_bad_data_without_a_traceback(tmp_path):
 def test_train_cli_rejects_positional_arguments(tmp_path):
     proc = run_python(["-m", "kft.train", "imdb_reviews"])
     assert proc.returncode != 0 and "every option is a --flag" in proc.stderr
+
+
+def test_train_cli_reports_contradictory_flags_without_a_traceback(tmp_path):
+    proc = run_python(["-m", "kft.train", "--dataset=sample_reviews", "--method=freeze",
+                       "--freeze_layers=9", f"--model_dir={tmp_path / 'm'}", "--noexport"])
+    assert proc.returncode == 2
+    assert "error: --freeze_layers=9 but the backbone has 6 transformer layers" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -34,6 +34,7 @@ def test_run_writes_metrics_plots_logs_and_a_versioned_export(run):
     assert saved["parameters"]["trainable"] == saved["parameters"]["total"] > 0
     assert saved["training"]["epochs_run"] == 2
     assert saved["training"]["class_weights"] == {"0": 1.0, "1": 1.0}
+    assert os.path.getsize(os.path.join(model_dir, "best.weights.h5")) > 0
     for png in ("training_curves.png", "confusion_matrix.png"):
         with open(os.path.join(model_dir, png), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"

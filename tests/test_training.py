@@ -7,6 +7,7 @@ import keras
 
 from conftest import tiny_config
 from kft import backbones, data, distribute, metrics, optim
+from kft.config import FlagError
 from kft.methods import freeze
 from kft.tasks import classification
 
@@ -105,9 +106,9 @@ def test_strategy_selection():
     one = distribute.get_strategy("auto")
     assert isinstance(one, tf.distribute.OneDeviceStrategy) and one.num_replicas_in_sync == 1
     assert isinstance(distribute.get_strategy("mirrored"), tf.distribute.MirroredStrategy)
-    with pytest.raises(ValueError, match="--strategy=tpu needs --tpu"):
+    with pytest.raises(FlagError, match="--strategy=tpu needs --tpu"):
         distribute.get_strategy("tpu")
-    with pytest.raises(ValueError, match="unknown --strategy"):
+    with pytest.raises(FlagError, match="unknown --strategy"):
         distribute.get_strategy("horovod")
 
 
