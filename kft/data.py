@@ -318,9 +318,6 @@ class Data:
     vocab: LabelVocab
     description: str
 
-    def ids(self, split: Split, label_field: str) -> np.ndarray:
-        return self.vocab.encode(split, label_field)
-
 
 def load(config) -> Data:
     """Loads the splits named by the config (files, a TFDS dataset, or the bundled sample)."""

@@ -14,6 +14,7 @@ from absl import app, flags, logging  # noqa: E402
 from kft import config as config_lib  # noqa: E402
 
 config_lib.define_flags()
+flags.adopt_module_key_flags(config_lib)  # so --help lists them, not only --helpfull
 FLAGS = flags.FLAGS
 
 

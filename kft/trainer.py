@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -87,6 +88,64 @@ def _use_jit(config: Config) -> bool:
     return config.jit_compile == "true"
 
 
+@dataclasses.dataclass
+class _Inputs:
+    """Every split tokenized once, with its class ids and statistics."""
+
+    sequence_length: int
+    splits: dict  # name -> data.Split
+    encoded: dict  # name -> inputs.Encoded
+    label_ids: dict  # name -> np.ndarray
+    stats: dict
+    seconds: float
+
+
+def _prepare_inputs(config: Config, data: data_lib.Data, loaded: backbones.Loaded) -> _Inputs:
+    t0 = time.time()
+    raw_lengths = inputs.raw_token_lengths(loaded.tokenizer, data.train.texts)
+    sequence_length = config.sequence_length or inputs.choose_sequence_length(
+        raw_lengths, loaded.packing, loaded.max_sequence_length)
+    if sequence_length > loaded.max_sequence_length:
+        raise FlagError(f"--sequence_length={sequence_length} exceeds the backbone's limit of "
+                        f"{loaded.max_sequence_length} positions")
+    splits = {"train": data.train, "eval": data.eval}
+    if data.test is not None:
+        splits["test"] = data.test
+    encoded = {k: inputs.encode(loaded.tokenizer, loaded.packing, s.texts, sequence_length)
+               for k, s in splits.items()}
+    label_ids = {k: data.vocab.encode(s, config.label_field) for k, s in splits.items()}
+    stats = {k: _split_stats(splits[k], encoded[k], label_ids[k], data.vocab) for k in splits}
+    prepared = _Inputs(sequence_length, splits, encoded, label_ids, stats, time.time() - t0)
+    logging.info("data: %s; sequence_length=%d (%s); tokenized in %.1fs", data.description,
+                 sequence_length, "given" if config.sequence_length else "99th percentile of train",
+                 prepared.seconds)
+    for k, st in stats.items():
+        logging.info("  %s: %d examples, labels %s, %d truncated to %d tokens, mean %.1f tokens",
+                     k, st["examples"], st["labels"], st["truncated"], sequence_length, st["mean_tokens"])
+    return prepared
+
+
+def _callbacks(config: Config, model_dir: str, steps_per_epoch: int, step_log: _StepLog) -> list:
+    backup = os.path.join(model_dir, "backup")
+    marker = os.path.join(backup, "training_metadata.json")
+    if tf.io.gfile.exists(marker):
+        with tf.io.gfile.GFile(marker) as f:
+            logging.info("resuming from %s: %d epoch(s) already done", backup, json.load(f)["epoch"])
+    callbacks = [
+        keras.callbacks.BackupAndRestore(backup),
+        keras.callbacks.ModelCheckpoint(os.path.join(model_dir, "best.weights.h5"), monitor="val_accuracy",
+                                        mode="max", save_best_only=True, save_weights_only=True),
+        keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"),
+                                    update_freq=max(1, steps_per_epoch // 20)),
+        step_log,
+    ]
+    if config.early_stopping_patience > 0:
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor="val_accuracy", mode="max", patience=config.early_stopping_patience,
+            restore_best_weights=True, verbose=1))
+    return callbacks
+
+
 def train_and_evaluate(config: Config, model_dir: str) -> dict:
     """Fine-tunes, evaluates and (optionally) exports; returns what metrics.json holds.
 
@@ -97,38 +156,21 @@ def train_and_evaluate(config: Config, model_dir: str) -> dict:
     keras.utils.set_random_seed(config.seed)
     task = tasks.get(config.task)
     strategy = distribute.get_strategy(config.strategy, config.tpu)
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+        raise FlagError(f"--batch_size={config.batch_size} is the global batch and must divide evenly "
+                        f"over {replicas} replicas")
     run_name = default_run_name(config)
 
     data = data_lib.load(config)
     vocab = data.vocab
-    label_field = config.label_field
-
     with strategy.scope():
         loaded = backbones.load(config.backbone)
     logging.info("backbone: %s (%s), %d transformer layers", loaded.source, loaded.kind,
                  loaded.num_layers)
-
-    t0 = time.time()
-    raw_lengths = inputs.raw_token_lengths(loaded.tokenizer, data.train.texts)
-    sequence_length = config.sequence_length or inputs.choose_sequence_length(
-        raw_lengths, loaded.packing, loaded.max_sequence_length)
-    if sequence_length > loaded.max_sequence_length:
-        raise FlagError(f"--sequence_length={sequence_length} exceeds the backbone's limit of "
-                         f"{loaded.max_sequence_length} positions")
-    splits = {"train": data.train, "eval": data.eval}
-    if data.test is not None:
-        splits["test"] = data.test
-    encoded = {k: inputs.encode(loaded.tokenizer, loaded.packing, s.texts, sequence_length)
-               for k, s in splits.items()}
-    label_ids = {k: vocab.encode(s, label_field) for k, s in splits.items()}
-    tokenize_seconds = time.time() - t0
-    stats = {k: _split_stats(splits[k], encoded[k], label_ids[k], vocab) for k in splits}
-    logging.info("data: %s; sequence_length=%d (%s); tokenized in %.1fs", data.description,
-                 sequence_length, "given" if config.sequence_length else "99th percentile of train",
-                 tokenize_seconds)
-    for k, s in stats.items():
-        logging.info("  %s: %d examples, labels %s, %d truncated to %d tokens, mean %.1f tokens",
-                     k, s["examples"], s["labels"], s["truncated"], sequence_length, s["mean_tokens"])
+    prep = _prepare_inputs(config, data, loaded)
+    splits, encoded, label_ids, stats = prep.splits, prep.encoded, prep.label_ids, prep.stats
+    sequence_length, tokenize_seconds = prep.sequence_length, prep.seconds
 
     static = distribute.uses_static_shapes(strategy)
     train_ds = inputs.train_dataset(encoded["train"], label_ids["train"], config.batch_size,
@@ -150,8 +192,7 @@ def train_and_evaluate(config: Config, model_dir: str) -> dict:
     logging.info("parameters: %d total, %d trainable (%.1f%%); method %s", total, trainable,
                  100.0 * trainable / total, method_info)
     logging.info("batch size %d global (%d per replica x %d replicas), %d steps/epoch, %d epochs",
-                 config.batch_size, config.batch_size // strategy.num_replicas_in_sync,
-                 strategy.num_replicas_in_sync, steps_per_epoch, config.epochs)
+                 config.batch_size, config.batch_size // replicas, replicas, steps_per_epoch, config.epochs)
 
     class_weight = None
     if config.class_weights == "balanced":
@@ -159,21 +200,11 @@ def train_and_evaluate(config: Config, model_dir: str) -> dict:
         logging.info("class weights: %s", class_weight)
 
     step_log = _StepLog(every=max(1, total_steps // 200))
-    callbacks = [
-        keras.callbacks.BackupAndRestore(os.path.join(model_dir, "backup")),
-        keras.callbacks.ModelCheckpoint(os.path.join(model_dir, "best.weights.h5"), monitor="val_accuracy",
-                                        mode="max", save_best_only=True, save_weights_only=True),
-        keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), update_freq=max(1, steps_per_epoch // 20)),
-        step_log,
-    ]
-    if config.early_stopping_patience > 0:
-        callbacks.append(keras.callbacks.EarlyStopping(
-            monitor="val_accuracy", mode="max", patience=config.early_stopping_patience,
-            restore_best_weights=True, verbose=1))
+    callbacks = _callbacks(config, model_dir, steps_per_epoch, step_log)
 
     t0 = time.time()
-    model.fit(train_ds, validation_data=eval_ds, epochs=config.epochs, class_weight=class_weight, shuffle=False,
-              callbacks=callbacks, verbose=2 if os.environ.get("KFT_QUIET") else 1)
+    model.fit(train_ds, validation_data=eval_ds, epochs=config.epochs, class_weight=class_weight,
+              shuffle=False, callbacks=callbacks, verbose=2 if os.environ.get("KFT_QUIET") else 1)
     train_seconds = time.time() - t0
     steps_done = int(model.optimizer.iterations.numpy())
 

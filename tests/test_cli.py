@@ -60,6 +60,12 @@ def test_train_cli_reports_bad_data_without_a_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_train_help_lists_the_kft_flags():
+    proc = run_python(["-m", "kft.train", "--help"])  # absl exits 1 after printing help
+    for name in ("--backbone", "--freeze_layers", "--learning_rate", "--strategy", "--train_file"):
+        assert name in proc.stdout
+
+
 def test_train_cli_rejects_positional_arguments(tmp_path):
     proc = run_python(["-m", "kft.train", "imdb_reviews"])
     assert proc.returncode != 0 and "every option is a --flag" in proc.stderr

@@ -120,8 +120,8 @@ def test_dataset_and_files_together_are_refused(tmp_path):
 def test_sample_dataset_is_balanced_with_held_out_part():
     loaded = data.load(tiny_config())
     assert loaded.vocab.names == ["negative", "positive"]
-    train_counts = data.label_distribution(loaded.ids(loaded.train, "label"), loaded.vocab)
-    eval_counts = data.label_distribution(loaded.ids(loaded.eval, "label"), loaded.vocab)
+    train_counts = data.label_distribution(loaded.vocab.encode(loaded.train), loaded.vocab)
+    eval_counts = data.label_distribution(loaded.vocab.encode(loaded.eval), loaded.vocab)
     assert train_counts == {"negative": 120, "positive": 120}
     assert eval_counts == {"negative": 30, "positive": 30}
     assert not set(loaded.train.texts) & set(loaded.eval.texts)

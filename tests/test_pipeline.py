@@ -65,6 +65,18 @@ def test_early_stopping_stops_when_eval_accuracy_stalls(tiny_preset, tmp_path):
     assert result["training"]["epochs_run"] == 2
 
 
+def test_tfds_dataset_trains_end_to_end(tiny_preset, tmp_path):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=24):
+        result = trainer.train_and_evaluate(tiny_config(dataset="imdb_reviews", backbone=tiny_preset),
+                                            str(tmp_path / "m"))
+    assert result["run_name"] == "imdb_reviews"
+    assert result["data"]["train"]["source"] == "tfds:imdb_reviews/train"
+    assert result["eval"]["examples"] == 24
+    assert set(result["data"]["labels"]) == {"neg", "pos"}
+
+
 def test_export_versions_increase(run, tiny_preset):
     result, _ = run
     from kft import export
