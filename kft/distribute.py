@@ -38,7 +38,11 @@ def get_strategy(name: str = "auto", tpu: str = "") -> tf.distribute.Strategy:
         gpus = tf.config.list_logical_devices("GPU")
         strategy = tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
     elif name == "mirrored":
-        strategy = tf.distribute.MirroredStrategy()
+        # Without GPUs, mirror over the logical CPU devices (several when the process configured
+        # them, e.g. to test data-parallel training on a CPU machine).
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in gpus or tf.config.list_logical_devices("CPU")]
+        strategy = tf.distribute.MirroredStrategy(devices)
     elif name == "multi_worker_mirrored":
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     else:

@@ -111,3 +111,26 @@ def test_rerun_with_same_model_dir_resumes_after_a_kill(tiny_preset, tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     history = json.load(open(os.path.join(model_dir, "metrics.json")))["training"]["history"]
     assert [h["epoch"] for h in history] == list(range(done_epochs + 1, 5))
+
+
+MIRRORED = r"""
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+sys.path.insert(0, "tests")
+from conftest import tiny_config
+from kft import distribute, trainer
+strategy = distribute.get_strategy("mirrored")
+result = trainer.train_and_evaluate(tiny_config(backbone=sys.argv[1], strategy="mirrored"), sys.argv[2])
+print(json.dumps({"replicas": strategy.num_replicas_in_sync, "steps": result["training"]["steps"],
+                  "eval_examples": result["eval"]["examples"]}))
+"""
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_trains_over_two_logical_cpus(tiny_preset, tmp_path):
+    proc = run_python(["-c", MIRRORED, tiny_preset, str(tmp_path / "m")], env={"KFT_QUIET": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"replicas": 2, "steps": 18, "eval_examples": 60}
