@@ -28,7 +28,7 @@ class Config:
 
     # Task and tuning method: new tasks and methods are sibling modules selected here.
     task: str = _field("classification", "What to fine-tune for.", ("classification",))
-    method: str = _field("full", "How the backbone is tuned: full, or freeze (uses --freeze_layers).",
+    method: str = _field("full", "How the backbone is tuned; a nonzero --freeze_layers selects freeze.",
                          ("full", "freeze"))
 
     # Data.
