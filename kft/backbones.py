@@ -110,7 +110,7 @@ def resolve(spec: str) -> tuple[str, str]:
         raise BackboneError(f"--backbone={spec}: no such folder; accepted: {_ACCEPTED}")
     known = keras_hub.models.Backbone.presets
     if spec not in known:
-        similar = sorted(k for k in known if spec.split("_")[0] in k)[:8]
+        similar = sorted(k for k in known if k.startswith(spec.split("_")[0]))[:8]
         raise BackboneError(f"--backbone={spec}: not a keras-hub preset name nor a local folder"
                             f"{' (similar presets: ' + ', '.join(similar) + ')' if similar else ''}; "
                             f"accepted: {_ACCEPTED}")

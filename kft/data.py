@@ -262,7 +262,12 @@ def read_tfds(name: str, split: str, data_dir: str, text_field: str, label_field
     for key, flag in ((text_key, "--text_field"), (label_key, "--label_field")):
         if key not in features:
             raise DataError(f"tfds:{name}: no feature '{key}' ({flag}); features are {sorted(features)}")
-    builder.download_and_prepare()
+    try:
+        builder.download_and_prepare()
+    except Exception as e:  # TFDS raises network, checksum and filesystem errors of many types.
+        raise DataError(f"tfds:{name}: could not download and prepare it in {builder.data_dir} "
+                        f"({type(e).__name__}: {str(e)[:300]}). Without network access, prepare it "
+                        "on another machine and point --data_dir at a copy") from e
     ds = builder.as_dataset(split=split)
     texts, labels = [], []
     for ex in tfds.as_numpy(ds):

@@ -150,3 +150,22 @@ def test_tfds_datasets_load_through_tfds(name, text_key, eval_split):
     assert all(isinstance(t, str) and t for t in loaded.train.texts)
     # Class names come from the TFDS ClassLabel feature.
     assert set(loaded.vocab.names) <= {"neg", "pos", "negative", "positive"}
+
+
+def test_tfds_download_failure_is_a_clear_error(monkeypatch, tmp_path):
+    import tensorflow_datasets as tfds
+
+    def offline(self, *args, **kwargs):
+        raise ConnectionError("Failed to resolve host")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+    with pytest.raises(DataError, match=r"tfds:imdb_reviews: could not download and prepare it in .*"
+                                        r"ConnectionError: Failed to resolve host.*--data_dir"):
+        data.load(tiny_config(dataset="imdb_reviews", data_dir=str(tmp_path)))
+
+
+def test_tfds_download_code_path_has_its_imports():
+    # tensorflow-datasets imports importlib_resources on its download path without declaring it.
+    import tensorflow_datasets as tfds
+
+    assert tfds.builder("imdb_reviews").code_path.exists()
