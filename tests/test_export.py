@@ -15,6 +15,7 @@ TEXTS = ["a gorgeous, witty, seductive movie.", "the plot is nothing but boilerp
 
 CHECK = r"""
 import json, sys
+sys.modules["keras_hub"] = None  # serving needs tensorflow + tensorflow_text only (README)
 import numpy as np
 import tensorflow as tf
 import tensorflow_text  # registers the tokenizer ops the serving graph uses
