@@ -43,17 +43,17 @@ class Config:
     label_field: str = _field("label", "Column or key holding the label (int or string).")
     label_names: list = _field(None, "Display names for integer labels 0..k-1, e.g. negative,positive.")
     num_classes: int = _field(0, "Expected number of classes; 0 = take it from the training data.")
-    validation_fraction: float = _field(0.1, "Share of train held out (stratified) when no eval data is given.")
+    validation_fraction: float = _field(0.1, "Share of train held out (stratified) without eval data.")
     max_train_examples: int = _field(0, "Use only the first N training examples (0 = all).")
     max_eval_examples: int = _field(0, "Use only the first N evaluation examples (0 = all).")
 
     # Backbone and model.
     backbone: str = _field(BUNDLED_BACKBONE,
-                           "keras-hub preset name, local keras-hub preset folder, or local Hugging Face folder.")
+                           "keras-hub preset name, keras-hub preset folder, or Hugging Face folder.")
     sequence_length: int = _field(0, "Token cap per text; 0 = the training data's 99th length percentile.")
     pooling: str = _field("auto", "Text representation fed to the head.", ("auto", "pooled", "cls", "mean"))
     dropout: float = _field(0.1, "Dropout rate before the classification head.")
-    freeze_layers: int = _field(0, "Freeze embeddings + the lowest N transformer layers; -1 = whole backbone.")
+    freeze_layers: int = _field(0, "Freeze embeddings + the lowest N transformer layers; -1 = all.")
 
     # Optimisation.
     epochs: int = _field(1, "Training epochs.")
@@ -79,7 +79,7 @@ class Config:
     # Outputs.
     run_name: str = _field("", "Name of the run; empty = derived from the data.")
     model_dir: str = _field("", "Checkpoints, logs, metrics; empty = runs/<run_name>. Reuse it to resume.")
-    export_dir: str = _field("saved_models", "Root of exported SavedModels: <export_dir>/<run_name>/<version>/.")
+    export_dir: str = _field("saved_models", "Export root: <export_dir>/<run_name>/<version>/.")
     export: bool = _field(True, "Export a SavedModel after training.")
 
 

@@ -232,7 +232,8 @@ def train_and_evaluate(config: Config, model_dir: str) -> dict:
             "epochs_run": len(step_log.epochs), "steps": steps_done, "steps_per_epoch": steps_per_epoch,
             "train_seconds": round(train_seconds, 2), "tokenize_seconds": round(tokenize_seconds, 2),
             "eval_seconds": round(eval_seconds, 2), "class_weights": class_weight,
-            "examples_per_second": round(len(data.train) * len(step_log.epochs) / max(train_seconds, 1e-9), 2),
+            "examples_per_second": round(
+                len(data.train) * len(step_log.epochs) / max(train_seconds, 1e-9), 2),
             "history": step_log.epochs,
         },
         **results,

@@ -1,12 +1,11 @@
 """The exported SavedModel serves the same probabilities in a fresh process."""
 
 import json
-import os
 
 import numpy as np
 import pytest
 
-from conftest import run_python, tiny_config
+from conftest import run_python
 from kft import backbones, export, inputs
 from kft.tasks import classification
 
@@ -24,7 +23,8 @@ model = tf.saved_model.load(path)
 texts = json.load(open(texts_json))
 by_text = model.signatures["serving_default"](text=tf.constant(texts))
 z = np.load(ids_npz)
-by_ids = model.signatures["serve_token_ids"](token_ids=tf.constant(z["ids"]), padding_mask=tf.constant(z["mask"]))
+by_ids = model.signatures["serve_token_ids"](token_ids=tf.constant(z["ids"]),
+                                             padding_mask=tf.constant(z["mask"]))
 np.savez(out, text_probs=by_text["probabilities"].numpy(), ids_probs=by_ids["probabilities"].numpy(),
          labels=by_text["label"].numpy().astype("S"), class_id=by_text["class_id"].numpy())
 """

@@ -39,7 +39,7 @@ def test_train_batches_are_padded_only_to_their_longest_text(loaded):
     ds = inputs.train_dataset(enc, labels, batch_size=16, seed=1, num_buckets=8,
                               pad_value=loaded.packing.pad)
     widths, seen, area = [], 0, 0
-    for x, y in ds:
+    for x, _ in ds:
         mask = x["padding_mask"].numpy()
         assert mask.shape == x["token_ids"].shape
         assert mask.sum(axis=1).max() == mask.shape[1], "batch padded beyond its longest text"
