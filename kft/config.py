@@ -71,6 +71,11 @@ class Config:
                               ("auto", "true", "false"))
     steps_per_execution: int = _field(1, "Train steps run per call into the compiled function.")
 
+    # Checkpoints and logging.
+    checkpoint_every_steps: int = _field(500, "Checkpoint every N steps and at epoch ends; 0 = epoch ends only.")
+    keep_checkpoints: int = _field(3, "Checkpoints kept in <model_dir>/checkpoints (newest first).")
+    log_every_steps: int = _field(0, "Log the train loss every N steps; 0 = ten times per epoch.")
+
     # Distribution.
     strategy: str = _field("auto", "tf.distribute strategy.",
                            ("auto", "cpu", "one_device", "mirrored", "multi_worker_mirrored", "tpu"))

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import tensorflow as tf
 from absl import logging
 
 from kft.config import FlagError
-
-import tensorflow as tf
-
-
 
 
 def get_strategy(name: str = "auto", tpu: str = "") -> tf.distribute.Strategy:
@@ -55,3 +54,26 @@ def get_strategy(name: str = "auto", tpu: str = "") -> tf.distribute.Strategy:
 def uses_static_shapes(strategy: tf.distribute.Strategy) -> bool:
     """TPUs compile one program per input shape: feed them fixed bucket shapes."""
     return isinstance(strategy, tf.distribute.TPUStrategy)
+
+
+@dataclasses.dataclass
+class Worker:
+    index: int  # 0 for the chief
+    count: int
+    is_chief: bool
+
+
+def worker_info(strategy: tf.distribute.Strategy) -> Worker:
+    """This process's place among the workers: only the chief writes checkpoints and outputs."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return Worker(0, 1, True)
+    spec = resolver.cluster_spec().as_dict()
+    count = sum(len(spec.get(job, [])) for job in ("chief", "worker"))
+    task_type, task_id = resolver.task_type, resolver.task_id or 0
+    # With a "chief" job the chief is task chief:0; without one, worker 0 plays that role.
+    if "chief" in spec:
+        index = 0 if task_type == "chief" else task_id + 1
+    else:
+        index = task_id
+    return Worker(index, max(count, 1), index == 0)

@@ -94,61 +94,107 @@ def _features(ids, mask):
     return {"token_ids": ids, "padding_mask": mask}
 
 
-def train_dataset(encoded: Encoded, labels: np.ndarray, batch_size: int, seed: int,
-                  num_buckets: int, pad_value: int, static_shapes: bool = False) -> tf.data.Dataset:
-    """Shuffled (reshuffled each epoch, seeded), length-bucketed, per-batch padded batches.
+@dataclasses.dataclass
+class BatchPlan:
+    """Which examples form each batch of one pass, and how wide each batch is padded.
 
-    With `static_shapes` (TPU, XLA) batches pad to their bucket boundary and partial batches are
-    dropped, so only one shape per bucket is ever compiled.
+    Every batch has exactly `batch_size` rows: a bucket's last, partial batch is filled with
+    padding rows (index -1, loss weight 0), so no example is dropped and the batch dimension is
+    static (what TPUs and XLA need) without `drop_remainder`.
     """
-    boundaries = bucket_boundaries(encoded.lengths, num_buckets)
-    if static_shapes:
-        boundaries = boundaries + [int(encoded.lengths.max()) + 1]
-    ds = tf.data.Dataset.from_tensor_slices((encoded.ids, labels))
-    ds = ds.shuffle(len(encoded), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.map(lambda x, y: (_features(x, tf.ones_like(x)), y))
-    ds = ds.bucket_by_sequence_length(
-        element_length_func=lambda x, y: tf.shape(x["token_ids"])[0],
-        bucket_boundaries=boundaries,
-        bucket_batch_sizes=[batch_size] * (len(boundaries) + 1),
-        padding_values=(_features(pad_value, 0), 0),
-        pad_to_bucket_boundary=static_shapes,
-        drop_remainder=static_shapes,
-    )
-    # Bucketing hides the batch count from tf.data; stating it gives Keras a real progress bar.
-    ds = ds.apply(tf.data.experimental.assert_cardinality(
-        num_train_batches(encoded, batch_size, num_buckets, static_shapes)))
-    return ds.prefetch(tf.data.AUTOTUNE)
+
+    indices: np.ndarray  # [num_batches, batch_size] int32 rows of the split; -1 = padding row
+    widths: np.ndarray  # [num_batches] int32 padded sequence length of each batch
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    def slice(self, start: int) -> "BatchPlan":
+        return BatchPlan(self.indices[start:], self.widths[start:])
 
 
-def num_train_batches(encoded: Encoded, batch_size: int, num_buckets: int,
-                      static_shapes: bool = False) -> int:
-    """Batches per epoch of `train_dataset`: each bucket ends with one partial batch, or drops it."""
-    boundaries = bucket_boundaries(encoded.lengths, num_buckets)
-    bucket = np.searchsorted(np.asarray(boundaries), encoded.lengths, side="right")
-    counts = np.bincount(bucket, minlength=len(boundaries) + 1)
-    if static_shapes:
-        return int(sum(c // batch_size for c in counts))
-    return int(sum(-(-c // batch_size) for c in counts))
+def _fill(rows: np.ndarray, batch_size: int) -> np.ndarray:
+    """Rows cut into batches of batch_size, the last one filled with -1."""
+    n = -(-len(rows) // batch_size) * batch_size
+    return np.concatenate([rows, np.full(n - len(rows), -1, rows.dtype)]).reshape(-1, batch_size)
 
 
-def sorted_dataset(encoded: Encoded, labels: np.ndarray | None, batch_size: int,
-                   pad_value: int) -> tuple[tf.data.Dataset, np.ndarray]:
-    """Batches in length order (minimal padding) and the order used: dataset row k = example order[k]."""
-    order = np.argsort(encoded.lengths, kind="stable")
-    ids = tf.gather(encoded.ids, order)
-    ds = tf.data.Dataset.from_tensor_slices(ids).map(lambda x: _features(x, tf.ones_like(x)))
-    if labels is not None:
-        ds = tf.data.Dataset.zip((ds, tf.data.Dataset.from_tensor_slices(labels[order])))
-        padding = (_features(pad_value, 0), 0)
-    else:
-        padding = _features(pad_value, 0)
-    ds = ds.padded_batch(batch_size, padding_values=padding)
-    return ds.prefetch(tf.data.AUTOTUNE), order
+def _widths(indices: np.ndarray, lengths: np.ndarray, edges: np.ndarray | None) -> np.ndarray:
+    longest = np.where(indices >= 0, lengths[np.maximum(indices, 0)], 0).max(axis=1)
+    if edges is None:
+        return longest.astype(np.int32)
+    # Static shapes: pad to the bucket's upper edge, so at most one shape per bucket exists.
+    return edges[np.searchsorted(edges, longest)].astype(np.int32)
 
 
-def unsort(values: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Puts rows computed in `order` back into source order."""
-    out = np.empty_like(values)
-    out[order] = values
-    return out
+def bucket_edges(lengths: np.ndarray, num_buckets: int) -> np.ndarray:
+    """The padded widths used with static shapes: each bucket's longest allowed length."""
+    return np.asarray(sorted({b - 1 for b in bucket_boundaries(lengths, num_buckets)}
+                             | {int(lengths.max())}), np.int64)
+
+
+def train_plan(lengths: np.ndarray, batch_size: int, num_buckets: int, seed: int, epoch: int,
+               static_shapes: bool = False) -> BatchPlan:
+    """Epoch `epoch`'s batches: a pure function of (seed, epoch), so a resumed run can rebuild
+    exactly the batches an uninterrupted run would see, and skip to any position in them.
+
+    Examples are shuffled, grouped into length buckets (boundaries from the data), cut into
+    batches within each bucket, and the batches shuffled; each batch pads only to its own longest
+    example (or, with `static_shapes`, to its bucket's edge).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths)).astype(np.int32)
+    bucket = np.searchsorted(np.asarray(bucket_boundaries(lengths, num_buckets)), lengths[order],
+                             side="right")
+    batches = [_fill(order[bucket == b], batch_size) for b in np.unique(bucket)]
+    indices = np.concatenate(batches)[rng.permutation(sum(len(b) for b in batches))]
+    edges = bucket_edges(lengths, num_buckets) if static_shapes else None
+    return BatchPlan(indices, _widths(indices, lengths, edges))
+
+
+def eval_plan(lengths: np.ndarray, batch_size: int, num_buckets: int = 16,
+              static_shapes: bool = False) -> BatchPlan:
+    """Batches in length order (least padding); the rows of a prediction map back via indices."""
+    indices = _fill(np.argsort(lengths, kind="stable").astype(np.int32), batch_size)
+    edges = bucket_edges(lengths, num_buckets) if static_shapes else None
+    return BatchPlan(indices, _widths(indices, lengths, edges))
+
+
+def padded_matrix(encoded: Encoded, pad_value: int) -> tf.Tensor:
+    """[n, longest] int32 token ids: tokenized once, gathered into batches by the plans."""
+    return encoded.ids.to_tensor(default_value=pad_value)
+
+
+def plan_dataset(plan: BatchPlan, matrix: tf.Tensor, lengths: np.ndarray, labels: np.ndarray,
+                 example_weights: np.ndarray, num_replicas: int = 1, replica_ids=None) -> tf.data.Dataset:
+    """Per-replica batches of `plan`, as (features, labels, weights).
+
+    Each global batch is cut into `num_replicas` equal slices; this pipeline yields the slices of
+    `replica_ids` (default: all), in order, which is how tf.distribute hands consecutive elements
+    to the replicas it feeds. `weights` are the example weights divided by the number of real
+    examples in the global batch, so summing the replicas' weighted losses gives the global mean.
+    """
+    n_batches, batch_size = plan.indices.shape
+    if batch_size % num_replicas:
+        raise ValueError(f"batch of {batch_size} rows does not split over {num_replicas} replicas")
+    valid = plan.indices >= 0
+    per_example = np.where(valid, example_weights[np.maximum(plan.indices, 0)], 0.0)
+    weights = per_example / np.maximum(valid.sum(axis=1, keepdims=True), 1)
+    replica_ids = list(range(num_replicas)) if replica_ids is None else list(replica_ids)
+    shape = (n_batches, num_replicas, batch_size // num_replicas)
+    indices = plan.indices.reshape(shape)[:, replica_ids].reshape(-1, shape[2])
+    weights = weights.reshape(shape)[:, replica_ids].reshape(-1, shape[2]).astype(np.float32)
+    widths = np.repeat(plan.widths, len(replica_ids))
+    lengths = tf.constant(lengths, tf.int32)
+    labels = tf.constant(labels, tf.int32)
+
+    def make(rows, width, w):
+        safe = tf.maximum(rows, 0)
+        ids = tf.gather(matrix, safe)[:, :width]
+        n = tf.where(rows >= 0, tf.gather(lengths, safe), 0)
+        mask = tf.cast(tf.range(width)[None, :] < n[:, None], tf.int32)
+        return _features(ids, mask), tf.gather(labels, safe), w
+
+    ds = tf.data.Dataset.from_tensor_slices((indices, widths, weights))
+    return ds.map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(
+        tf.data.AUTOTUNE)

@@ -14,6 +14,7 @@ import tensorflow as tf
 from absl import logging
 
 from kft import backbones, data as data_lib, distribute, export, inputs, methods, optim, plots, tasks
+from kft import loop as loop_lib
 from kft.config import Config, FlagError, to_dict
 from kft.metrics import format_report
 
@@ -32,39 +33,6 @@ def default_model_dir(config: Config) -> str:
     return config.model_dir or os.path.join("runs", default_run_name(config))
 
 
-class _StepLog(keras.callbacks.Callback):
-    """Train loss averaged over windows of `every` steps, and eval metrics per epoch, for the curves.
-
-    Keras reports the running mean of the epoch's loss; the mean over steps (a, b] of the same
-    epoch is (b * mean_b - a * mean_a) / (b - a), which shows the loss of that window itself.
-    """
-
-    def __init__(self, every: int):
-        super().__init__()
-        self.every = max(1, every)
-        self.steps, self.losses, self.epochs = [], [], []
-        self._epoch_start = 0
-        self._last = (0, 0.0)  # (batches seen in this epoch, their running mean loss)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_start = int(self.model.optimizer.iterations.numpy())
-        self._last = (0, 0.0)
-
-    def on_train_batch_end(self, batch, logs=None):
-        seen = batch + 1
-        if logs and "loss" in logs and seen % self.every == 0:
-            mean = float(logs["loss"])
-            a, mean_a = self._last
-            self.steps.append(self._epoch_start + seen)
-            self.losses.append((seen * mean - a * mean_a) / (seen - a))
-            self._last = (seen, mean)
-
-    def on_epoch_end(self, epoch, logs=None):
-        entry = {"epoch": epoch + 1, "step": int(self.model.optimizer.iterations.numpy())}
-        entry.update({k: float(v) for k, v in (logs or {}).items()})
-        self.epochs.append(entry)
-
-
 def _split_stats(split: data_lib.Split, encoded: inputs.Encoded, ids: np.ndarray,
                  vocab: data_lib.LabelVocab) -> dict:
     return {
@@ -75,11 +43,6 @@ def _split_stats(split: data_lib.Split, encoded: inputs.Encoded, ids: np.ndarray
         "mean_tokens": round(float(encoded.lengths.mean()), 2),
         "max_tokens": int(encoded.lengths.max()),
     }
-
-
-def _predict(model: keras.Model, encoded: inputs.Encoded, batch_size: int, pad: int) -> np.ndarray:
-    ds, order = inputs.sorted_dataset(encoded, None, batch_size, pad)
-    return inputs.unsort(model.predict(ds, verbose=0), order)
 
 
 def _use_jit(config: Config) -> bool:
@@ -125,37 +88,44 @@ def _prepare_inputs(config: Config, data: data_lib.Data, loaded: backbones.Loade
     return prepared
 
 
-def _callbacks(config: Config, model_dir: str, steps_per_epoch: int, step_log: _StepLog) -> list:
-    backup = os.path.join(model_dir, "backup")
-    marker = os.path.join(backup, "training_metadata.json")
-    if tf.io.gfile.exists(marker):
-        with tf.io.gfile.GFile(marker) as f:
-            logging.info("resuming from %s: %d epoch(s) already done", backup, json.load(f)["epoch"])
-    callbacks = [
-        keras.callbacks.BackupAndRestore(backup),
-        keras.callbacks.ModelCheckpoint(os.path.join(model_dir, "best.weights.h5"), monitor="val_accuracy",
-                                        mode="max", save_best_only=True, save_weights_only=True),
-        keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"),
-                                    update_freq=max(1, steps_per_epoch // 20)),
-        step_log,
-    ]
-    if config.early_stopping_patience > 0:
-        callbacks.append(keras.callbacks.EarlyStopping(
-            monitor="val_accuracy", mode="max", patience=config.early_stopping_patience,
-            restore_best_weights=True, verbose=1))
-    return callbacks
+def _leakage(data: data_lib.Data) -> dict:
+    """How many eval/test texts also occur verbatim in train: reported, since it inflates scores."""
+    seen = set(data.train.texts)
+    out = {}
+    for name, split in (("eval", data.eval), ("test", data.test)):
+        if split is not None:
+            out[name] = sum(1 for t in split.texts if t in seen)
+            if out[name]:
+                logging.warning("leakage: %d of %d %s texts also appear in the training data",
+                                out[name], len(split), name)
+    return out
+
+
+@dataclasses.dataclass
+class Trained:
+    """What a finished (or resumed-to-completion) training run leaves in memory."""
+
+    model: keras.Model
+    metrics: dict
 
 
 def train_and_evaluate(config: Config, model_dir: str) -> dict:
     """Fine-tunes, evaluates and (optionally) exports; returns what metrics.json holds.
 
-    Rerunning with the same `model_dir` resumes from the last completed epoch.
+    Rerunning with the same `model_dir` continues from the newest usable checkpoint, at the exact
+    step and batch where it was written; a finished run is evaluated (and exported) again.
     """
+    return fit_model(config, model_dir).metrics
+
+
+def fit_model(config: Config, model_dir: str) -> Trained:
+    """`train_and_evaluate`, also returning the trained model (for tests and notebooks)."""
     started = time.time()
     tf.io.gfile.makedirs(model_dir)
     keras.utils.set_random_seed(config.seed)
     task = tasks.get(config.task)
     strategy = distribute.get_strategy(config.strategy, config.tpu)
+    worker = distribute.worker_info(strategy)
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
         raise FlagError(f"--batch_size={config.batch_size} is the global batch and must divide evenly "
@@ -170,54 +140,64 @@ def train_and_evaluate(config: Config, model_dir: str) -> dict:
                  loaded.num_layers)
     prep = _prepare_inputs(config, data, loaded)
     splits, encoded, label_ids, stats = prep.splits, prep.encoded, prep.label_ids, prep.stats
-    sequence_length, tokenize_seconds = prep.sequence_length, prep.seconds
+    leakage = _leakage(data)
 
-    static = distribute.uses_static_shapes(strategy)
-    train_ds = inputs.train_dataset(encoded["train"], label_ids["train"], config.batch_size,
-                                    config.seed, config.num_buckets, loaded.packing.pad, static)
-    eval_ds, _ = inputs.sorted_dataset(encoded["eval"], label_ids["eval"], config.batch_size,
-                                       loaded.packing.pad)
-    steps_per_epoch = inputs.num_train_batches(encoded["train"], config.batch_size, config.num_buckets,
-                                               static)
-    total_steps = steps_per_epoch * config.epochs
+    class_weight = None
+    example_weights = None
+    if config.class_weights == "balanced":
+        class_weight = data_lib.balanced_class_weights(label_ids["train"], len(vocab))
+        example_weights = np.asarray([class_weight[int(y)] for y in label_ids["train"]], np.float32)
+        logging.info("class weights: %s", class_weight)
+    pad = loaded.packing.pad
+    sources = {k: loop_lib.Split.from_encoded(encoded[k], label_ids[k], pad,
+                                             example_weights if k == "train" else None)
+               for k in splits}
 
     with strategy.scope():
         method_info = methods.apply(loaded.backbone, config)
         model = task.build_model(loaded.backbone, len(vocab), config.dropout, config.pooling, config.seed)
-        model.compile(optimizer=optim.build_optimizer(config, total_steps), loss=task.loss(),
-                      metrics=task.train_metrics(), jit_compile=_use_jit(config),
-                      steps_per_execution=config.steps_per_execution)
+        optimizer = None  # built below, once the number of steps is known
+
+    def evaluate_fn(probabilities):
+        return {"accuracy": float(np.mean(probabilities.argmax(-1) == label_ids["eval"])),
+                "loss": loop_lib.mean_cross_entropy(probabilities, label_ids["eval"])}
+
+    static = distribute.uses_static_shapes(strategy)
+    jit = _use_jit(config)
+    steps_per_epoch = len(inputs.train_plan(encoded["train"].lengths, config.batch_size,
+                                            config.num_buckets, config.seed, 0, static))
+    with strategy.scope():
+        optimizer = optim.build_optimizer(config, steps_per_epoch * config.epochs)
+        loop = loop_lib.Loop(model, optimizer, task.per_example_loss, strategy, config, model_dir,
+                             sources["train"], sources["eval"], evaluate_fn, static, jit)
     trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
     total = int(model.count_params())
     logging.info("parameters: %d total, %d trainable (%.1f%%); method %s", total, trainable,
                  100.0 * trainable / total, method_info)
-    logging.info("batch size %d global (%d per replica x %d replicas), %d steps/epoch, %d epochs",
-                 config.batch_size, config.batch_size // replicas, replicas, steps_per_epoch, config.epochs)
+    logging.info("batch size %d global = %d per replica x %d replicas (learning rate %g, independent "
+                 "of the replica count); %d steps/epoch, %d epochs; worker %d of %d",
+                 config.batch_size, config.batch_size // replicas, replicas, config.learning_rate,
+                 loop.steps_per_epoch, config.epochs, worker.index, worker.count)
 
-    class_weight = None
-    if config.class_weights == "balanced":
-        class_weight = data_lib.balanced_class_weights(label_ids["train"], len(vocab))
-        logging.info("class weights: %s", class_weight)
-
-    step_log = _StepLog(every=max(1, total_steps // 200))
-    callbacks = _callbacks(config, model_dir, steps_per_epoch, step_log)
-
+    state = loop.restore_or_start()
+    writer = tf.summary.create_file_writer(os.path.join(model_dir, "logs")) if worker.is_chief else None
     t0 = time.time()
-    model.fit(train_ds, validation_data=eval_ds, epochs=config.epochs, class_weight=class_weight,
-              shuffle=False, callbacks=callbacks, verbose=2 if os.environ.get("KFT_QUIET") else 1)
+    state = loop.run(state, writer)
     train_seconds = time.time() - t0
-    steps_done = int(model.optimizer.iterations.numpy())
+    if writer is not None:
+        writer.flush()
 
     t0 = time.time()
     results = {}
     for k in splits:
         if k == "train":
             continue
-        probabilities = _predict(model, encoded[k], config.batch_size, loaded.packing.pad)
+        probabilities = loop.predict(sources[k])
         results[k] = task.evaluate(probabilities, label_ids[k], vocab.names)
         logging.info("%s metrics:\n%s", k, format_report(results[k], vocab.names))
     eval_seconds = time.time() - t0
 
+    epochs_now = len(state["history"])
     metrics = {
         "run_name": run_name,
         "task": config.task,
@@ -226,34 +206,38 @@ def train_and_evaluate(config: Config, model_dir: str) -> dict:
         "method": method_info,
         "parameters": {"total": total, "trainable": trainable,
                        "trainable_percent": round(100.0 * trainable / total, 4)},
-        "sequence_length": sequence_length,
-        "data": {"description": data.description, "labels": vocab.names, **stats},
+        "sequence_length": prep.sequence_length,
+        "data": {"description": data.description, "labels": vocab.names, "leakage": leakage, **stats},
         "training": {
-            "epochs_run": len(step_log.epochs), "steps": steps_done, "steps_per_epoch": steps_per_epoch,
-            "train_seconds": round(train_seconds, 2), "tokenize_seconds": round(tokenize_seconds, 2),
+            "epochs_run": epochs_now, "steps": state["step"], "steps_per_epoch": loop.steps_per_epoch,
+            "global_batch_size": config.batch_size, "replicas": replicas, "workers": worker.count,
+            "stopped_early": state["stopped_early"],
+            "train_seconds": round(train_seconds, 2), "tokenize_seconds": round(prep.seconds, 2),
             "eval_seconds": round(eval_seconds, 2), "class_weights": class_weight,
             "examples_per_second": round(
-                len(data.train) * len(step_log.epochs) / max(train_seconds, 1e-9), 2),
-            "history": step_log.epochs,
+                loop.steps_per_epoch * config.batch_size * epochs_now / max(train_seconds, 1e-9), 2),
+            "history": state["history"],
         },
         **results,
         "config": to_dict(config),
     }
-    plots.training_curves(step_log.steps, step_log.losses, step_log.epochs,
-                          os.path.join(model_dir, "training_curves.png"))
-    plots.confusion_matrix(results["eval"]["confusion_matrix"], vocab.names,
-                           os.path.join(model_dir, "confusion_matrix.png"), f"eval: {data.eval.source}")
-    with tf.io.gfile.GFile(os.path.join(model_dir, "labels.json"), "w") as f:
-        json.dump(vocab.to_json(), f, indent=2)
+    if worker.is_chief:
+        plots.training_curves(state["curve_steps"], state["curve_losses"], state["history"],
+                              os.path.join(model_dir, "training_curves.png"))
+        plots.confusion_matrix(results["eval"]["confusion_matrix"], vocab.names,
+                               os.path.join(model_dir, "confusion_matrix.png"),
+                               f"eval: {data.eval.source}")
+        with tf.io.gfile.GFile(os.path.join(model_dir, "labels.json"), "w") as f:
+            json.dump(vocab.to_json(), f, indent=2)
 
-    if config.export:
+    if config.export and worker.is_chief:
         metadata = {k: metrics[k] for k in ("run_name", "task", "backbone", "method", "parameters")}
         metadata.update(data=data.description, flags=to_dict(config),
                         metrics={k: {m: results[k][m] for m in ("accuracy", "macro_f1")} for k in results})
-        metrics["export"] = export.export(model, loaded.tokenizer, loaded.packing, sequence_length, task,
-                                          vocab.names, config.export_dir, run_name, metadata)
+        metrics["export"] = export.export(model, loaded.tokenizer, loaded.packing, prep.sequence_length,
+                                          task, vocab.names, config.export_dir, run_name, metadata)
     metrics["training"]["total_seconds"] = round(time.time() - started, 2)
-    with tf.io.gfile.GFile(os.path.join(model_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2, default=str)
-    return metrics
-
+    if worker.is_chief:
+        with tf.io.gfile.GFile(os.path.join(model_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2, default=str)
+    return Trained(model, metrics)

@@ -32,52 +32,75 @@ def test_sequence_length_default_covers_the_99th_percentile(loaded):
     assert inputs.choose_sequence_length(lengths, loaded.packing, limit=32) == 32
 
 
+def _epoch(enc, pad, batch_size=16, num_buckets=8, seed=1, epoch=0, static=False, replicas=1):
+    plan = inputs.train_plan(enc.lengths, batch_size, num_buckets, seed, epoch, static)
+    matrix = inputs.padded_matrix(enc, pad)
+    labels = np.arange(len(enc), dtype=np.int32)  # label = row, to see which rows a batch holds
+    ds = inputs.plan_dataset(plan, matrix, enc.lengths, labels, np.ones(len(enc), np.float32), replicas)
+    return plan, list(ds)
+
+
+def _film_texts(n, seed=0):
+    return [" ".join(["film"] * k) for k in np.random.default_rng(seed).integers(1, 30, n)]
+
+
 def test_train_batches_are_padded_only_to_their_longest_text(loaded):
-    texts = [" ".join(["film"] * n) for n in np.random.default_rng(0).integers(1, 30, 300)]
-    enc = inputs.encode(loaded.tokenizer, loaded.packing, texts, sequence_length=64)
-    labels = np.zeros(len(texts), np.int32)
-    ds = inputs.train_dataset(enc, labels, batch_size=16, seed=1, num_buckets=8,
-                              pad_value=loaded.packing.pad)
-    widths, seen, area = [], 0, 0
-    for x, _ in ds:
+    enc = inputs.encode(loaded.tokenizer, loaded.packing, _film_texts(300), sequence_length=64)
+    plan, batches = _epoch(enc, loaded.packing.pad)
+    widths, rows, area = [], [], 0
+    for (x, y, w), plan_rows in zip(batches, plan.indices):
         mask = x["padding_mask"].numpy()
-        assert mask.shape == x["token_ids"].shape
-        assert mask.sum(axis=1).max() == mask.shape[1], "batch padded beyond its longest text"
+        real = plan_rows >= 0
+        assert mask.shape == x["token_ids"].shape == (16, mask.shape[1])
+        assert mask[real].sum(axis=1).max() == mask.shape[1], "batch padded beyond its longest text"
+        np.testing.assert_array_equal(mask.sum(axis=1)[real], enc.lengths[plan_rows[real]])
+        assert (mask[~real] == 0).all() and (w.numpy()[~real] == 0).all()  # filler rows weigh 0
         widths.append(mask.shape[1])
-        seen += mask.shape[0]
-        area += mask.size
-    assert seen == len(texts)
-    assert len(widths) == inputs.num_train_batches(enc, 16, 8) == int(ds.cardinality())
+        rows.extend(y.numpy()[real].tolist())
+        area += mask[real].size
+    assert sorted(rows) == list(range(300))  # every example exactly once, none dropped
     assert len(set(widths)) > 4  # many shapes: per-batch padding, not one fixed length
     # Grouping by length wastes far less than padding every batch to the longest text.
     assert enc.lengths.sum() / area > 0.8
-    assert enc.lengths.sum() / (len(texts) * enc.lengths.max()) < 0.6
+    assert enc.lengths.sum() / (len(enc) * enc.lengths.max()) < 0.6
 
 
-def test_shuffle_is_seeded_and_changes_between_epochs(loaded):
-    enc = inputs.encode(loaded.tokenizer, loaded.packing, TEXTS * 8, sequence_length=16)
-    labels = np.arange(len(TEXTS) * 8, dtype=np.int32)
-
-    def epoch_order(ds):
-        return [int(v) for _, y in ds for v in y.numpy()]
-
-    a = inputs.train_dataset(enc, labels, 4, seed=7, num_buckets=2, pad_value=0)
-    b = inputs.train_dataset(enc, labels, 4, seed=7, num_buckets=2, pad_value=0)
-    first = epoch_order(a)
-    assert first == epoch_order(b)
-    assert first != epoch_order(a)  # reshuffled for the next epoch
-    assert sorted(first) == labels.tolist()
+def test_epoch_order_is_a_function_of_seed_and_epoch(loaded):
+    lengths = np.random.default_rng(0).integers(3, 40, 500)
+    plan = lambda seed, epoch: inputs.train_plan(lengths, 8, 4, seed, epoch).indices  # noqa: E731
+    np.testing.assert_array_equal(plan(7, 0), plan(7, 0))  # rebuilt identically after a restart
+    assert not np.array_equal(plan(7, 0), plan(7, 1))  # reshuffled every epoch
+    assert not np.array_equal(plan(7, 0), plan(8, 0))
+    assert sorted(plan(7, 1)[plan(7, 1) >= 0].tolist()) == list(range(500))
 
 
-def test_static_shapes_pad_to_bucket_boundaries_and_drop_partial_batches(loaded):
-    texts = [" ".join(["film"] * n) for n in np.random.default_rng(1).integers(1, 30, 200)]
-    enc = inputs.encode(loaded.tokenizer, loaded.packing, texts, sequence_length=64)
-    ds = inputs.train_dataset(enc, np.zeros(200, np.int32), 8, seed=0, num_buckets=4, pad_value=0,
-                              static_shapes=True)
-    boundaries = inputs.bucket_boundaries(enc.lengths, 4) + [int(enc.lengths.max()) + 1]
-    shapes = {tuple(x["token_ids"].shape) for x, _ in ds}
+def test_resuming_mid_epoch_yields_exactly_the_remaining_batches(loaded):
+    lengths = np.random.default_rng(0).integers(3, 40, 200)
+    plan = inputs.train_plan(lengths, 8, 4, seed=3, epoch=2)
+    np.testing.assert_array_equal(plan.slice(11).indices, plan.indices[11:])
+    np.testing.assert_array_equal(plan.slice(11).widths, plan.widths[11:])
+
+
+def test_replica_slices_reassemble_the_global_batch_and_weights_sum_to_one(loaded):
+    enc = inputs.encode(loaded.tokenizer, loaded.packing, _film_texts(100), sequence_length=64)
+    plan, whole = _epoch(enc, loaded.packing.pad, batch_size=8)
+    _, halves = _epoch(enc, loaded.packing.pad, batch_size=8, replicas=2)
+    assert len(halves) == 2 * len(whole)
+    for k, (x, y, w) in enumerate(whole):
+        (x0, y0, w0), (x1, y1, w1) = halves[2 * k], halves[2 * k + 1]
+        np.testing.assert_array_equal(np.concatenate([x0["token_ids"], x1["token_ids"]]), x["token_ids"])
+        np.testing.assert_array_equal(np.concatenate([y0, y1]), y)
+        assert float(np.sum(w0) + np.sum(w1)) == pytest.approx(1.0)  # weighted sum = global mean
+
+
+def test_static_shapes_pad_to_bucket_edges_and_drop_nothing(loaded):
+    enc = inputs.encode(loaded.tokenizer, loaded.packing, _film_texts(200, seed=1), sequence_length=64)
+    plan, batches = _epoch(enc, loaded.packing.pad, batch_size=8, num_buckets=4, static=True)
+    edges = set(inputs.bucket_edges(enc.lengths, 4).tolist())
+    shapes = {tuple(x["token_ids"].shape) for x, _, _ in batches}
     assert all(b == 8 for b, _ in shapes)
-    assert {w for _, w in shapes} <= {b - 1 for b in boundaries}
+    assert {w for _, w in shapes} <= edges and len(edges) <= 4
+    assert sorted(plan.indices[plan.indices >= 0].tolist()) == list(range(200))
 
 
 def test_tokenization_happens_once_not_per_epoch(loaded, monkeypatch):
@@ -90,18 +113,19 @@ def test_tokenization_happens_once_not_per_epoch(loaded, monkeypatch):
 
     monkeypatch.setattr(inputs, "_graph_tokenizer", counting)
     enc = inputs.encode(loaded.tokenizer, loaded.packing, TEXTS, sequence_length=16)
-    ds = inputs.train_dataset(enc, np.zeros(len(TEXTS), np.int32), 4, seed=0, num_buckets=2, pad_value=0)
-    for _ in range(3):
-        for _ in ds:
-            pass
+    for epoch in range(3):
+        _, batches = _epoch(enc, 0, batch_size=4, num_buckets=2, epoch=epoch)
+        assert batches
     assert len(calls) == 1
     # The dataset holds integer ids, never strings.
+    ds = inputs.plan_dataset(inputs.eval_plan(enc.lengths, 4), inputs.padded_matrix(enc, 0),
+                             enc.lengths, np.zeros(len(TEXTS), np.int32), np.ones(len(TEXTS)))
     assert all(spec.dtype == tf.int32 for spec in tf.nest.flatten(ds.element_spec[0]))
 
 
-def test_sorted_dataset_order_round_trips(loaded):
+def test_eval_plan_sorts_by_length_and_maps_back(loaded):
     enc = inputs.encode(loaded.tokenizer, loaded.packing, TEXTS, sequence_length=32)
-    ds, order = inputs.sorted_dataset(enc, None, batch_size=3, pad_value=0)
-    lengths = np.concatenate([x["padding_mask"].numpy().sum(1) for x in ds])
-    assert list(lengths) == sorted(lengths)
-    np.testing.assert_array_equal(inputs.unsort(lengths, order), enc.lengths)
+    plan = inputs.eval_plan(enc.lengths, batch_size=3)
+    rows = plan.indices[plan.indices >= 0]
+    assert sorted(rows.tolist()) == list(range(len(TEXTS)))
+    assert list(enc.lengths[rows]) == sorted(enc.lengths)

@@ -1,6 +1,6 @@
 """Tasks: each module builds its head on a backbone and says how to train, score and serve it.
 
-A task module exposes `build_model`, `loss`, `train_metrics`, `evaluate` and `serving_outputs`.
+A task module exposes `build_model`, `per_example_loss`, `evaluate` and `serving_outputs`.
 Token classification, extractive QA and seq2seq are sibling modules of `classification`.
 """
 

@@ -46,12 +46,9 @@ def build_model(backbone: keras.Model, num_classes: int, dropout: float, pooling
                        name="text_classifier")
 
 
-def loss():
-    return keras.losses.SparseCategoricalCrossentropy()
-
-
-def train_metrics():
-    return [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+def per_example_loss(labels, probabilities):
+    """Cross-entropy of each example ([batch]); the loop weights and sums it."""
+    return keras.losses.sparse_categorical_crossentropy(labels, probabilities)
 
 
 def evaluate(probabilities: np.ndarray, labels: np.ndarray, names: list[str]) -> dict:

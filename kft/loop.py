@@ -1,0 +1,330 @@
+"""The training loop: distributed steps, step-exact checkpoints, preemption and divergence.
+
+Why not `model.fit`: Keras resumes only at epoch boundaries and cannot restore the position
+inside an epoch. Here the batches of an epoch are a pure function of (seed, epoch), the dropout
+seed states are model variables, and a checkpoint records (epoch, batch), so a resumed run sees
+exactly the batches, and draws exactly the dropout masks, that the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import threading
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from kft import checkpoints, distribute, inputs
+from kft.config import Config, FlagError
+
+# Exit status of `kft.train` after a SIGTERM: EX_TEMPFAIL from sysexits.h, "try again later".
+EXIT_PREEMPTED = 75
+# Exit status after the loss became NaN/Inf.
+EXIT_DIVERGED = 3
+
+# Flags that may differ between a run and its resumption (they do not change the result).
+RESUMABLE_CHANGES = {"model_dir", "export", "export_dir", "run_name", "strategy", "tpu", "data_dir",
+                     "steps_per_execution", "jit_compile", "checkpoint_every_steps",
+                     "keep_checkpoints", "log_every_steps"}
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint of the current step was written (on the chief)."""
+
+    def __init__(self, step: int, path: str | None):
+        super().__init__(f"stopped by SIGTERM at step {step}; checkpoint {path or '(written by chief)'}; "
+                         "rerun the same command to continue")
+        self.step, self.path = step, path
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or Inf."""
+
+
+@dataclasses.dataclass
+class Split:
+    """One tokenized split as the loop consumes it."""
+
+    matrix: tf.Tensor  # [n, longest] int32 token ids
+    lengths: np.ndarray  # [n]
+    labels: np.ndarray  # [n] int32
+    weights: np.ndarray  # [n] float32 loss weight of each example (class weights)
+
+    @classmethod
+    def from_encoded(cls, encoded: inputs.Encoded, labels: np.ndarray, pad: int,
+                     weights: np.ndarray | None = None) -> "Split":
+        n = len(encoded)
+        return cls(inputs.padded_matrix(encoded, pad), encoded.lengths, labels.astype(np.int32),
+                   (np.ones(n) if weights is None else weights).astype(np.float32))
+
+
+def distributed_dataset(strategy: tf.distribute.Strategy, plan: inputs.BatchPlan, split: Split):
+    """The plan's batches fed to the strategy's replicas, each pipeline building only its slices."""
+    replicas = strategy.num_replicas_in_sync
+
+    def dataset_fn(ctx: tf.distribute.InputContext):
+        local = replicas // ctx.num_input_pipelines
+        ids = range(ctx.input_pipeline_id * local, (ctx.input_pipeline_id + 1) * local)
+        return inputs.plan_dataset(plan, split.matrix, split.lengths, split.labels, split.weights,
+                                   replicas, ids)
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+class _SigtermFlag:
+    """Set by SIGTERM while installed; the loop polls it between steps."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint after the current step")
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class Loop:
+    """Trains `model` with `optimizer` under `strategy`, checkpointing to `<model_dir>/checkpoints`."""
+
+    def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer, loss_fn,
+                 strategy: tf.distribute.Strategy, config: Config, model_dir: str, train: Split,
+                 eval_split: Split, evaluate_fn, static_shapes: bool, jit_compile: bool):
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.strategy, self.config, self.model_dir = strategy, config, model_dir
+        self.train, self.eval = train, eval_split
+        self.evaluate_fn = evaluate_fn  # probabilities -> dict with "accuracy" and "loss"
+        self.static_shapes = static_shapes
+        self.worker = distribute.worker_info(strategy)
+        self.ckpt_dir = f"{model_dir}/checkpoints"
+        self.best_dir = f"{model_dir}/best"
+        self.steps_per_epoch = len(self._plan(0))
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.trace_count = 0
+        optimizer.build(model.trainable_variables)  # its variables exist before any restore
+        self._train_chunk = self._make_train_function(jit_compile)
+        self._predict_step = self._make_predict_function()
+        self._any_worker = self._make_agreement_function()
+
+    # -- compiled pieces ---------------------------------------------------------------------------
+
+    def _make_train_function(self, jit_compile: bool):
+        model, optimizer, loss_fn, strategy = self.model, self.optimizer, self.loss_fn, self.strategy
+
+        def replica_step(batch):
+            features, labels, weights = batch
+            with tf.GradientTape() as tape:
+                probabilities = model(features, training=True)
+                # weights already divide by the global batch's example count: the replicas' sums
+                # add up to the global mean loss, and their summed gradients to its gradient.
+                loss = tf.reduce_sum(loss_fn(labels, probabilities) * weights)
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return loss
+
+        if jit_compile:
+            replica_step = tf.function(replica_step, jit_compile=True)
+
+        @tf.function
+        def train_chunk(iterator, n):
+            self.trace_count += 1  # Python side effect: runs once per trace, never per step
+            losses = tf.TensorArray(tf.float32, size=n)
+            for i in tf.range(n):
+                per_replica = strategy.run(replica_step, args=(next(iterator),))
+                losses = losses.write(i, strategy.reduce("SUM", per_replica, axis=None))
+            return losses.stack()
+
+        return train_chunk
+
+    def _make_predict_function(self):
+        model, strategy = self.model, self.strategy
+
+        @tf.function
+        def predict_step(iterator):
+            features, _, _ = next(iterator)
+            probabilities = strategy.run(lambda f: model(f, training=False), args=(features,))
+            return strategy.gather(probabilities, axis=0)
+
+        return predict_step
+
+    def _make_agreement_function(self):
+        strategy = self.strategy
+
+        @tf.function
+        def any_worker(flag):
+            return strategy.reduce("MAX", strategy.run(lambda x: tf.identity(x), args=(flag,)), axis=None)
+
+        return any_worker
+
+    # -- data ----------------------------------------------------------------------------------------
+
+    def _plan(self, epoch: int) -> inputs.BatchPlan:
+        c = self.config
+        return inputs.train_plan(self.train.lengths, c.batch_size, c.num_buckets, c.seed, epoch,
+                                 self.static_shapes)
+
+    def predict(self, split: Split) -> np.ndarray:
+        """Class probabilities for every example of `split`, in its original order."""
+        plan = inputs.eval_plan(split.lengths, self.config.batch_size, self.config.num_buckets,
+                                self.static_shapes)
+        iterator = iter(distributed_dataset(self.strategy, plan, split))
+        out = None
+        for rows in plan.indices:
+            probabilities = self._predict_step(iterator).numpy()
+            if out is None:
+                out = np.zeros((len(split.lengths), probabilities.shape[-1]), probabilities.dtype)
+            keep = rows >= 0
+            out[rows[keep]] = probabilities[keep]
+        return out
+
+    # -- state ---------------------------------------------------------------------------------------
+
+    def _new_state(self) -> dict:
+        return {"step": 0, "epoch": 0, "batch": 0, "epoch_loss_sum": 0.0, "epoch_loss_count": 0,
+                "best_accuracy": None, "best_epoch": 0, "epochs_without_gain": 0, "stopped_early": False,
+                "history": [], "curve_steps": [], "curve_losses": [], "window": [0.0, 0],
+                "config": dataclasses.asdict(self.config)}
+
+    def _check_same_run(self, saved: dict, path: str) -> None:
+        now = dataclasses.asdict(self.config)
+        changed = sorted(k for k in set(saved) | set(now)
+                         if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+        if changed:
+            detail = ", ".join(f"--{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in changed)
+            raise FlagError(f"{path} was written by a run with other flags ({detail}). Use the same "
+                            "flags to resume, or another --model_dir to start a new run.")
+
+    def _save(self, state: dict) -> str | None:
+        if not self.worker.is_chief:
+            return None
+        t0 = time.time()
+        path = checkpoints.save(self.ckpt_dir, state["step"], self.model.variables,
+                                self.optimizer.variables, state, self.config.keep_checkpoints)
+        logging.info("checkpoint %s (%.1fs)", path, time.time() - t0)
+        return path
+
+    def restore_or_start(self) -> dict:
+        """The state to continue from: the newest usable checkpoint's, or a fresh one."""
+        checkpoints.remove_partial(self.ckpt_dir) if self.worker.is_chief else None
+        ckpt = checkpoints.latest(self.ckpt_dir)
+        if ckpt is None:
+            return self._new_state()
+        self._check_same_run(ckpt.state["config"], ckpt.path)
+        checkpoints.restore(ckpt, self.model.variables, self.optimizer.variables)
+        state = {k: v for k, v in ckpt.state.items() if k not in ("model_variables", "optimizer_variables")}
+        logging.info("resumed from %s: step %d, epoch %d, batch %d of %d", ckpt.path, state["step"],
+                     state["epoch"] + 1, state["batch"], self.steps_per_epoch)
+        return state
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def run(self, state: dict, summary_writer=None) -> dict:
+        """Trains from `state` to the end (or early stop); returns the final state."""
+        c = self.config
+        log_every = c.log_every_steps or max(1, self.steps_per_epoch // 10)
+        curve_every = max(1, self.total_steps // 200)
+        with _SigtermFlag() as sigterm:
+            while state["epoch"] < c.epochs and not state["stopped_early"]:
+                plan = self._plan(state["epoch"]).slice(state["batch"])
+                iterator = iter(distributed_dataset(self.strategy, plan, self.train))
+                remaining, t_start, s_start = len(plan), time.time(), state["step"]
+                while remaining:
+                    to_ckpt = c.checkpoint_every_steps - state["step"] % c.checkpoint_every_steps \
+                        if c.checkpoint_every_steps > 0 else remaining
+                    n = max(1, min(c.steps_per_execution, remaining, to_ckpt))
+                    losses = self._train_chunk(iterator, tf.constant(n)).numpy()
+                    bad = np.flatnonzero(~np.isfinite(losses))
+                    if bad.size:
+                        self._diverged(state["step"] + int(bad[0]) + 1, float(losses[bad[0]]))
+                    for loss in losses:
+                        state["step"] += 1
+                        state["batch"] += 1
+                        state["epoch_loss_sum"] += float(loss)
+                        state["epoch_loss_count"] += 1
+                        state["window"][0] += float(loss)
+                        state["window"][1] += 1
+                        if state["step"] % curve_every == 0:
+                            state["curve_steps"].append(state["step"])
+                            state["curve_losses"].append(state["window"][0] / state["window"][1])
+                            state["window"] = [0.0, 0]
+                        if state["step"] % log_every == 0:
+                            rate = (state["step"] - s_start) / max(time.time() - t_start, 1e-9)
+                            logging.info("step %d/%d (epoch %d): loss %.4f, %.2f steps/s",
+                                         state["step"], self.total_steps, state["epoch"] + 1, loss, rate)
+                            if summary_writer is not None:
+                                with summary_writer.as_default(step=state["step"]):
+                                    tf.summary.scalar("train/loss", loss)
+                                    tf.summary.scalar("train/learning_rate",
+                                                      float(self.optimizer.learning_rate))
+                    remaining -= n
+                    stop = sigterm.raised
+                    if self.worker.count > 1:
+                        stop = bool(self._any_worker(tf.constant(int(stop))).numpy())
+                    if stop:
+                        raise Preempted(state["step"], self._save(state))
+                    if remaining and c.checkpoint_every_steps > 0 \
+                            and state["step"] % c.checkpoint_every_steps == 0:
+                        self._save(state)
+                self._end_epoch(state, summary_writer)
+                self._save(state)
+        if c.early_stopping_patience > 0 and state["best_accuracy"] is not None:
+            best = checkpoints.latest(self.best_dir)
+            if best is not None:
+                checkpoints.restore(best, self.model.variables, [])
+                logging.info("restored the best weights: epoch %d, eval accuracy %.4f",
+                             state["best_epoch"], state["best_accuracy"])
+        return state
+
+    def _diverged(self, step: int, value: float) -> None:
+        steps = checkpoints.list_steps(self.ckpt_dir)
+        last = checkpoints.path_for(self.ckpt_dir, steps[-1]) if steps else "none written yet"
+        raise Diverged(f"training loss became {value} at step {step}; stopped without saving or "
+                       f"exporting. Last good checkpoint: {last}. Lower --learning_rate or check "
+                       "--clipnorm.")
+
+    def _end_epoch(self, state: dict, summary_writer) -> None:
+        c = self.config
+        probabilities = self.predict(self.eval)
+        result = self.evaluate_fn(probabilities)
+        entry = {"epoch": state["epoch"] + 1, "step": state["step"],
+                 "loss": state["epoch_loss_sum"] / max(1, state["epoch_loss_count"]),
+                 "val_loss": result["loss"], "val_accuracy": result["accuracy"]}
+        state["history"].append(entry)
+        logging.info("epoch %d/%d done at step %d: train loss %.4f, eval loss %.4f, eval accuracy %.4f",
+                     entry["epoch"], c.epochs, entry["step"], entry["loss"], entry["val_loss"],
+                     entry["val_accuracy"])
+        if summary_writer is not None:
+            with summary_writer.as_default(step=state["step"]):
+                tf.summary.scalar("eval/loss", entry["val_loss"])
+                tf.summary.scalar("eval/accuracy", entry["val_accuracy"])
+        if state["best_accuracy"] is None or entry["val_accuracy"] > state["best_accuracy"]:
+            state.update(best_accuracy=entry["val_accuracy"], best_epoch=entry["epoch"],
+                         epochs_without_gain=0)
+            if self.worker.is_chief:
+                checkpoints.save(self.best_dir, state["step"], self.model.variables, [],
+                                 {"epoch": entry["epoch"], "val_accuracy": entry["val_accuracy"]}, keep=1)
+        else:
+            state["epochs_without_gain"] += 1
+            if 0 < c.early_stopping_patience <= state["epochs_without_gain"]:
+                logging.info("early stopping: no eval accuracy gain for %d epoch(s)",
+                             state["epochs_without_gain"])
+                state["stopped_early"] = True
+        state.update(epoch=state["epoch"] + 1, batch=0, epoch_loss_sum=0.0, epoch_loss_count=0)
+
+
+def mean_cross_entropy(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    picked = probabilities[np.arange(len(labels)), labels]
+    return float(-np.mean(np.log(np.clip(picked, 1e-12, 1.0)))) if len(labels) else math.nan
