@@ -66,13 +66,14 @@ class Config:
     class_weights: str = _field("none", "Loss weights per class.", ("none", "balanced"))
     early_stopping_patience: int = _field(0, "Stop after N epochs without eval accuracy gain; 0 = off.")
     seed: int = _field(42, "Seed for initialisation, shuffling and dropout.")
+    deterministic: bool = _field(False, "Deterministic TF ops: bit-identical reruns (slower on GPU).")
     num_buckets: int = _field(16, "Length buckets for grouping similar-length texts into batches.")
     jit_compile: str = _field("auto", "XLA-compile the train step (auto = on GPU/TPU only).",
                               ("auto", "true", "false"))
     steps_per_execution: int = _field(1, "Train steps run per call into the compiled function.")
 
     # Checkpoints and logging.
-    checkpoint_every_steps: int = _field(500, "Checkpoint every N steps and at epoch ends; 0 = epoch ends only.")
+    checkpoint_every_steps: int = _field(500, "Checkpoint every N steps and each epoch end; 0 = epoch ends.")
     keep_checkpoints: int = _field(3, "Checkpoints kept in <model_dir>/checkpoints (newest first).")
     log_every_steps: int = _field(0, "Log the train loss every N steps; 0 = ten times per epoch.")
 

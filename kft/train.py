@@ -17,21 +17,33 @@ config_lib.define_flags()
 flags.adopt_module_key_flags(config_lib)  # so --help lists them, not only --helpfull
 FLAGS = flags.FLAGS
 
+# Exit statuses: 0 done; 2 bad data, flags, backbone or checkpoint (nothing to retry);
+# 3 the loss became NaN/Inf; 75 stopped by SIGTERM after saving (rerun the command to continue).
+EXIT_BAD_INPUT = 2
+
+
+def _fail(error: Exception, status: int, prefix: str = "error") -> int:
+    logging.error("%s", error)
+    print(f"{prefix}: {error}", file=sys.stderr)
+    return status
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
-    from kft import backbones, data, trainer
+    from kft import backbones, checkpoints, data, loop, trainer
 
     config = config_lib.from_flags(FLAGS)
     model_dir = trainer.default_model_dir(config)
     try:
         result = trainer.train_and_evaluate(config, model_dir)
-    except (data.DataError, backbones.BackboneError, config_lib.FlagError) as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (data.DataError, backbones.BackboneError, config_lib.FlagError,
+            checkpoints.CheckpointError) as e:
+        return _fail(e, EXIT_BAD_INPUT)
+    except loop.Diverged as e:
+        return _fail(e, loop.EXIT_DIVERGED)
+    except loop.Preempted as e:
+        return _fail(e, loop.EXIT_PREEMPTED, "preempted")
     summary = {"model_dir": model_dir, "export": result.get("export")}
     for split in ("eval", "test"):
         if split in result:

@@ -123,6 +123,8 @@ def fit_model(config: Config, model_dir: str) -> Trained:
     started = time.time()
     tf.io.gfile.makedirs(model_dir)
     keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
     task = tasks.get(config.task)
     strategy = distribute.get_strategy(config.strategy, config.tpu)
     worker = distribute.worker_info(strategy)

@@ -2,14 +2,10 @@
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from conftest import ROOT, run_python, tiny_config
+from conftest import run_python, tiny_config
 from kft import trainer
 
 
@@ -45,7 +41,7 @@ def test_run_writes_metrics_plots_logs_and_a_versioned_export(run):
     assert open(os.path.join(extra, "labels.txt")).read() == "negative\npositive\n"
     meta = json.load(open(os.path.join(extra, "metadata.json")))
     assert meta["flags"]["backbone"] and meta["labels"] == ["negative", "positive"]
-    assert sorted(os.listdir(os.path.join(model_dir, "checkpoints")))[-1] == "ckpt-00000036.safetensors"  # 2 epochs x 18 steps
+    assert sorted(os.listdir(os.path.join(model_dir, "checkpoints")))[-1] == f"ckpt-{36:08d}.safetensors"  # 2 x 18 steps
 
 
 def test_same_seed_same_data_same_result(tiny_preset, tmp_path):

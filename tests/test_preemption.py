@@ -1,0 +1,134 @@
+"""Killed, preempted, corrupted and diverging runs, each as a real `python -m kft.train` process.
+
+Run A trains uninterrupted; the other runs are interrupted and rerun with the same command, and
+must end where A ended: same step count, and with --deterministic bit-identical weights,
+optimizer moments and dropout seed states.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_python
+from kft import checkpoints
+
+EPOCHS = 3
+
+
+def _args(preset, model_dir, *extra):
+    return ["-m", "kft.train", "--dataset=sample_reviews", f"--backbone={preset}", f"--epochs={EPOCHS}",
+            "--batch_size=8", "--learning_rate=1e-3", "--checkpoint_every_steps=7", "--log_every_steps=1",
+            "--deterministic", "--noexport", f"--model_dir={model_dir}", *extra]
+
+
+class _Process:
+    """A kft.train subprocess whose stderr is read line by line as it runs."""
+
+    def __init__(self, args):
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KFT_QUIET": "1"}
+        self.proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.lines, self.step = [], 0
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            m = re.search(r"step (\d+)/\d+ \(epoch", line)
+            if m:
+                self.step = int(m.group(1))
+
+    def signal_after(self, step: int, sig: int, timeout: float = 300) -> int:
+        """Sends `sig` as soon as the run has logged `step`; returns the last step it had logged."""
+        deadline = time.time() + timeout
+        while self.step < step and self.proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        assert self.proc.poll() is None, "run ended before it could be interrupted:\n" + self.text()
+        seen = self.step
+        self.proc.send_signal(sig)
+        return seen
+
+    def wait(self, timeout: float = 300) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return code
+
+    def text(self) -> str:
+        return "".join(self.lines)[-3000:]
+
+
+def _final(model_dir):
+    steps = checkpoints.list_steps(os.path.join(model_dir, "checkpoints"))
+    return checkpoints.read(checkpoints.path_for(os.path.join(model_dir, "checkpoints"), steps[-1]))
+
+
+def _history(model_dir):
+    with open(os.path.join(model_dir, "metrics.json")) as f:
+        return json.load(f)["training"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_preset, tmp_path_factory):
+    model_dir = str(tmp_path_factory.mktemp("a") / "model")
+    proc = run_python(_args(tiny_preset, model_dir), env={"KFT_QUIET": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return model_dir
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_rerun_ends_bit_identical_to_an_uninterrupted_run(
+        tiny_preset, uninterrupted, tmp_path):
+    a = _final(uninterrupted)
+    total = a.step
+    model_dir = str(tmp_path / "model")
+    run = _Process(_args(tiny_preset, model_dir))
+    killed_at = run.signal_after(total // 2 + 3, signal.SIGKILL)  # mid-epoch 2, off the 7-step grid
+    assert run.wait() == -signal.SIGKILL
+    resumed_from = max(checkpoints.list_steps(os.path.join(model_dir, "checkpoints")))
+    rerun = run_python(_args(tiny_preset, model_dir), env={"KFT_QUIET": "1"})
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from {checkpoints.path_for(os.path.join(model_dir, 'checkpoints'), resumed_from)}" \
+        in rerun.stderr
+    b = _final(model_dir)
+    assert b.step == total
+    assert sorted(a.tensors) == sorted(b.tensors)
+    diff = max(float(np.max(np.abs(a.tensors[k].astype(np.float64) - b.tensors[k].astype(np.float64))))
+               for k in a.tensors)
+    print(f"\nSIGKILL: {total} steps; killed after step {killed_at}, resumed from checkpoint step "
+          f"{resumed_from}; {len(a.tensors)} tensors compared, max |A - B| = {diff}")
+    for k in a.tensors:
+        np.testing.assert_array_equal(a.tensors[k], b.tensors[k], err_msg=k)
+    assert _history(model_dir)["history"] == _history(uninterrupted)["history"]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_exits_75_and_the_rerun_finishes_the_same_steps(
+        tiny_preset, uninterrupted, tmp_path):
+    a = _final(uninterrupted)
+    model_dir = str(tmp_path / "model")
+    run = _Process(_args(tiny_preset, model_dir))
+    run.signal_after(a.step // 3, signal.SIGTERM)
+    assert run.wait() == 75, run.text()
+    m = re.search(r"stopped by SIGTERM at step (\d+)", run.text())
+    assert m, run.text()
+    stopped = int(m.group(1))
+    saved = checkpoints.latest(os.path.join(model_dir, "checkpoints"))
+    assert saved.step == stopped and 0 < stopped < a.step
+    rerun = run_python(_args(tiny_preset, model_dir), env={"KFT_QUIET": "1"})
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    b = _final(model_dir)
+    assert b.step == a.step == _history(model_dir)["steps"]
+    diff = max(float(np.max(np.abs(a.tensors[k].astype(np.float64) - b.tensors[k].astype(np.float64))))
+               for k in a.tensors)
+    print(f"\nSIGTERM: stopped and saved at step {stopped}; rerun ended at step {b.step} "
+          f"(uninterrupted: {a.step}); max |A - B| = {diff}")
+    assert diff == 0.0
