@@ -51,6 +51,12 @@ def _describe(v) -> str:
     return f"{getattr(v, 'path', v.name)}:{list(v.shape)}"
 
 
+def _generic(description: str) -> str:
+    """The path without the numeric suffixes Keras adds to auto-generated names (dense_3 -> dense),
+    which depend on how many objects the process created before, not on the model."""
+    return re.sub(r"_\d+(?=[/:])", "", description)
+
+
 def _collect(variables, prefix: str) -> tuple[dict, list]:
     tensors, paths = {}, []
     for i, v in enumerate(variables):
@@ -163,7 +169,7 @@ def restore(ckpt: Checkpoint, model_variables, optimizer_variables) -> None:
         variables = list(variables)
         expected = [_describe(v) for v in variables]
         saved = ckpt.state[key]
-        if saved != expected:
+        if [_generic(p) for p in saved] != [_generic(p) for p in expected]:
             diff = next((f"#{i}: saved {a}, model {b}" for i, (a, b) in enumerate(zip(saved, expected))
                          if a != b), f"saved {len(saved)} variables, model has {len(expected)}")
             raise CheckpointError(f"{ckpt.path}: {prefix} variables do not match this run ({diff}); "

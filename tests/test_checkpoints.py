@@ -1,0 +1,132 @@
+"""Checkpoint files: complete or absent, verified on load, bad ones skipped with a message."""
+
+import logging
+import os
+import re
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from kft import checkpoints, loop, trainer
+
+
+def _variables(seed=0):
+    rng = np.random.default_rng(seed)
+    return [keras.Variable(rng.standard_normal((4, 3)).astype("float32"), name="kernel"),
+            keras.Variable(np.zeros(3, "float32"), name="bias")]
+
+
+def test_save_read_restore_round_trip_and_keep_only_the_newest(tmp_path):
+    folder = str(tmp_path / "ckpt")
+    model, opt = _variables(0), [keras.Variable(np.int64(7), name="iterations")]
+    for step in (5, 10, 15, 20):
+        checkpoints.save(folder, step, model, opt, {"step": step, "epoch": 1, "batch": 3}, keep=3)
+    assert checkpoints.list_steps(folder) == [10, 15, 20]
+    assert not [n for n in os.listdir(folder) if ".tmp-" in n]
+    target, target_opt = _variables(1), [keras.Variable(np.int64(0), name="iterations")]
+    ckpt = checkpoints.latest(folder)
+    assert ckpt.step == 20 and ckpt.state["batch"] == 3
+    checkpoints.restore(ckpt, target, target_opt)
+    for a, b in zip(model + opt, target + target_opt):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_a_killed_writer_leaves_no_checkpoint_only_a_temporary_file_that_is_cleaned_up(tmp_path):
+    folder = str(tmp_path / "ckpt")
+    checkpoints.save(folder, 5, _variables(), [], {"step": 5})
+    with open(checkpoints.path_for(folder, 10) + ".tmp-999", "wb") as f:
+        f.write(b"half a checkpoint")  # what a kill during the write leaves behind
+    assert checkpoints.list_steps(folder) == [5]
+    assert checkpoints.remove_partial(folder) == 1
+    assert os.listdir(folder) == [os.path.basename(checkpoints.path_for(folder, 5))]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "flip_a_data_byte"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_and_says_which(tmp_path, caplog, damage):
+    folder = str(tmp_path / "ckpt")
+    for step in (5, 10):
+        checkpoints.save(folder, step, _variables(step), [], {"step": step})
+    newest = checkpoints.path_for(folder, 10)
+    blob = open(newest, "rb").read()
+    if damage == "truncate":
+        blob = blob[: len(blob) // 2]
+    elif damage == "garbage":
+        blob = np.random.default_rng(0).bytes(len(blob))
+    else:
+        blob = blob[:-5] + bytes([blob[-5] ^ 0xFF]) + blob[-4:]  # inside the last tensor's data
+    open(newest, "wb").write(blob)
+    with caplog.at_level(logging.WARNING):
+        ckpt = checkpoints.latest(folder)
+    assert ckpt.step == 5
+    assert any(newest in r.getMessage() for r in caplog.records)
+    if damage == "flip_a_data_byte":
+        assert "checksum mismatch" in caplog.text
+
+
+def test_no_usable_checkpoint_is_an_error_naming_the_folder(tmp_path):
+    folder = str(tmp_path / "ckpt")
+    checkpoints.save(folder, 5, _variables(), [], {"step": 5})
+    open(checkpoints.path_for(folder, 5), "wb").write(b"\0" * 100)
+    with pytest.raises(checkpoints.CheckpointError, match=f"{folder}: none of the 1 checkpoint"):
+        checkpoints.latest(folder)
+    assert checkpoints.latest(str(tmp_path / "empty")) is None  # no checkpoints: a fresh start
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    folder = str(tmp_path / "ckpt")
+    checkpoints.save(folder, 5, _variables(), [], {"step": 5})
+    other = [keras.Variable(np.zeros((4, 5), "float32"), name="kernel"), _variables()[1]]
+    with pytest.raises(checkpoints.CheckpointError, match="do not match this run"):
+        checkpoints.restore(checkpoints.latest(folder), other, [])
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    bad = _variables()
+    bad[0].assign(np.full((4, 3), np.nan, "float32"))
+    with pytest.raises(checkpoints.CheckpointError, match="NaN/Inf"):
+        checkpoints.save(str(tmp_path / "ckpt"), 5, bad, [], {"step": 5})
+    assert checkpoints.list_steps(str(tmp_path / "ckpt")) == []
+
+
+def test_training_resumes_from_the_previous_checkpoint_when_the_newest_is_truncated(
+        tiny_preset, tmp_path, caplog):
+    model_dir = str(tmp_path / "model")
+    config = tiny_config(backbone=tiny_preset, checkpoint_every_steps=5)
+    first = trainer.train_and_evaluate(config, model_dir)
+    folder = os.path.join(model_dir, "checkpoints")
+    assert checkpoints.list_steps(folder) == [10, 15, 18]
+    newest = checkpoints.path_for(folder, 18)
+    with open(newest, "r+b") as f:
+        f.truncate(os.path.getsize(newest) // 3)
+    with caplog.at_level(logging.INFO):
+        again = trainer.train_and_evaluate(config, model_dir)
+    assert any("skipping bad checkpoint" in r.getMessage() and newest in r.getMessage()
+               for r in caplog.records)
+    assert f"resumed from {checkpoints.path_for(folder, 15)}" in caplog.text
+    assert again["training"]["steps"] == 18 and checkpoints.latest(folder).step == 18
+    assert again["eval"]["accuracy"] == first["eval"]["accuracy"]
+
+
+def test_resuming_with_different_training_flags_is_refused(tiny_preset, tmp_path):
+    model_dir = str(tmp_path / "model")
+    trainer.train_and_evaluate(tiny_config(backbone=tiny_preset), model_dir)
+    with pytest.raises(trainer.FlagError, match="--learning_rate: 0.001 then, 0.002 now"):
+        trainer.train_and_evaluate(tiny_config(backbone=tiny_preset, learning_rate=2e-3), model_dir)
+
+
+def test_a_diverging_loss_stops_with_the_step_keeps_good_checkpoints_and_exports_nothing(
+        tiny_preset, tmp_path):
+    model_dir, export_dir = str(tmp_path / "model"), str(tmp_path / "exports")
+    config = tiny_config(backbone=tiny_preset, learning_rate=1e5, epochs=3, checkpoint_every_steps=2,
+                         export=True, export_dir=export_dir)
+    with pytest.raises(loop.Diverged, match=r"training loss became nan at step (\d+)") as info:
+        trainer.train_and_evaluate(config, model_dir)
+    step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
+    folder = os.path.join(model_dir, "checkpoints")
+    good = checkpoints.latest(folder)
+    assert good is not None and good.step < step
+    assert f"Last good checkpoint: {good.path}" in str(info.value)
+    assert all(np.isfinite(v).all() for k, v in good.tensors.items() if v.dtype.kind == "f")
+    assert not os.path.exists(export_dir) and not os.path.exists(os.path.join(model_dir, "metrics.json"))
