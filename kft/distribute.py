@@ -10,6 +10,9 @@ from absl import logging
 from kft.config import FlagError
 
 
+_CREATED: dict = {}
+
+
 def get_strategy(name: str = "auto", tpu: str = "") -> tf.distribute.Strategy:
     """Builds the strategy; model creation and compile must happen under its scope().
 
@@ -43,7 +46,10 @@ def get_strategy(name: str = "auto", tpu: str = "") -> tf.distribute.Strategy:
         devices = [d.name for d in gpus or tf.config.list_logical_devices("CPU")]
         strategy = tf.distribute.MirroredStrategy(devices)
     elif name == "multi_worker_mirrored":
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        # One per process: it configures the collective ops of the process's TF context.
+        if "multi_worker" not in _CREATED:
+            _CREATED["multi_worker"] = tf.distribute.MultiWorkerMirroredStrategy()
+        strategy = _CREATED["multi_worker"]
     else:
         raise FlagError(f"unknown --strategy={name}; use auto, cpu, one_device, mirrored, "
                          "multi_worker_mirrored or tpu")

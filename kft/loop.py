@@ -165,7 +165,7 @@ class Loop:
 
         @tf.function
         def any_worker(flag):
-            return strategy.reduce("MAX", strategy.run(lambda x: tf.identity(x), args=(flag,)), axis=None)
+            return strategy.reduce("SUM", strategy.run(lambda x: tf.identity(x), args=(flag,)), axis=None)
 
         return any_worker
 
@@ -272,7 +272,7 @@ class Loop:
                     remaining -= n
                     stop = sigterm.raised
                     if self.worker.count > 1:
-                        stop = bool(self._any_worker(tf.constant(int(stop))).numpy())
+                        stop = int(self._any_worker(tf.constant(int(stop))).numpy()) > 0
                     if stop:
                         raise Preempted(state["step"], self._save(state))
                     if remaining and c.checkpoint_every_steps > 0 \

@@ -121,12 +121,13 @@ def train_and_evaluate(config: Config, model_dir: str) -> dict:
 def fit_model(config: Config, model_dir: str) -> Trained:
     """`train_and_evaluate`, also returning the trained model (for tests and notebooks)."""
     started = time.time()
+    # The strategy first: multi-worker and TPU strategies must configure TF before it runs anything.
+    strategy = distribute.get_strategy(config.strategy, config.tpu)
     tf.io.gfile.makedirs(model_dir)
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     task = tasks.get(config.task)
-    strategy = distribute.get_strategy(config.strategy, config.tpu)
     worker = distribute.worker_info(strategy)
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:

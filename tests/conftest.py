@@ -46,21 +46,30 @@ def tiny_config(**overrides):
     return Config(**base)
 
 
-@pytest.fixture(scope="session")
-def tiny_preset(tmp_path_factory) -> str:
+def write_tiny_preset(folder: str, dropout: float = 0.1) -> str:
     import keras
     import keras_hub
 
     keras.utils.set_random_seed(0)
-    folder = str(tmp_path_factory.mktemp("tiny_preset"))
     tokenizer = keras_hub.models.BertTokenizer(vocabulary=sample_vocabulary(), lowercase=True)
     backbone = keras_hub.models.BertBackbone(
         vocabulary_size=tokenizer.vocabulary_size(), num_layers=2, num_heads=2, hidden_dim=16,
-        intermediate_dim=32, max_sequence_length=64)
+        intermediate_dim=32, max_sequence_length=64, dropout=dropout)
     preprocessor = keras_hub.models.BertTextClassifierPreprocessor(tokenizer, sequence_length=64)
     backbone.save_to_preset(folder)
     preprocessor.save_to_preset(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_preset(tmp_path_factory) -> str:
+    return write_tiny_preset(str(tmp_path_factory.mktemp("tiny_preset")))
+
+
+@pytest.fixture(scope="session")
+def tiny_preset_no_dropout(tmp_path_factory) -> str:
+    """For comparing replica counts: dropout masks depend on how the batch is split."""
+    return write_tiny_preset(str(tmp_path_factory.mktemp("tiny_preset_nodrop")), dropout=0.0)
 
 
 def write_tiny_hf_folder(folder: str, hidden: int = 16, layers: int = 2, intermediate: int = 32,

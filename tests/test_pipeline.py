@@ -2,10 +2,13 @@
 
 import json
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
-from conftest import run_python, tiny_config
+from conftest import ROOT, run_python, tiny_config
 from kft import trainer
 
 
@@ -102,3 +105,70 @@ def test_mirrored_strategy_trains_over_two_logical_cpus(tiny_preset, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out == {"replicas": 2, "steps": 18, "eval_examples": 60}
+
+
+WORKER = r"""
+import json, os, sys
+import numpy as np
+sys.path.insert(0, "tests")
+from conftest import tiny_config
+from kft import trainer
+preset, model_dir, strategy, out = sys.argv[1:5]
+config = tiny_config(backbone=preset, strategy=strategy, dropout=0.0, epochs=2, batch_size=16)
+trained = trainer.fit_model(config, model_dir)
+np.savez(out, *[v.numpy() for v in trained.model.trainable_variables])
+print(json.dumps({"steps": trained.metrics["training"]["steps"],
+                  "workers": trained.metrics["training"]["workers"],
+                  "accuracy": trained.metrics["eval"]["accuracy"]}))
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_worker_processes_end_with_equal_weights_matching_one_process(tiny_preset_no_dropout, tmp_path):
+    """multi_worker_mirrored with two real workers on localhost vs one process, same global batch."""
+    ports = [_free_port(), _free_port()]
+    cluster = {"worker": [f"localhost:{p}" for p in ports]}
+    model_dir = str(tmp_path / "mw")
+    procs = []
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KFT_QUIET": "1"}
+    try:
+        for i in range(2):
+            tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+            # Files, not pipes: a worker blocked on a full pipe would stall the other in a collective.
+            logs = (open(tmp_path / f"out{i}.txt", "w"), open(tmp_path / f"err{i}.txt", "w"))
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", WORKER, tiny_preset_no_dropout, model_dir, "multi_worker_mirrored",
+                 str(tmp_path / f"worker{i}.npz")], cwd=ROOT, env={**env, "TF_CONFIG": tf_config},
+                stdout=logs[0], stderr=logs[1]))
+        for p in procs:
+            p.wait(timeout=300)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    outs = [((tmp_path / f"out{i}.txt").read_text(), (tmp_path / f"err{i}.txt").read_text()) for i in range(2)]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    single = run_python(["-c", WORKER, tiny_preset_no_dropout, str(tmp_path / "one"), "one_device",
+                         str(tmp_path / "single.npz")], env={"KFT_QUIET": "1"})
+    assert single.returncode == 0, single.stderr[-3000:]
+    reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    one = json.loads(single.stdout.strip().splitlines()[-1])
+    assert [r["workers"] for r in reports] == [2, 2] and one["workers"] == 1
+    assert reports[0]["steps"] == reports[1]["steps"] == one["steps"] == 36
+    w0, w1, ws = (np.load(tmp_path / f"{n}.npz") for n in ("worker0", "worker1", "single"))
+    diffs = [float(np.max(np.abs(w0[k] - ws[k]))) for k in w0.files]
+    for k in w0.files:
+        np.testing.assert_array_equal(w0[k], w1[k])  # the workers agree exactly
+    print(f"\nmulti-worker vs one process: {len(diffs)} variables, max |diff| = {max(diffs):.3g}")
+    assert max(diffs) < 1e-4
+    # Only the chief wrote checkpoints and outputs.
+    assert os.path.exists(os.path.join(model_dir, "metrics.json"))
