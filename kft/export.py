@@ -44,6 +44,10 @@ def export(model: keras.Model, tokenizer, packing: inputs.Packing, sequence_leng
     tf.io.gfile.makedirs(run_dir)
 
     def outputs(token_ids, padding_mask):
+        # An empty request arrives as [0, 0]; the backbone needs one position to index into.
+        short = tf.maximum(0, 1 - tf.shape(token_ids)[1])
+        token_ids = tf.pad(token_ids, [[0, 0], [0, short]], constant_values=packing.pad)
+        padding_mask = tf.pad(padding_mask, [[0, 0], [0, short]])
         probabilities = model({"token_ids": token_ids, "padding_mask": padding_mask}, training=False)
         return task.serving_outputs(probabilities, label_names)
 

@@ -86,3 +86,51 @@ def test_predict_cli_prints_json_lines(exported, tmp_path):
 def test_predict_cli_reports_a_wrong_model_path(tmp_path):
     proc = run_python(["-m", "kft.predict", f"--model={tmp_path}", "text"])
     assert proc.returncode == 2 and "no saved_model.pb" in proc.stderr
+
+
+ROBUST = r"""
+import json, sys
+import numpy as np
+import tensorflow as tf
+import tensorflow_text  # noqa: F401
+model = tf.saved_model.load(sys.argv[1])
+serve = model.signatures["serving_default"]
+report = {}
+one = serve(text=tf.constant(["fine"]))
+report["one"] = list(one["probabilities"].shape)
+many = serve(text=tf.constant(["a lovely film", "bad", "fine"] * 170 + ["ok", "good"]))
+report["many"] = list(many["probabilities"].shape)
+empty = serve(text=tf.constant([], tf.string))
+report["empty"] = {k: list(v.shape) for k, v in empty.items()}
+huge = "a lovely film " * 7200  # about 100,000 characters
+report["huge_chars"] = len(huge)
+out = serve(text=tf.constant([huge, "bad"]))
+report["huge"] = [float(x) for x in out["probabilities"].numpy().sum(-1)]
+report["huge_label"] = out["label"].numpy()[0].decode()
+for name, call in [("wrong_dtype", lambda: serve(text=tf.constant([1, 2]))),
+                   ("missing_input", lambda: serve())]:
+    try:
+        call()
+        report[name] = "accepted"
+    except (TypeError, ValueError, tf.errors.InvalidArgumentError) as e:
+        report[name] = type(e).__name__ + ": " + str(e).splitlines()[0][:200]
+report["error_lines"] = [report["wrong_dtype"], report["missing_input"]]
+report["still_serving"] = serve(text=tf.constant(["fine"]))["label"].numpy()[0].decode()
+print(json.dumps(report))
+"""
+
+
+def test_serving_handles_batch_sizes_huge_texts_and_bad_requests_in_a_fresh_process(exported):
+    proc = run_python(["-c", ROBUST, exported[0]])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["one"] == [1, 2] and r["many"] == [512, 2]
+    assert r["empty"] == {"probabilities": [0, 2], "class_id": [0], "label": [0]}
+    assert r["huge_chars"] >= 100_000
+    assert r["huge"] == pytest.approx([1.0, 1.0], abs=1e-5)  # truncated to sequence_length, classified
+    assert r["huge_label"] in ("negative", "positive")
+    for bad in ("wrong_dtype", "missing_input"):
+        assert r[bad] != "accepted", bad
+    assert "string" in r["wrong_dtype"].lower() or "dtype" in r["wrong_dtype"].lower()
+    assert "text" in r["missing_input"]
+    assert r["still_serving"] in ("negative", "positive")  # the process survived every bad request
