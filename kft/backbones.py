@@ -7,13 +7,18 @@ folder (written by `save_to_preset`), or a local Hugging Face folder (config.jso
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib.util
 import json
 import os
+import struct
 
 import keras
 import keras_hub
+import numpy as np
+import tensorflow as tf
+from absl import logging
 
 from kft.config import BUNDLED_BACKBONE
 
@@ -133,10 +138,64 @@ def load(spec: str, load_weights: bool = True) -> Loaded:
     packing = Packing(start=_as_list(packer.start_value), end=_as_list(packer.end_value),
                       pad=int(packer.pad_value))
     loaded = Loaded(backbone, preprocessor.tokenizer, packing, location, kind)
+    if load_weights:
+        check_weights(loaded, spec)
     if not transformer_layers(backbone):
         raise BackboneError(f"--backbone={spec}: {type(backbone).__name__} has no transformer layers "
                             "kft can freeze; it is not a supported text encoder")
     return loaded
+
+
+def _safetensors_header(path: str) -> dict:
+    """Tensor name -> {"dtype", "shape"} from a safetensors file, without reading the data."""
+    with tf.io.gfile.GFile(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header
+
+
+def check_weights(loaded: Loaded, spec: str) -> dict:
+    """Checks loaded weights before any training step: all finite, and for a Hugging Face folder,
+    every tensor of the file accounted for by a backbone weight of the same size.
+
+    Missing or misshapen tensors already fail inside keras-hub (reported as BackboneError by
+    `load`). Tensors the converter ignored are logged by name, not silently dropped.
+    Returns {"unused_tensors": [...], "unmatched_weights": [...]} for the log and tests.
+    """
+    bad = [w.path for w in loaded.backbone.weights
+           if "float" in str(w.dtype) and not np.isfinite(w.numpy()).all()]
+    if bad:
+        raise BackboneError(f"--backbone={spec} ({loaded.source}): weights hold NaN or Inf: "
+                            f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}")
+    report = {"unused_tensors": [], "unmatched_weights": []}
+    if loaded.kind not in ("hf_folder", "bundled"):
+        return report
+    files = sorted(n for n in tf.io.gfile.listdir(loaded.source) if n.endswith(".safetensors"))
+    header = {}
+    for name in files:
+        header.update(_safetensors_header(os.path.join(loaded.source, name)))
+    sizes = collections.Counter(int(np.prod(w.shape)) for w in loaded.backbone.weights)
+    for name, info in sorted(header.items()):
+        if info["dtype"] not in ("F16", "BF16", "F32", "F64"):
+            continue  # integer buffers such as position_ids are not weights
+        n = int(np.prod(info["shape"]))
+        if sizes[n] > 0:
+            sizes[n] -= 1
+        else:
+            report["unused_tensors"].append(f"{name}{info['shape']}")
+    for w in loaded.backbone.weights:
+        n = int(np.prod(w.shape))
+        if sizes[n] > 0:
+            sizes[n] -= 1
+            report["unmatched_weights"].append(w.path)
+    if report["unused_tensors"]:
+        logging.warning("%s: %d tensor(s) in the checkpoint are not used by the backbone: %s",
+                        loaded.source, len(report["unused_tensors"]), report["unused_tensors"][:10])
+    if report["unmatched_weights"]:
+        logging.warning("%s: %d backbone weight(s) have no same-size tensor in the checkpoint: %s",
+                        loaded.source, len(report["unmatched_weights"]), report["unmatched_weights"][:10])
+    return report
 
 
 def _as_list(value) -> list[int]:

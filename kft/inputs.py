@@ -16,6 +16,9 @@ import tensorflow as tf
 from kft.backbones import Packing
 
 _CHUNK = 4096  # texts per tokenizer call: bounds peak memory on long documents
+# Characters kept per text before tokenizing. 512 word pieces never need more than a few
+# thousand characters; the cap keeps a stray megabyte-long row from costing memory and time.
+MAX_TEXT_CHARS = 100_000
 
 
 @dataclasses.dataclass
@@ -25,6 +28,7 @@ class Encoded:
     ids: tf.RaggedTensor  # [n, (length)] int32, special tokens included
     lengths: np.ndarray  # [n] tokens per example after truncation
     truncated: int  # examples cut to fit sequence_length
+    cut_chars: int = 0  # examples longer than MAX_TEXT_CHARS characters, cut before tokenizing
 
     def __len__(self) -> int:
         return int(self.lengths.shape[0])
@@ -41,7 +45,7 @@ def raw_token_lengths(tokenizer, texts: list[str]) -> np.ndarray:
     out = []
     tokenize = _graph_tokenizer(tokenizer)
     for i in range(0, len(texts), _CHUNK):
-        pieces = tokenize(tf.constant(texts[i:i + _CHUNK]))
+        pieces = tokenize(tf.constant([t[:MAX_TEXT_CHARS] for t in texts[i:i + _CHUNK]]))
         out.append(pieces.row_lengths().numpy())
     return np.concatenate(out) if out else np.zeros([0], np.int64)
 
@@ -73,13 +77,14 @@ def encode(tokenizer, packing: Packing, texts: list[str], sequence_length: int) 
     """Tokenizes every text once; counts the ones longer than `sequence_length`."""
     room = sequence_length - len(packing.start) - len(packing.end)
     chunks, truncated = [], 0
+    cut = sum(len(t) > MAX_TEXT_CHARS for t in texts)
     tokenize = _graph_tokenizer(tokenizer)
     for i in range(0, len(texts), _CHUNK):
-        pieces = tokenize(tf.constant(texts[i:i + _CHUNK]))
+        pieces = tokenize(tf.constant([t[:MAX_TEXT_CHARS] for t in texts[i:i + _CHUNK]]))
         truncated += int(tf.reduce_sum(tf.cast(pieces.row_lengths() > room, tf.int32)))
         chunks.append(pack(pieces, packing, sequence_length))
     ids = tf.concat(chunks, axis=0) if len(chunks) > 1 else chunks[0]
-    return Encoded(ids, ids.row_lengths().numpy(), truncated)
+    return Encoded(ids, ids.row_lengths().numpy(), truncated, cut)
 
 
 def bucket_boundaries(lengths: np.ndarray, num_buckets: int) -> list[int]:

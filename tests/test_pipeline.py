@@ -172,3 +172,22 @@ def test_two_worker_processes_end_with_equal_weights_matching_one_process(tiny_p
     assert max(diffs) < 1e-4
     # Only the chief wrote checkpoints and outputs.
     assert os.path.exists(os.path.join(model_dir, "metrics.json"))
+
+
+def test_a_megabyte_text_is_cut_and_counted_and_train_eval_duplicates_are_reported(tiny_preset, tmp_path):
+    with open(os.path.join(ROOT, "kft", "sample_data", "reviews_train.tsv")) as f:
+        header, *rows = f.read().splitlines()
+    huge = "a truly wonderful film " * 45_000  # about 1 MB on one line
+    train = tmp_path / "train.tsv"
+    train.write_text("\n".join([header, *rows, f"{huge}\tpositive"]) + "\n")
+    with open(os.path.join(ROOT, "kft", "sample_data", "reviews_test.tsv")) as f:
+        _, *test_rows = f.read().splitlines()
+    evalf = tmp_path / "eval.tsv"
+    evalf.write_text("\n".join([header, *test_rows, *rows[:3]]) + "\n")  # 3 training rows leak
+    result = trainer.train_and_evaluate(
+        tiny_config(dataset="", train_file=str(train), eval_file=str(evalf)), str(tmp_path / "m"))
+    stats = result["data"]
+    assert stats["train"]["examples"] == len(rows) + 1  # nothing dropped
+    assert stats["train"]["cut_to_max_chars"] == 1 and stats["train"]["truncated"] >= 1
+    assert stats["leakage"] == {"eval": 3}
+    assert result["eval"]["examples"] == len(test_rows) + 3
