@@ -77,12 +77,12 @@ def bundled_folder() -> str:
 
 def _check_folder(folder: str) -> str:
     """Classifies a local folder as a keras-hub or Hugging Face checkpoint, or explains why not."""
-    names = set(os.listdir(folder))
+    names = {n.rstrip("/") for n in tf.io.gfile.listdir(folder)}
     config_path = os.path.join(folder, "config.json")
     if "config.json" not in names:
         raise BackboneError(f"--backbone={folder}: the folder has no config.json (found: "
                             f"{sorted(names)[:10]}); accepted: {_ACCEPTED}")
-    with open(config_path) as f:
+    with tf.io.gfile.GFile(config_path) as f:
         config = json.load(f)
     if "registered_name" in config:
         return "keras_folder"
@@ -109,7 +109,7 @@ def resolve(spec: str) -> tuple[str, str]:
         return bundled_folder(), "bundled"
     if "://" in spec:
         return spec, "preset"
-    if os.path.isdir(spec):
+    if tf.io.gfile.isdir(spec):
         return spec, _check_folder(spec)
     if os.path.sep in spec or spec.startswith(".") or os.path.exists(spec):
         raise BackboneError(f"--backbone={spec}: no such folder; accepted: {_ACCEPTED}")

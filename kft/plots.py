@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import io
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+
+def _save(fig, path: str) -> None:
+    """PNG through tf.io.gfile, so a gs:// model_dir works like a local one."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(buffer.getvalue())
 
 
 def training_curves(steps: list[int], losses: list[float], epochs: list[dict], path: str) -> None:
@@ -27,8 +39,7 @@ def training_curves(steps: list[int], losses: list[float], epochs: list[dict], p
         ax2.legend()
     ax2.set_title("per epoch")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def confusion_matrix(cm: list[list[int]], names: list[str], path: str, title: str = "") -> None:
@@ -48,5 +59,4 @@ def confusion_matrix(cm: list[list[int]], names: list[str], path: str, title: st
                     color="white" if cm[i, j] > threshold else "black")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)

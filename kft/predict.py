@@ -35,13 +35,15 @@ def predict(model, texts: list[str], labels: list[str], batch_size: int = 64):
 
 
 def main(argv):
+    import tensorflow as tf
+
     from kft import export
 
     texts = list(argv[1:])
     if FLAGS.input_file:
         if texts:
             raise app.UsageError("give texts as arguments or --input_file, not both")
-        with open(FLAGS.input_file, encoding="utf-8") as f:
+        with tf.io.gfile.GFile(FLAGS.input_file) as f:
             texts = [line.rstrip("\n") for line in f if line.strip()]
     if not texts:
         raise app.UsageError("no texts: pass them as arguments or with --input_file")

@@ -191,3 +191,20 @@ def test_a_megabyte_text_is_cut_and_counted_and_train_eval_duplicates_are_report
     assert stats["train"]["cut_to_max_chars"] == 1 and stats["train"]["truncated"] >= 1
     assert stats["leakage"] == {"eval": 3}
     assert result["eval"]["examples"] == len(test_rows) + 3
+
+
+def test_all_run_outputs_go_through_tf_io_gfile(tiny_preset, tmp_path, monkeypatch):
+    """A ram:// model_dir (a TF filesystem like gs://) receives every output; nothing lands locally."""
+    import tensorflow as tf
+
+    monkeypatch.chdir(tmp_path)
+    model_dir = "ram://kft-test/model"
+    trainer.train_and_evaluate(tiny_config(backbone=tiny_preset, checkpoint_every_steps=5), model_dir)
+    names = {n.rstrip("/") for n in tf.io.gfile.listdir(model_dir)}
+    assert {"metrics.json", "labels.json", "training_curves.png", "confusion_matrix.png", "checkpoints",
+            "best", "logs"} <= names
+    assert tf.io.gfile.listdir(f"{model_dir}/checkpoints")
+    resumed = trainer.train_and_evaluate(tiny_config(backbone=tiny_preset, checkpoint_every_steps=5), model_dir)
+    assert resumed["training"]["steps"] == 18  # found its checkpoints there and had nothing left to do
+    assert os.listdir(tmp_path) == []
+    tf.io.gfile.rmtree("ram://kft-test")
