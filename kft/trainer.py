@@ -169,8 +169,9 @@ def fit_model(config: Config, model_dir: str) -> Trained:
         return {"accuracy": float(np.mean(probabilities.argmax(-1) == label_ids["eval"])),
                 "loss": loop_lib.mean_cross_entropy(probabilities, label_ids["eval"])}
 
-    static = distribute.uses_static_shapes(strategy)
     jit = _use_jit(config)
+    # XLA (TPU, or --jit_compile) compiles one program per input shape: give it one per bucket.
+    static = distribute.uses_static_shapes(strategy) or jit
     steps_per_epoch = len(inputs.train_plan(encoded["train"].lengths, config.batch_size,
                                             config.num_buckets, config.seed, 0, static))
     with strategy.scope():
@@ -218,7 +219,8 @@ def fit_model(config: Config, model_dir: str) -> Trained:
         "training": {
             "epochs_run": epochs_now, "steps": state["step"], "steps_per_epoch": loop.steps_per_epoch,
             "global_batch_size": config.batch_size, "replicas": replicas, "workers": worker.count,
-            "stopped_early": state["stopped_early"],
+            "stopped_early": state["stopped_early"], "train_function_traces": loop.trace_count,
+            "static_shapes": static, "jit_compile": jit,
             "train_seconds": round(train_seconds, 2), "tokenize_seconds": round(prep.seconds, 2),
             "eval_seconds": round(eval_seconds, 2), "class_weights": class_weight,
             "examples_per_second": round(

@@ -208,3 +208,13 @@ def test_all_run_outputs_go_through_tf_io_gfile(tiny_preset, tmp_path, monkeypat
     assert resumed["training"]["steps"] == 18  # found its checkpoints there and had nothing left to do
     assert os.listdir(tmp_path) == []
     tf.io.gfile.rmtree("ram://kft-test")
+
+
+@pytest.mark.parametrize("jit", ["false", "true"])
+def test_the_train_function_is_traced_once_for_all_batch_shapes(tiny_preset, tmp_path, jit):
+    result = trainer.train_and_evaluate(
+        tiny_config(backbone=tiny_preset, epochs=2, num_buckets=3, jit_compile=jit), str(tmp_path / "m"))
+    training = result["training"]
+    assert training["train_function_traces"] == 1
+    assert training["static_shapes"] == (jit == "true")  # XLA: padded to bucket edges
+    assert training["steps"] == 2 * training["steps_per_epoch"]
