@@ -1,9 +1,10 @@
 """Tokenize once, then feed length-grouped, per-batch padded batches.
 
-Texts are tokenized a single time into ragged token ids (with the backbone's start/end tokens);
-epochs reuse those ids. Training batches group examples of similar length (buckets whose boundaries
-come from the data) and pad each batch only to its own longest example. Evaluation sorts by length
-and keeps the permutation so predictions line up with the source order.
+Texts are tokenized a single time into token ids (with the backbone's start/end tokens); epochs
+reuse those ids. A `BatchPlan` says which rows form each batch: training groups examples of similar
+length (buckets whose boundaries come from the data), shuffled as a pure function of (seed, epoch) so
+a resumed run can rebuild any epoch and skip to any batch; evaluation sorts by length. Each batch is
+padded only to its own longest example (or to its bucket's edge when shapes must be static).
 """
 
 from __future__ import annotations
