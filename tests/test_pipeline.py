@@ -44,7 +44,8 @@ def test_run_writes_metrics_plots_logs_and_a_versioned_export(run):
     assert open(os.path.join(extra, "labels.txt")).read() == "negative\npositive\n"
     meta = json.load(open(os.path.join(extra, "metadata.json")))
     assert meta["flags"]["backbone"] and meta["labels"] == ["negative", "positive"]
-    assert sorted(os.listdir(os.path.join(model_dir, "checkpoints")))[-1] == f"ckpt-{36:08d}.safetensors"  # 2 x 18 steps
+    last = sorted(os.listdir(os.path.join(model_dir, "checkpoints")))[-1]
+    assert last == f"ckpt-{36:08d}.safetensors"  # 2 epochs x 18 steps
 
 
 def test_same_seed_same_data_same_result(tiny_preset, tmp_path):
@@ -154,7 +155,8 @@ def test_two_worker_processes_end_with_equal_weights_matching_one_process(tiny_p
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    outs = [((tmp_path / f"out{i}.txt").read_text(), (tmp_path / f"err{i}.txt").read_text()) for i in range(2)]
+    outs = [((tmp_path / f"out{i}.txt").read_text(), (tmp_path / f"err{i}.txt").read_text())
+            for i in range(2)]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     single = run_python(["-c", WORKER, tiny_preset_no_dropout, str(tmp_path / "one"), "one_device",
@@ -204,7 +206,8 @@ def test_all_run_outputs_go_through_tf_io_gfile(tiny_preset, tmp_path, monkeypat
     assert {"metrics.json", "labels.json", "training_curves.png", "confusion_matrix.png", "checkpoints",
             "best", "logs"} <= names
     assert tf.io.gfile.listdir(f"{model_dir}/checkpoints")
-    resumed = trainer.train_and_evaluate(tiny_config(backbone=tiny_preset, checkpoint_every_steps=5), model_dir)
+    resumed = trainer.train_and_evaluate(tiny_config(backbone=tiny_preset, checkpoint_every_steps=5),
+                                         model_dir)
     assert resumed["training"]["steps"] == 18  # found its checkpoints there and had nothing left to do
     assert os.listdir(tmp_path) == []
     tf.io.gfile.rmtree("ram://kft-test")
