@@ -218,7 +218,8 @@ class Loop:
 
     def restore_or_start(self) -> dict:
         """The state to continue from: the newest usable checkpoint's, or a fresh one."""
-        checkpoints.remove_partial(self.ckpt_dir) if self.worker.is_chief else None
+        if self.worker.is_chief:
+            checkpoints.remove_partial(self.ckpt_dir)
         ckpt = checkpoints.latest(self.ckpt_dir)
         if ckpt is None:
             return self._new_state()

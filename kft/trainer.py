@@ -163,7 +163,6 @@ def fit_model(config: Config, model_dir: str) -> Trained:
     with strategy.scope():
         method_info = methods.apply(loaded.backbone, config)
         model = task.build_model(loaded.backbone, len(vocab), config.dropout, config.pooling, config.seed)
-        optimizer = None  # built below, once the number of steps is known
 
     def evaluate_fn(probabilities):
         return {"accuracy": float(np.mean(probabilities.argmax(-1) == label_ids["eval"])),

@@ -132,3 +132,46 @@ def test_sigterm_saves_the_current_step_exits_75_and_the_rerun_finishes_the_same
     print(f"\nSIGTERM: stopped and saved at step {stopped}; rerun ended at step {b.step} "
           f"(uninterrupted: {a.step}); max |A - B| = {diff}")
     assert diff == 0.0
+
+
+@pytest.mark.slow
+def test_a_truncated_newest_checkpoint_is_skipped_by_name_and_the_rerun_resumes_from_the_previous(
+        tiny_preset, tmp_path):
+    model_dir = str(tmp_path / "model")
+    folder = os.path.join(model_dir, "checkpoints")
+    args = _args(tiny_preset, model_dir, "--epochs=1", "--checkpoint_every_steps=10")
+    first = run_python(args, env={"KFT_QUIET": "1"})
+    assert first.returncode == 0, first.stderr[-3000:]
+    steps = checkpoints.list_steps(folder)
+    assert len(steps) == 3
+    newest, previous = (checkpoints.path_for(folder, s) for s in (steps[-1], steps[-2]))
+    with open(newest, "r+b") as f:
+        f.truncate(os.path.getsize(newest) // 3)
+    rerun = run_python(args, env={"KFT_QUIET": "1"})
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"skipping bad checkpoint: {newest}: unreadable checkpoint" in rerun.stderr
+    assert f"resumed from {previous}" in rerun.stderr
+    assert checkpoints.latest(folder).step == steps[-1]  # trained the missing steps again
+    for step in checkpoints.list_steps(folder):
+        with open(checkpoints.path_for(folder, step), "wb") as f:
+            f.write(b"garbage" * 100)
+    none_left = run_python(args, env={"KFT_QUIET": "1"})
+    assert none_left.returncode == 2
+    assert f"error: {folder}: none of the 3 checkpoint(s) is usable" in none_left.stderr
+
+
+@pytest.mark.slow
+def test_a_diverging_loss_stops_naming_the_step_keeps_good_checkpoints_and_exports_nothing(
+        tiny_preset, tmp_path):
+    model_dir, export_dir = str(tmp_path / "model"), str(tmp_path / "exports")
+    args = _args(tiny_preset, model_dir, "--learning_rate=1e5", "--checkpoint_every_steps=2", "--export",
+                 f"--export_dir={export_dir}")
+    proc = run_python(args, env={"KFT_QUIET": "1"})
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    m = re.search(r"error: training loss became nan at step (\d+); .* Last good checkpoint: (\S+)\.",
+                  proc.stderr)
+    assert m, proc.stderr[-3000:]
+    good = checkpoints.latest(os.path.join(model_dir, "checkpoints"))
+    assert good is not None and good.step < int(m.group(1)) and m.group(2) == good.path
+    assert all(np.isfinite(v).all() for v in good.tensors.values() if v.dtype.kind == "f")
+    assert not os.path.exists(export_dir) and not os.path.exists(os.path.join(model_dir, "metrics.json"))
