@@ -143,3 +143,13 @@ def test_missing_or_misshapen_tensors_are_refused_naming_the_folder(tmp_path, ed
     folder = _edited_hf_folder(tmp_path, change)
     with pytest.raises(backbones.BackboneError, match=f"--backbone={folder}"):
         backbones.load(folder)
+
+
+def test_kft_never_turns_off_safe_deserialization():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(backbones.__file__)))
+    for folder, _, names in os.walk(os.path.join(root, "kft")):
+        for name in names:
+            if name.endswith(".py"):
+                text = open(os.path.join(folder, name)).read()
+                assert "safe_mode=False" not in text and "enable_unsafe_deserialization" not in text, name
+                assert "import pickle" not in text and "torch.load" not in text, name
