@@ -175,3 +175,62 @@ def test_a_diverging_loss_stops_naming_the_step_keeps_good_checkpoints_and_expor
     assert good is not None and good.step < int(m.group(1)) and m.group(2) == good.path
     assert all(np.isfinite(v).all() for v in good.tensors.values() if v.dtype.kind == "f")
     assert not os.path.exists(export_dir) and not os.path.exists(os.path.join(model_dir, "metrics.json"))
+
+
+def _start_workers(preset, model_dir, tmp_path, tag):
+    """Two kft.train processes forming one multi_worker_mirrored job on localhost."""
+    import socket
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            ports.append(s.getsockname()[1])
+    cluster = {"worker": [f"localhost:{p}" for p in ports]}
+    procs, errs = [], []
+    for i in range(2):
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KFT_QUIET": "1",
+               "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}
+        err = tmp_path / f"{tag}-worker{i}.log"
+        errs.append(err)
+        # Files, not pipes: a worker blocked on a full pipe would stall the other in a collective.
+        procs.append(subprocess.Popen(
+            [sys.executable, *_args(preset, model_dir, "--strategy=multi_worker_mirrored")], cwd=ROOT,
+            env=env, stdout=subprocess.DEVNULL, stderr=open(err, "w")))
+    return procs, errs
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_worker_stops_both_at_the_same_step_and_the_job_resumes(tiny_preset, uninterrupted,
+                                                                              tmp_path):
+    total = _final(uninterrupted).step
+    model_dir = str(tmp_path / "model")
+    procs, errs = _start_workers(tiny_preset, model_dir, tmp_path, "first")
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and all(p.poll() is None for p in procs):
+            steps = re.findall(r"step (\d+)/\d+ \(epoch", errs[0].read_text())
+            if steps and int(steps[-1]) >= total // 3:
+                break
+            time.sleep(0.02)
+        assert all(p.poll() is None for p in procs), errs[0].read_text()[-3000:]
+        procs[1].send_signal(signal.SIGTERM)  # only the non-chief is preempted
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [75, 75], [e.read_text()[-2000:] for e in errs]
+    stopped = [int(re.search(r"stopped by SIGTERM at step (\d+)", e.read_text()).group(1)) for e in errs]
+    assert stopped[0] == stopped[1] < total
+    assert checkpoints.latest(os.path.join(model_dir, "checkpoints")).step == stopped[0]
+    procs, errs = _start_workers(tiny_preset, model_dir, tmp_path, "rerun")
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0], [e.read_text()[-2000:] for e in errs]
+    assert _history(model_dir)["steps"] == total and _history(model_dir)["workers"] == 2
+    print(f"\nmulti-worker SIGTERM: both workers stopped at step {stopped[0]}; the rerun ended at {total}")
