@@ -200,6 +200,17 @@ def _start_workers(preset, model_dir, tmp_path, tag):
     return procs, errs
 
 
+def _wait_all(procs, timeout: float = 300) -> list:
+    """Exit codes of all processes; any still running after `timeout` is killed."""
+    deadline = time.time() + timeout
+    try:
+        return [p.wait(timeout=max(1.0, deadline - time.time())) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
 @pytest.mark.slow
 def test_sigterm_to_one_worker_stops_both_at_the_same_step_and_the_job_resumes(tiny_preset, uninterrupted,
                                                                               tmp_path):
@@ -215,22 +226,16 @@ def test_sigterm_to_one_worker_stops_both_at_the_same_step_and_the_job_resumes(t
             time.sleep(0.02)
         assert all(p.poll() is None for p in procs), errs[0].read_text()[-3000:]
         procs[1].send_signal(signal.SIGTERM)  # only the non-chief is preempted
-        codes = [p.wait(timeout=300) for p in procs]
-    finally:
+    except BaseException:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
+            p.kill()
+        raise
+    codes = _wait_all(procs)
     assert codes == [75, 75], [e.read_text()[-2000:] for e in errs]
     stopped = [int(re.search(r"stopped by SIGTERM at step (\d+)", e.read_text()).group(1)) for e in errs]
     assert stopped[0] == stopped[1] < total
     assert checkpoints.latest(os.path.join(model_dir, "checkpoints")).step == stopped[0]
     procs, errs = _start_workers(tiny_preset, model_dir, tmp_path, "rerun")
-    try:
-        codes = [p.wait(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert codes == [0, 0], [e.read_text()[-2000:] for e in errs]
+    assert _wait_all(procs) == [0, 0], [e.read_text()[-2000:] for e in errs]
     assert _history(model_dir)["steps"] == total and _history(model_dir)["workers"] == 2
     print(f"\nmulti-worker SIGTERM: both workers stopped at step {stopped[0]}; the rerun ended at {total}")
