@@ -251,25 +251,10 @@ class Loop:
                     if bad.size:
                         self._diverged(state["step"] + int(bad[0]) + 1, float(losses[bad[0]]))
                     for loss in losses:
-                        state["step"] += 1
-                        state["batch"] += 1
-                        state["epoch_loss_sum"] += float(loss)
-                        state["epoch_loss_count"] += 1
-                        state["window"][0] += float(loss)
-                        state["window"][1] += 1
-                        if state["step"] % curve_every == 0:
-                            state["curve_steps"].append(state["step"])
-                            state["curve_losses"].append(state["window"][0] / state["window"][1])
-                            state["window"] = [0.0, 0]
+                        self._record(state, float(loss), curve_every)
                         if state["step"] % log_every == 0:
                             rate = (state["step"] - s_start) / max(time.time() - t_start, 1e-9)
-                            logging.info("step %d/%d (epoch %d): loss %.4f, %.2f steps/s",
-                                         state["step"], self.total_steps, state["epoch"] + 1, loss, rate)
-                            if summary_writer is not None:
-                                with summary_writer.as_default(step=state["step"]):
-                                    tf.summary.scalar("train/loss", loss)
-                                    tf.summary.scalar("train/learning_rate",
-                                                      float(self.optimizer.learning_rate))
+                            self._log_step(state, float(loss), rate, summary_writer)
                     remaining -= n
                     stop = sigterm.raised
                     if self.worker.count > 1:
@@ -288,6 +273,28 @@ class Loop:
                 logging.info("restored the best weights: epoch %d, eval accuracy %.4f",
                              state["best_epoch"], state["best_accuracy"])
         return state
+
+    @staticmethod
+    def _record(state: dict, loss: float, curve_every: int) -> None:
+        """Counts one finished step; the loss curve keeps means over windows of `curve_every`."""
+        state["step"] += 1
+        state["batch"] += 1
+        state["epoch_loss_sum"] += loss
+        state["epoch_loss_count"] += 1
+        state["window"][0] += loss
+        state["window"][1] += 1
+        if state["step"] % curve_every == 0:
+            state["curve_steps"].append(state["step"])
+            state["curve_losses"].append(state["window"][0] / state["window"][1])
+            state["window"] = [0.0, 0]
+
+    def _log_step(self, state: dict, loss: float, rate: float, summary_writer) -> None:
+        logging.info("step %d/%d (epoch %d): loss %.4f, %.2f steps/s", state["step"], self.total_steps,
+                     state["epoch"] + 1, loss, rate)
+        if summary_writer is not None:
+            with summary_writer.as_default(step=state["step"]):
+                tf.summary.scalar("train/loss", loss)
+                tf.summary.scalar("train/learning_rate", float(self.optimizer.learning_rate))
 
     def _diverged(self, step: int, value: float) -> None:
         steps = checkpoints.list_steps(self.ckpt_dir)
