@@ -48,7 +48,7 @@ def _digest(tensors: dict) -> str:
 
 
 def _describe(v) -> str:
-    return f"{getattr(v, 'path', v.name)}:{list(v.shape)}"
+    return f"{getattr(v, 'path', None) or v.name}:{list(v.shape)}"
 
 
 def _generic(description: str) -> str:

@@ -200,6 +200,9 @@ class Loop:
 
     def _check_same_run(self, saved: dict, path: str) -> None:
         now = dataclasses.asdict(self.config)
+        # A flag added after the checkpoint was written counts as having had its default then.
+        defaults = dataclasses.asdict(Config())
+        saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
         changed = sorted(k for k in set(saved) | set(now)
                          if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
         if changed:

@@ -94,3 +94,36 @@ def test_resuming_with_different_training_flags_is_refused(tiny_preset, tmp_path
     trainer.train_and_evaluate(tiny_config(backbone=tiny_preset), model_dir)
     with pytest.raises(trainer.FlagError, match="--learning_rate: 0.001 then, 0.002 now"):
         trainer.train_and_evaluate(tiny_config(backbone=tiny_preset, learning_rate=2e-3), model_dir)
+
+
+def test_a_checkpoint_from_before_a_flag_existed_resumes_when_that_flag_has_its_default(
+        tiny_preset, tmp_path):
+    model_dir = str(tmp_path / "model")
+    config = tiny_config(backbone=tiny_preset, epochs=2)
+    trainer.train_and_evaluate(tiny_config(backbone=tiny_preset), model_dir)  # 1 epoch
+    folder = os.path.join(model_dir, "checkpoints")
+    ckpt = checkpoints.latest(folder)
+    state = {k: v for k, v in ckpt.state.items() if k not in ("model_variables", "optimizer_variables")}
+    del state["config"]["deterministic"]  # as written by a kft without that flag
+    state["config"]["epochs"] = 2
+    checkpoints.save(folder, ckpt.step, _FromTensors(ckpt, "model"), _FromTensors(ckpt, "optimizer"), state)
+    assert trainer.train_and_evaluate(config, model_dir)["training"]["epochs_run"] == 2
+    with pytest.raises(trainer.FlagError, match="--clipnorm: 1.0 then, 0.5 now"):
+        trainer.train_and_evaluate(tiny_config(backbone=tiny_preset, epochs=2, clipnorm=0.5), model_dir)
+
+
+class _FromTensors(list):
+    """A checkpoint's arrays posing as variables, to rewrite its metadata in a test."""
+
+    def __init__(self, ckpt, prefix):
+        paths = ckpt.state[f"{prefix}_variables"]
+        super().__init__(_Array(ckpt.tensors[f"{prefix}/{i:05d}"], p.rsplit(":", 1)[0])
+                         for i, p in enumerate(paths))
+
+
+class _Array:
+    def __init__(self, value, path):
+        self.value, self.path, self.shape = value, path, value.shape
+
+    def numpy(self):
+        return self.value
