@@ -42,25 +42,73 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
                 "warmup_steps": self.warmup_steps, "decay": self.decay}
 
 
-class AdamW(keras.optimizers.AdamW):
-    """AdamW whose global-norm clipping sees the gradient summed over all replicas.
+def _tf_variable(variable):
+    return variable.value if isinstance(variable, keras.Variable) else variable
 
-    Keras' TensorFlow optimizer clips each replica's partial gradient before the cross-replica
-    sum, so the same run on 1 and on 2 replicas would clip differently. This moves the clipping
-    after the sum: every replica count then takes the same step.
+
+class AdamW(keras.optimizers.AdamW):
+    """AdamW with clipping after the cross-replica sum and a fused update on TensorFlow.
+
+    Clipping: Keras' TensorFlow optimizer clips each replica's partial gradient before the
+    cross-replica sum, so the same run on 1 and on 2 replicas would clip differently. This moves
+    the clipping after the sum: every replica count then takes the same step.
+
+    Fused update: Keras' Adam updates each variable with about ten element-wise ops, each a pass
+    over memory; on CPU those passes over MiniLM's 22.7M parameters took a third of the train
+    step. TensorFlow's `ResourceApplyAdam` kernel does the same arithmetic in one pass.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, fused: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
-        self._clip_after_reduce = keras.backend.backend() == "tensorflow" and bool(self.global_clipnorm)
+        on_tf = keras.backend.backend() == "tensorflow"
+        self._fused = on_tf and fused and not self.amsgrad
+        self._clip_after_reduce = on_tf and bool(self.global_clipnorm)
         if self._clip_after_reduce and not hasattr(super(), "_all_reduce_sum_gradients"):
             raise RuntimeError("this Keras version has no _all_reduce_sum_gradients to clip after")
+
+    def update_step(self, gradient, variable, learning_rate):
+        if not self._fused:
+            return super().update_step(gradient, variable, learning_rate)
+        dtype = variable.dtype
+        # The same formula as keras.optimizers.Adam: bias corrections folded into the step size.
+        step = tf.cast(self.iterations + 1, dtype)
+        index = self._get_variable_index(variable)
+        tf.raw_ops.ResourceApplyAdam(
+            var=_tf_variable(variable).handle,
+            m=_tf_variable(self._momentums[index]).handle,
+            v=_tf_variable(self._velocities[index]).handle,
+            beta1_power=tf.pow(tf.cast(self.beta_1, dtype), step),
+            beta2_power=tf.pow(tf.cast(self.beta_2, dtype), step),
+            lr=tf.cast(learning_rate, dtype), beta1=tf.cast(self.beta_1, dtype),
+            beta2=tf.cast(self.beta_2, dtype), epsilon=tf.cast(self.epsilon, dtype),
+            grad=tf.cast(tf.convert_to_tensor(gradient), dtype))
+
+    def _apply_weight_decay(self, variables):
+        if not self._fused or self.weight_decay is None:
+            return super()._apply_weight_decay(variables)
+
+        # Keras computes variable * wd * lr: two full-size products. One scalar, one product here.
+        def decay(variable):
+            if self._use_weight_decay(variable):
+                scale = tf.cast(self.learning_rate * self.weight_decay, variable.dtype)
+                variable.assign_sub(variable * scale)
+
+        def apply(distribution, variables):
+            for variable in variables:
+                distribution.extended.update(_tf_variable(variable), decay, group=False)
+
+        tf.__internal__.distribute.interim.maybe_merge_call(apply, self._distribution_strategy, variables)
 
     def _clip_gradients(self, grads):
         return grads if self._clip_after_reduce else super()._clip_gradients(grads)
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
         reduced = super()._all_reduce_sum_gradients(grads_and_vars)
+        # An embedding lookup's gradient is IndexedSlices whose rows repeat for every repeated
+        # token; tf.clip_by_global_norm would square the rows before summing the repeats and get
+        # the wrong norm. Adam updates every row anyway, so make them dense (repeats summed) here.
+        reduced = [(tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g, v)
+                   for g, v in reduced]
         if not self._clip_after_reduce:
             return reduced
         present = [g for g, _ in reduced if g is not None]

@@ -64,6 +64,33 @@ def test_weight_decay_skips_biases_and_layer_norms(tiny_preset):
     assert not any(p.endswith(("bias", "gamma", "beta")) for p in decayed)
 
 
+def test_fused_adamw_update_equals_keras_adamw_including_decay_clipping_and_sparse_grads():
+    rng = np.random.default_rng(0)
+    init = {"kernel": rng.normal(size=(6, 4)), "bias": rng.normal(size=(4,)),
+            "embeddings": rng.normal(size=(10, 4))}
+    config = tiny_config(learning_rate=1e-2, weight_decay=0.1, clipnorm=0.5, warmup_ratio=0.2)
+
+    def run(fused):
+        variables = [keras.Variable(v.astype("float32"), name=n) for n, v in init.items()]
+        opt = optim.build_optimizer(config, total_steps=5)
+        opt._fused = fused
+        for step in range(4):
+            g = np.random.default_rng(step)
+            grads = [tf.constant(g.normal(size=v.shape), tf.float32) for v in variables[:2]]
+            # an embedding lookup's gradient arrives as IndexedSlices
+            sparse = tf.IndexedSlices(tf.constant(g.normal(size=(3, 4)), tf.float32),
+                                      tf.constant([1, 7, 1]), tf.constant([10, 4]))
+            # (the reference gets the same gradient as a dense tensor, duplicates summed)
+            grads.append(sparse if fused else tf.convert_to_tensor(sparse))
+            opt.apply_gradients(zip(grads, variables))
+        return [v.numpy() for v in variables], [v.numpy() for v in opt.variables]
+
+    fused, reference = run(True), run(False)
+    assert not np.allclose(fused[0][0], init["kernel"])
+    for a, b in zip(fused[0] + fused[1], reference[0] + reference[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_warmup_then_linear_or_cosine_decay():
     lin = optim.WarmupDecay(1e-3, total_steps=100, warmup_steps=10, decay="linear")
     cos = optim.WarmupDecay(1e-3, total_steps=100, warmup_steps=10, decay="cosine")
