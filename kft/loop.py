@@ -30,7 +30,8 @@ EXIT_DIVERGED = 3
 # Flags that may differ between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = {"model_dir", "export", "export_dir", "run_name", "strategy", "tpu", "data_dir",
                      "steps_per_execution", "jit_compile", "checkpoint_every_steps",
-                     "keep_checkpoints", "log_every_steps"}
+                     "keep_checkpoints", "log_every_steps", "cache_tokens",
+                     "eval_batch_size"}
 
 
 class Preempted(Exception):
@@ -114,6 +115,10 @@ class Loop:
         self.steps_per_epoch = len(self._plan(0))
         self.total_steps = self.steps_per_epoch * config.epochs
         self.trace_count = 0
+        # Eval probabilities of the current weights (set at epoch ends), so the final report
+        # does not predict the eval split a second time.
+        self.eval_probabilities = None
+        self.seconds = {"steps": 0.0, "eval": 0.0, "checkpoints": 0.0}  # where run() spends its time
         optimizer.build(model.trainable_variables)  # its variables exist before any restore
         self._train_chunk = self._make_train_function(jit_compile)
         self._predict_step = self._make_predict_function()
@@ -178,7 +183,7 @@ class Loop:
 
     def predict(self, split: Split) -> np.ndarray:
         """Class probabilities for every example of `split`, in its original order."""
-        plan = inputs.eval_plan(split.lengths, self.config.batch_size, self.config.num_buckets,
+        plan = inputs.eval_plan(split.lengths, eval_batch_size(self.config), self.config.num_buckets,
                                 self.static_shapes)
         iterator = iter(distributed_dataset(self.strategy, plan, split))
         out = None
@@ -216,6 +221,7 @@ class Loop:
         t0 = time.time()
         path = checkpoints.save(self.ckpt_dir, state["step"], self.model.variables,
                                 self.optimizer.variables, state, self.config.keep_checkpoints)
+        self.seconds["checkpoints"] += time.time() - t0
         logging.info("checkpoint %s (%.1fs)", path, time.time() - t0)
         return path
 
@@ -249,7 +255,9 @@ class Loop:
                     to_ckpt = c.checkpoint_every_steps - state["step"] % c.checkpoint_every_steps \
                         if c.checkpoint_every_steps > 0 else remaining
                     n = max(1, min(c.steps_per_execution, remaining, to_ckpt))
+                    t_chunk = time.time()
                     losses = self._train_chunk(iterator, tf.constant(n)).numpy()
+                    self.seconds["steps"] += time.time() - t_chunk
                     bad = np.flatnonzero(~np.isfinite(losses))
                     if bad.size:
                         self._diverged(state["step"] + int(bad[0]) + 1, float(losses[bad[0]]))
@@ -273,6 +281,7 @@ class Loop:
             best = checkpoints.latest(self.best_dir)
             if best is not None:
                 checkpoints.restore(best, self.model.variables, [])
+                self.eval_probabilities = None
                 logging.info("restored the best weights: epoch %d, eval accuracy %.4f",
                              state["best_epoch"], state["best_accuracy"])
         return state
@@ -308,7 +317,9 @@ class Loop:
 
     def _end_epoch(self, state: dict, summary_writer) -> None:
         c = self.config
-        probabilities = self.predict(self.eval)
+        t0 = time.time()
+        probabilities = self.eval_probabilities = self.predict(self.eval)
+        self.seconds["eval"] += time.time() - t0
         result = self.evaluate_fn(probabilities)
         entry = {"epoch": state["epoch"] + 1, "step": state["step"],
                  "loss": state["epoch_loss_sum"] / max(1, state["epoch_loss_count"]),
@@ -334,6 +345,11 @@ class Loop:
                              state["epochs_without_gain"])
                 state["stopped_early"] = True
         state.update(epoch=state["epoch"] + 1, batch=0, epoch_loss_sum=0.0, epoch_loss_count=0)
+
+
+def eval_batch_size(config: Config) -> int:
+    """Forward passes keep no activations for a backward pass: bigger batches use the hardware better."""
+    return config.eval_batch_size or 4 * config.batch_size
 
 
 def mean_cross_entropy(probabilities: np.ndarray, labels: np.ndarray) -> float:

@@ -1,4 +1,4 @@
-"""PNG figures written next to metrics.json: training curves and the confusion matrix."""
+"""PNG figures: training curves and the confusion matrix of a run, the benchmark's bar chart."""
 
 from __future__ import annotations
 
@@ -58,5 +58,28 @@ def confusion_matrix(cm: list[list[int]], names: list[str], path: str, title: st
             ax.text(j, i, str(cm[i, j]), ha="center", va="center",
                     color="white" if cm[i, j] > threshold else "black")
     fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def benchmark_bars(labels: list[str], panels: list[tuple[str, list]], implied: list[bool], path: str,
+                   title: str = "") -> None:
+    """One horizontal bar panel per measure; bars of rows with implied (subset) numbers hatched."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.8 * len(labels) + 1.6))
+    for ax, (name, values) in zip(np.atleast_1d(axes), panels):
+        y = np.arange(len(labels))
+        heights = [v if v is not None else 0.0 for v in values]
+        bars = ax.barh(y, heights, color=[f"C{i}" for i in range(len(labels))])
+        for bar, value, hatch in zip(bars, values, implied):
+            if hatch:
+                bar.set_hatch("//")
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                    " n/a" if value is None else f" {value:,.3g}", va="center")
+        ax.set_yticks(y, labels)
+        ax.invert_yaxis()
+        ax.set_title(name)
+        ax.margins(x=0.25)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     _save(fig, path)

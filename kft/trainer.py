@@ -14,6 +14,7 @@ import tensorflow as tf
 from absl import logging
 
 from kft import backbones, data as data_lib, distribute, export, inputs, methods, optim, plots, tasks
+from kft import token_cache
 from kft import loop as loop_lib
 from kft.config import Config, FlagError, to_dict
 from kft.metrics import format_report
@@ -64,25 +65,36 @@ class _Inputs:
     seconds: float
 
 
-def _prepare_inputs(config: Config, data: data_lib.Data, loaded: backbones.Loaded) -> _Inputs:
+def _prepare_inputs(config: Config, data: data_lib.Data, loaded: backbones.Loaded,
+                    model_dir: str, is_chief: bool = True) -> _Inputs:
+    """Tokenizes every split once (or reads its ids from the token cache), then packs them."""
     t0 = time.time()
-    raw_lengths = inputs.raw_token_lengths(loaded.tokenizer, data.train.texts)
+    splits = {"train": data.train, "eval": data.eval}
+    if data.test is not None:
+        splits["test"] = data.test
+    cache_dir = os.path.join(model_dir, "token_cache") if config.cache_tokens else None
+    fingerprint = token_cache.tokenizer_fingerprint(loaded.tokenizer) if cache_dir else None
+    pieces, cached = {}, {}
+    for k, s in splits.items():
+        pieces[k], hit = token_cache.word_pieces(loaded.tokenizer, s.texts, cache_dir, fingerprint,
+                                                       write=is_chief)
+        cached[k] = "hit" if hit else ("miss" if cache_dir else "off")
+    raw_lengths = pieces["train"].row_lengths().numpy()
     sequence_length = config.sequence_length or inputs.choose_sequence_length(
         raw_lengths, loaded.packing, loaded.max_sequence_length)
     if sequence_length > loaded.max_sequence_length:
         raise FlagError(f"--sequence_length={sequence_length} exceeds the backbone's limit of "
                         f"{loaded.max_sequence_length} positions")
-    splits = {"train": data.train, "eval": data.eval}
-    if data.test is not None:
-        splits["test"] = data.test
-    encoded = {k: inputs.encode(loaded.tokenizer, loaded.packing, s.texts, sequence_length)
-               for k, s in splits.items()}
+    encoded = {k: inputs.pack_pieces(pieces[k], loaded.packing, sequence_length,
+                                     inputs.count_cut(s.texts)) for k, s in splits.items()}
     label_ids = {k: data.vocab.encode(s, config.label_field) for k, s in splits.items()}
-    stats = {k: _split_stats(splits[k], encoded[k], label_ids[k], data.vocab) for k in splits}
+    stats = {k: {**_split_stats(splits[k], encoded[k], label_ids[k], data.vocab), "token_cache": cached[k]}
+             for k in splits}
     prepared = _Inputs(sequence_length, splits, encoded, label_ids, stats, time.time() - t0)
-    logging.info("data: %s; sequence_length=%d (%s); tokenized in %.1fs", data.description,
-                 sequence_length, "given" if config.sequence_length else "99th percentile of train",
-                 prepared.seconds)
+    logging.info("data: %s; sequence_length=%d (%s); tokenized in %.1fs (token cache: %s)",
+                 data.description, sequence_length,
+                 "given" if config.sequence_length else "99th percentile of train", prepared.seconds,
+                 ", ".join(f"{k} {v}" for k, v in cached.items()))
     for k, st in stats.items():
         logging.info("  %s: %d examples, labels %s, %d truncated to %d tokens, mean %.1f tokens",
                      k, st["examples"], st["labels"], st["truncated"], sequence_length, st["mean_tokens"])
@@ -111,6 +123,8 @@ class Trained:
 
     model: keras.Model
     metrics: dict
+    train_lengths: np.ndarray | None = None  # tokens per training example (special tokens included)
+    padded_tokens: int = 0  # positions computed in training, padding included (all epochs run)
 
 
 def train_and_evaluate(config: Config, model_dir: str) -> dict:
@@ -124,6 +138,16 @@ def train_and_evaluate(config: Config, model_dir: str) -> dict:
 
 def fit_model(config: Config, model_dir: str) -> Trained:
     """`train_and_evaluate`, also returning the trained model (for tests and notebooks)."""
+    # The dtype policy is global in Keras: set for this run's layers, restored afterwards.
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(config.precision)
+    try:
+        return _fit_model(config, model_dir)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def _fit_model(config: Config, model_dir: str) -> Trained:
     started = time.time()
     # The strategy first: multi-worker and TPU strategies must configure TF before it runs anything.
     strategy = distribute.get_strategy(config.strategy, config.tpu)
@@ -134,6 +158,9 @@ def fit_model(config: Config, model_dir: str) -> Trained:
     task = tasks.get(config.task)
     worker = distribute.worker_info(strategy)
     replicas = strategy.num_replicas_in_sync
+    if loop_lib.eval_batch_size(config) % replicas:
+        raise FlagError(f"--eval_batch_size={loop_lib.eval_batch_size(config)} must divide evenly over "
+                        f"{replicas} replicas")
     if config.batch_size % replicas:
         raise FlagError(f"--batch_size={config.batch_size} is the global batch and must divide evenly "
                         f"over {replicas} replicas")
@@ -145,7 +172,7 @@ def fit_model(config: Config, model_dir: str) -> Trained:
         loaded = backbones.load(config.backbone)
     logging.info("backbone: %s (%s), %d transformer layers", loaded.source, loaded.kind,
                  loaded.num_layers)
-    prep = _prepare_inputs(config, data, loaded)
+    prep = _prepare_inputs(config, data, loaded, model_dir, worker.is_chief)
     splits, encoded, label_ids, stats = prep.splits, prep.encoded, prep.label_ids, prep.stats
     leakage = _leakage(data)
 
@@ -199,7 +226,8 @@ def fit_model(config: Config, model_dir: str) -> Trained:
     for k in splits:
         if k == "train":
             continue
-        probabilities = loop.predict(sources[k])
+        reuse = k == "eval" and loop.eval_probabilities is not None
+        probabilities = loop.eval_probabilities if reuse else loop.predict(sources[k])
         results[k] = task.evaluate(probabilities, label_ids[k], vocab.names)
         logging.info("%s metrics:\n%s", k, format_report(results[k], vocab.names))
     eval_seconds = time.time() - t0
@@ -221,6 +249,8 @@ def fit_model(config: Config, model_dir: str) -> Trained:
             "stopped_early": state["stopped_early"], "train_function_traces": loop.trace_count,
             "static_shapes": static, "jit_compile": jit,
             "train_seconds": round(train_seconds, 2), "tokenize_seconds": round(prep.seconds, 2),
+            # train_seconds split: steps, epoch-end evaluations, checkpoint writes (this process)
+            "train_seconds_split": {k: round(v, 2) for k, v in loop.seconds.items()},
             "eval_seconds": round(eval_seconds, 2), "class_weights": class_weight,
             "examples_per_second": round(
                 loop.steps_per_epoch * config.batch_size * epochs_now / max(train_seconds, 1e-9), 2),
@@ -242,10 +272,14 @@ def fit_model(config: Config, model_dir: str) -> Trained:
         metadata = {k: metrics[k] for k in ("run_name", "task", "backbone", "method", "parameters")}
         metadata.update(data=data.description, flags=to_dict(config),
                         metrics={k: {m: results[k][m] for m in ("accuracy", "macro_f1")} for k in results})
+        t0 = time.time()
         metrics["export"] = export.export(model, loaded.tokenizer, loaded.packing, prep.sequence_length,
                                           task, vocab.names, config.export_dir, run_name, metadata)
+        metrics["training"]["export_seconds"] = round(time.time() - t0, 2)
     metrics["training"]["total_seconds"] = round(time.time() - started, 2)
     if worker.is_chief:
         with tf.io.gfile.GFile(os.path.join(model_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2, default=str)
-    return Trained(model, metrics)
+    padded = sum(int(np.sum(plan.widths)) * config.batch_size
+                 for plan in (loop._plan(e) for e in range(epochs_now)))
+    return Trained(model, metrics, encoded["train"].lengths, padded)

@@ -221,3 +221,19 @@ def test_the_train_function_is_traced_once_for_all_batch_shapes(tiny_preset, tmp
     assert training["train_function_traces"] == 1
     assert training["static_shapes"] == (jit == "true")  # XLA: padded to bucket edges
     assert training["steps"] == 2 * training["steps_per_epoch"]
+
+
+def test_mixed_bfloat16_computes_in_bfloat16_keeps_float32_weights_and_restores_the_policy(tiny_preset,
+                                                                                            tmp_path):
+    import keras
+    import keras_hub
+
+    trained = trainer.fit_model(tiny_config(backbone=tiny_preset, precision="mixed_bfloat16"), str(tmp_path))
+    backbone = next(layer for layer in trained.model.layers if isinstance(layer, keras_hub.models.Backbone))
+    assert backbone.compute_dtype == "bfloat16"
+    assert {w.dtype for w in trained.model.trainable_weights} == {"float32"}
+    ids = np.array([[2, 7, 9, 3]], np.int32)
+    probabilities = trained.model({"token_ids": ids, "padding_mask": np.ones_like(ids)})
+    assert probabilities.dtype == "float32" and np.isfinite(probabilities.numpy()).all()
+    assert np.isfinite(trained.metrics["training"]["history"][0]["loss"])
+    assert keras.mixed_precision.global_policy().name == "float32"

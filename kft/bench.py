@@ -1,0 +1,70 @@
+"""Benchmark: `python -m kft.bench --flagfile=flags/bench_sst2.cfg` (training), `--mode=serve`.
+
+Training mode runs kft's training path, keras-hub's documented recipe and the Hugging Face
+Trainer on the same data and flags, each in a fresh process, then measures serving of kft's
+export; it prints a table and writes bench.json and bench.png to --bench_dir. Serve mode measures
+an existing export (--saved_model) alone. All kft.train flags apply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+STARTED = time.time()
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+from kft import config as config_lib  # noqa: E402
+
+config_lib.define_flags()
+flags.adopt_module_key_flags(config_lib)
+flags.DEFINE_enum("mode", "train", ["train", "serve", "row"],
+                  "train: all rows then serving; serve: --saved_model only; row: one row (used internally).")
+flags.DEFINE_list("rows", ["kft", "keras_hub", "hf_trainer"], "Training rows to run, in this order.")
+flags.DEFINE_integer("baseline_max_steps", 40,
+                     "keras-hub recipe: train at most N steps, report the time a full run implies; 0 = all.")
+flags.DEFINE_string("bench_dir", "runs/bench", "Where bench.json, bench.png, row logs and kft's export go.")
+flags.DEFINE_string("saved_model", "", "Export folder measured by --mode=serve.")
+flags.DEFINE_integer("serve_requests", 300, "Timed batch-1 requests when measuring serving.")
+flags.DEFINE_string("row", "", "With --mode=row: which row this process runs.")
+flags.DEFINE_string("row_output", "", "With --mode=row: the JSON file the row's result goes to.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
+    from kft import benchmark
+
+    config = config_lib.from_flags(FLAGS)
+    unknown = set(FLAGS.rows) - set(benchmark.ROWS)
+    if unknown:
+        raise app.UsageError(f"--rows: unknown {sorted(unknown)}; choose from {list(benchmark.ROWS)}")
+    passed = [a for a in sys.argv[1:] if not a.startswith(("--mode=", "--row=", "--row_output="))]
+    options = benchmark.Options(list(FLAGS.rows), FLAGS.baseline_max_steps, os.path.abspath(FLAGS.bench_dir),
+                                FLAGS.saved_model, FLAGS.serve_requests, passed)
+    if FLAGS.mode == "row":
+        result = benchmark.run_row(FLAGS.row, config, options, STARTED)
+        with open(FLAGS.row_output, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+        return 0
+    if FLAGS.mode == "serve":
+        print(json.dumps(benchmark.run_serving(config, options), indent=2))
+        return 0
+    report = benchmark.run_training(config, options)
+    print(benchmark.table(report))
+    print(f"\nwrote {os.path.join(options.bench_dir, 'bench.json')} and bench.png")
+    return 0
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,325 @@
+"""kft's training path side by side with keras-hub's recipe and the Hugging Face Trainer.
+
+Every row runs in its own fresh Python process (its peak memory is its own, and TensorFlow and
+PyTorch never share threads), one after the other on the same data, backbone, batch size,
+learning rate, epochs and seed; ratios between rows are computed from the same invocation so
+that machine noise largely cancels. A "machine" process first measures the fp32 matmul rate
+that compute efficiency is relative to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from kft import baselines, perf
+from kft.config import Config
+
+ROWS = ("kft", "keras_hub", "hf_trainer")
+LABELS = {"kft": "kft", "keras_hub": "keras-hub TextClassifier.fit", "hf_trainer": "Hugging Face Trainer"}
+SERVE_MAX_WORDS = 30  # batch-1 latency is measured on texts of at most this many words
+TARGETS = {"kft_over_hf_train_time": 0.5, "kft_over_keras_hub_train_time": 0.1,
+           "accuracy_points_below_hf": 0.5, "kft_compute_efficiency": 0.6, "serve_p50_ms_batch_1": 15.0}
+
+
+@dataclasses.dataclass
+class Options:
+    rows: list
+    baseline_max_steps: int
+    bench_dir: str
+    saved_model: str
+    serve_requests: int
+    argv: list  # the command line, handed on to each row's process
+
+
+# -- rows (each runs in its own process: python -m kft.bench --mode=row --row=NAME) ------------------
+
+def machine_row(config: Config, options: Options, started: float) -> dict:
+    """The fp32 matmul rate, and the backbone's size as FLOPs need it."""
+    from kft import backbones, tasks
+
+    loaded = backbones.load(config.backbone)
+    model = tasks.get(config.task).build_model(loaded.backbone, 2, 0.0, config.pooling)
+    cpu = ""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    return {"tensorflow_matmul_rate": perf.tensorflow_matmul_rate(),
+            "non_embedding_parameters": perf.non_embedding_parameters(model),
+            "layers": loaded.num_layers, "hidden": int(loaded.backbone.hidden_dim),
+            "total_parameters": int(model.count_params()),
+            "cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version()}
+
+
+def kft_row(config: Config, options: Options, started: float) -> dict:
+    """Exactly what `python -m kft.train` runs with these flags, on a fresh model folder."""
+    import keras
+    import tensorflow as tf
+
+    from kft import trainer
+
+    model_dir = os.path.join(options.bench_dir, "kft_run")
+    shutil.rmtree(model_dir, ignore_errors=True)  # a cold run: no checkpoint, no token cache
+    config = dataclasses.replace(config, model_dir=model_dir, run_name="bench", export=True,
+                                 export_dir=os.path.join(options.bench_dir, "export"))
+    trained = trainer.fit_model(config, model_dir)
+    m, t = trained.metrics, trained.metrics["training"]
+    split = t["train_seconds_split"]
+    train = split["steps"] + split["checkpoints"]
+    evaluate = split["eval"] + t["eval_seconds"]
+    seconds = {"tokenize": t["tokenize_seconds"], "train": train, "eval": evaluate}
+    seconds["setup"] = time.time() - started - sum(seconds.values()) - t.get("export_seconds", 0.0)
+    epochs = t["epochs_run"]
+    lengths = trained.train_lengths.astype(np.float64)
+    return {
+        "label": LABELS["kft"], "status": "full",
+        "note": "length-grouped batches padded per batch, token ids computed once; checkpoints "
+                "included in train time",
+        "seconds": seconds, "export_seconds": t.get("export_seconds"),
+        "checkpoint_seconds": split["checkpoints"], "steps_run": t["steps"], "steps_full": t["steps"],
+        "train_examples": m["data"]["train"]["examples"] * epochs,
+        "real_tokens": float(lengths.sum()) * epochs,
+        "real_tokens_squared": float((lengths ** 2).sum()) * epochs,
+        "padded_tokens": float(trained.padded_tokens), "dev_accuracy": m["eval"]["accuracy"],
+        "train_function_traces": t["train_function_traces"], "num_buckets": config.num_buckets,
+        "sequence_length": m["sequence_length"], "export": m.get("export"),
+        "software": {"tensorflow": tf.__version__, "keras": keras.__version__},
+    }
+
+
+def keras_hub_row(config: Config, options: Options, started: float) -> dict:
+    return baselines.keras_hub_recipe(config, options.baseline_max_steps, started)
+
+
+def hf_trainer_row(config: Config, options: Options, started: float) -> dict:
+    return baselines.hf_trainer(config, started)
+
+
+def _serve_texts(config: Config) -> list[str]:
+    from kft import data as data_lib
+
+    texts = []
+    if config.train_file or config.dataset:
+        data = data_lib.load(config)
+        texts = [t for t in data.eval.texts if len(t.split()) <= SERVE_MAX_WORDS]
+    return texts or ["a gripping , beautifully acted film that stays with you long after it ends",
+                     "the plot is thin and the jokes fall flat", "an honest , moving portrait",
+                     "two hours of my life i will never get back"]
+
+
+def serve_row(config: Config, options: Options, started: float) -> dict:
+    """Latency and throughput of the export's `serving_default` on raw strings, in this process."""
+    import tensorflow as tf
+
+    from kft import export
+
+    path = options.saved_model
+    if not path:
+        raise ValueError("--mode=serve needs --saved_model=<export folder>")
+    t0 = time.time()
+    serve = export.load(path).signatures["serving_default"]
+    load_seconds = time.time() - t0
+    texts = _serve_texts(config)
+    rng = np.random.default_rng(config.seed)
+
+    def call(batch):
+        outputs = serve(text=tf.constant(batch))
+        return outputs["probabilities"].numpy()
+
+    for i in range(20):
+        call([texts[i % len(texts)]])
+    single = []
+    for i in rng.integers(0, len(texts), options.serve_requests):
+        t = time.perf_counter()
+        call([texts[i]])
+        single.append(time.perf_counter() - t)
+    batches = []
+    for _ in range(3):
+        call([texts[i] for i in rng.integers(0, len(texts), 64)])
+    for _ in range(max(10, options.serve_requests // 10)):
+        batch = [texts[i] for i in rng.integers(0, len(texts), 64)]
+        t = time.perf_counter()
+        call(batch)
+        batches.append(time.perf_counter() - t)
+    single, batches = np.asarray(single) * 1e3, np.asarray(batches)
+    return {
+        "saved_model": path, "load_seconds": load_seconds,
+        "texts": f"{len(texts)} texts of at most {SERVE_MAX_WORDS} words, mean "
+                 f"{np.mean([len(t.split()) for t in texts]):.1f} words",
+        "batch_1": {"requests": len(single), "p50_ms": float(np.percentile(single, 50)),
+                    "p99_ms": float(np.percentile(single, 99)), "mean_ms": float(single.mean())},
+        "batch_64": {"requests": len(batches), "p50_ms": float(np.percentile(batches, 50) * 1e3),
+                     "texts_per_second": float(64 * len(batches) / batches.sum())},
+        "peak_rss_bytes": perf.peak_rss_bytes(),
+    }
+
+
+RUNNERS = {"machine": machine_row, "kft": kft_row, "keras_hub": keras_hub_row,
+           "hf_trainer": hf_trainer_row, "serve": serve_row}
+
+
+def run_row(name: str, config: Config, options: Options, started: float) -> dict:
+    result = RUNNERS[name](config, options, started)
+    result.setdefault("peak_rss_bytes", perf.peak_rss_bytes())
+    result.setdefault("process_seconds", time.time() - started)
+    return result
+
+
+# -- the orchestrating process --------------------------------------------------------------------
+
+def _child(name: str, options: Options, extra: tuple = ()) -> dict:
+    """Runs one row in a fresh interpreter; a failure becomes a row that says so."""
+    out = os.path.join(options.bench_dir, f"{name}.json")
+    log = os.path.join(options.bench_dir, f"{name}.log")
+    cmd = [sys.executable, "-m", "kft.bench", *options.argv, "--mode=row", f"--row={name}",
+           f"--row_output={out}", *extra]
+    print(f"[bench] {name}: running (log: {log})", flush=True)
+    t0 = time.time()
+    with open(log, "w") as f:
+        status = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    if status != 0 or not os.path.exists(out):
+        with open(log) as f:
+            lines = [line.strip() for line in f if line.strip()]
+        return {"label": LABELS.get(name, name), "status": "failed",
+                "note": f"exit status {status}: {lines[-1] if lines else ''} (see {log})"}
+    with open(out) as f:
+        result = json.load(f)
+    print(f"[bench] {name}: done in {time.time() - t0:.0f}s", flush=True)
+    return result
+
+
+def summarize(machine: dict, rows: dict, serve: dict | None, config: Config) -> dict:
+    """Derived rates, compute efficiency and the ratios the targets are stated in."""
+    peak = machine["tensorflow_matmul_rate"]["flops_per_second"]
+    for row in rows.values():
+        if "seconds" not in row:
+            continue
+        s = row["seconds"]
+        train = s["train"]
+        row["flops"] = perf.training_flops(row["real_tokens"], row["real_tokens_squared"],
+                                           machine["non_embedding_parameters"], machine["layers"],
+                                           machine["hidden"])
+        row["examples_per_second"] = row["train_examples"] / train
+        row["real_tokens_per_second"] = row["real_tokens"] / train
+        row["compute_efficiency"] = row["flops"] / train / peak
+        # token counts are the full run's, also for subset rows (whose times are implied)
+        row["padding_overhead"] = row["padded_tokens"] / row["real_tokens"] - 1.0
+        row["seconds"]["total"] = sum(s[k] for k in ("setup", "tokenize", "train", "eval"))
+    ratios = {}
+    kft = rows.get("kft", {})
+    for other, short in (("hf_trainer", "hf"), ("keras_hub", "keras_hub")):
+        if "seconds" in kft and "seconds" in rows.get(other, {}):
+            ratios[f"kft_over_{short}_train_time"] = kft["seconds"]["train"] / rows[other]["seconds"]["train"]
+            ratios[f"kft_over_{short}_total_time"] = kft["seconds"]["total"] / rows[other]["seconds"]["total"]
+    hf = rows.get("hf_trainer", {})
+    if kft.get("dev_accuracy") is not None and hf.get("dev_accuracy") is not None:
+        ratios["accuracy_points_below_hf"] = 100.0 * (hf["dev_accuracy"] - kft["dev_accuracy"])
+    if "compute_efficiency" in kft:
+        ratios["kft_compute_efficiency"] = kft["compute_efficiency"]
+    if serve and "batch_1" in serve:
+        ratios["serve_p50_ms_batch_1"] = serve["batch_1"]["p50_ms"]
+    targets = {k: {"value": ratios[k], "target": v, "met": ratios[k] <= v if k != "kft_compute_efficiency"
+                   else ratios[k] >= v} for k, v in TARGETS.items() if k in ratios}
+    return {"config": dataclasses.asdict(config), "machine": machine, "rows": rows, "serve": serve,
+            "ratios": ratios, "targets": targets}
+
+
+def _fmt(value, spec: str, none: str = "n/a") -> str:
+    return none if value is None else format(value, spec)
+
+
+def table(report: dict) -> str:
+    """The report as a fixed-width text table (subset rows' implied numbers marked with *)."""
+    head = ("system", "status", "setup s", "tokenize s", "train s", "eval s", "ex/s", "real tok/s",
+            "padding", "efficiency", "peak RSS", "dev acc")
+    lines = []
+    for row in report["rows"].values():
+        if "seconds" not in row:
+            lines.append((row["label"], row["status"]) + ("",) * (len(head) - 2))
+            continue
+        s, star = row["seconds"], "*" if row["status"] == "subset" else ""
+        lines.append((row["label"], row["status"], f"{s['setup']:.1f}", f"{s['tokenize']:.1f}",
+                      f"{s['train']:.1f}{star}", f"{s['eval']:.1f}{star}",
+                      f"{row['examples_per_second']:.1f}", f"{row['real_tokens_per_second']:.0f}",
+                      f"{100 * row['padding_overhead']:.0f}%", f"{100 * row['compute_efficiency']:.1f}%",
+                      f"{row['peak_rss_bytes'] / 1e9:.2f} GB", _fmt(row.get("dev_accuracy"), ".4f")))
+    widths = [max(len(str(x[i])) for x in [head] + lines) for i in range(len(head))]
+    out = ["  ".join(str(x[i]).ljust(widths[i]) for i in range(len(head))) for x in [head] + lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    m = report["machine"]
+    out.append(f"fp32 matmul rate (TensorFlow, best square matmul): "
+               f"{m['tensorflow_matmul_rate']['flops_per_second'] / 1e9:.0f} GFLOP/s on {m['cpus']} CPUs "
+               f"({m['cpu']}); efficiency = model FLOPs on real tokens / train time / that rate")
+    for row in report["rows"].values():
+        out.append(f"  {row['label']}: {row.get('note', '')}")
+    for k, v in report["targets"].items():
+        out.append(f"target {k}: {v['value']:.3f} (target {'>=' if k == 'kft_compute_efficiency' else '<='} "
+                   f"{v['target']}) {'met' if v['met'] else 'NOT met'}")
+    serve = report.get("serve")
+    if serve and "batch_1" in serve:
+        out.append(f"serving_default ({serve['texts']}): batch 1 p50 {serve['batch_1']['p50_ms']:.1f} ms, "
+                   f"p99 {serve['batch_1']['p99_ms']:.1f} ms; batch 64 p50 {serve['batch_64']['p50_ms']:.0f} "
+                   f"ms, {serve['batch_64']['texts_per_second']:.0f} texts/s")
+    elif serve:
+        out.append(f"serving: {serve.get('status')}: {serve.get('note')}")
+    return "\n".join(out)
+
+
+def chart(report: dict, path: str) -> None:
+    from kft import plots
+
+    rows = [r for r in report["rows"].values() if "seconds" in r]
+    labels = [r["label"] + (" (implied)" if r["status"] == "subset" else "") for r in rows]
+    panels = [("training time, s (lower is better)", [r["seconds"]["train"] for r in rows]),
+              ("training examples/s", [r["examples_per_second"] for r in rows]),
+              ("compute efficiency, % of fp32 matmul rate", [100 * r["compute_efficiency"] for r in rows]),
+              ("dev accuracy", [r.get("dev_accuracy") for r in rows])]
+    plots.benchmark_bars(labels, panels, [r["status"] == "subset" for r in rows], path,
+                         f"{report['config']['train_file'] or report['config']['dataset']}, batch "
+                         f"{report['config']['batch_size']}, {report['config']['epochs']} epoch(s)")
+
+
+def run_training(config: Config, options: Options) -> dict:
+    """All training rows, then the serving measurement of kft's export; writes JSON and PNG."""
+    os.makedirs(options.bench_dir, exist_ok=True)
+    machine = _child("machine", options)
+    if machine.get("status") == "failed":
+        raise RuntimeError(f"measuring the machine failed: {machine['note']}")
+    rows = {}
+    for name in options.rows:
+        if name == "hf_trainer" and not baselines.hf_trainer_available():
+            rows[name] = {"label": LABELS[name], "status": "not run",
+                          "note": "torch, transformers or accelerate is not installed "
+                                  "(pip install -e '.[bench]')"}
+            continue
+        rows[name] = _child(name, options)
+    serve = None
+    if rows.get("kft", {}).get("export"):
+        serve = _child("serve", options, (f"--saved_model={rows['kft']['export']}",))
+    report = summarize(machine, rows, serve, config)
+    write(report, options.bench_dir)
+    return report
+
+
+def run_serving(config: Config, options: Options) -> dict:
+    os.makedirs(options.bench_dir, exist_ok=True)
+    serve = _child("serve", options)
+    if serve.get("status") == "failed":
+        raise RuntimeError(f"the serving measurement failed: {serve['note']}")
+    with open(os.path.join(options.bench_dir, "serve.json"), "w") as f:
+        json.dump(serve, f, indent=2)
+    return serve
+
+
+def write(report: dict, bench_dir: str) -> None:
+    with open(os.path.join(bench_dir, "bench.json"), "w") as f:
+        json.dump(report, f, indent=2, default=str)
+    chart(report, os.path.join(bench_dir, "bench.png"))

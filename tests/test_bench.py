@@ -1,0 +1,90 @@
+"""kft.bench: FLOP accounting, and the whole benchmark (three rows + serving) on a tiny backbone."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import run_python
+from kft import backbones, baselines, benchmark, perf, tasks
+
+
+def test_non_embedding_parameters_are_the_transformer_pooler_and_head_weights(tiny_preset):
+    loaded = backbones.load(tiny_preset)
+    model = tasks.get("classification").build_model(loaded.backbone, 3, 0.0)
+    h, i, layers = 16, 32, 2  # the tiny backbone's hidden size, feed-forward size, depth
+    per_layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 2 * 2 * h  # attention, FFN, 2 LayerNorms
+    assert perf.non_embedding_parameters(model) == layers * per_layer + (h * h + h) + (h * 3 + 3)
+
+
+def test_training_flops_count_six_per_parameter_and_token_plus_attention():
+    lengths = np.array([3, 5])
+    flops = perf.training_flops(lengths.sum(), (lengths ** 2).sum(), parameters=1000, layers=2, hidden=8)
+    assert flops == 6 * 1000 * 8 + 12 * 2 * 8 * (9 + 25)
+
+
+def test_summary_derives_rates_efficiency_and_the_target_ratios():
+    machine = {"tensorflow_matmul_rate": {"flops_per_second": 1e9}, "non_embedding_parameters": 100,
+               "layers": 1, "hidden": 4, "cpus": 2, "cpu": "x"}
+
+    def row(train, accuracy, status="full", steps=(10, 10)):
+        return {"label": "r", "status": status,
+                "seconds": {"setup": 1, "tokenize": 1, "train": train, "eval": 1},
+                "train_examples": 100, "real_tokens": 1000.0, "real_tokens_squared": 20000.0,
+                "padded_tokens": 1500.0, "dev_accuracy": accuracy, "steps_run": steps[0],
+                "steps_full": steps[1]}
+
+    rows = {"kft": row(2.0, 0.90), "keras_hub": row(40.0, None, "subset", (2, 10)),
+            "hf_trainer": row(5.0, 0.904)}
+    report = benchmark.summarize(machine, rows, {"batch_1": {"p50_ms": 9.0}}, benchmark.Config())
+    kft = report["rows"]["kft"]
+    assert kft["examples_per_second"] == 50 and kft["real_tokens_per_second"] == 500
+    assert kft["compute_efficiency"] == pytest.approx((6 * 100 * 1000 + 12 * 4 * 20000) / 2.0 / 1e9)
+    assert kft["padding_overhead"] == pytest.approx(0.5)
+    assert report["rows"]["keras_hub"]["compute_efficiency"] == pytest.approx(kft["compute_efficiency"] / 20)
+    assert report["ratios"]["kft_over_hf_train_time"] == pytest.approx(0.4)
+    assert report["ratios"]["kft_over_keras_hub_train_time"] == pytest.approx(0.05)
+    assert report["ratios"]["accuracy_points_below_hf"] == pytest.approx(0.4)
+    t = report["targets"]
+    assert t["kft_over_hf_train_time"]["met"] and t["serve_p50_ms_batch_1"]["met"]
+    assert not t["kft_compute_efficiency"]["met"]
+    assert "2.0" in benchmark.table(report) and "40.0*" in benchmark.table(report)
+
+
+@pytest.mark.slow
+def test_bench_runs_all_rows_and_serving_in_fresh_processes(tiny_hf_folder, tmp_path):
+    bench_dir = tmp_path / "bench"
+    args = ["-m", "kft.bench", "--dataset=sample_reviews", f"--backbone={tiny_hf_folder}", "--batch_size=16",
+            "--learning_rate=1e-3", f"--bench_dir={bench_dir}", "--baseline_max_steps=3",
+            "--serve_requests=20"]
+    done = run_python(args, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "system" in done.stdout and "dev acc" in done.stdout
+    with open(bench_dir / "bench.json") as f:
+        report = json.load(f)
+    rows = report["rows"]
+    expected_hf = "full" if baselines.hf_trainer_available() else "not run"
+    assert {k: r["status"] for k, r in rows.items()} == {"kft": "full", "keras_hub": "subset",
+                                                          "hf_trainer": expected_hf}
+    kft = rows["kft"]
+    assert kft["train_examples"] == 240 and kft["train_function_traces"] == 1
+    assert 0 < kft["compute_efficiency"] < 1 and kft["peak_rss_bytes"] > 1e8
+    assert kft["padded_tokens"] >= kft["real_tokens"]
+    assert rows["keras_hub"]["steps_run"] == 3 and rows["keras_hub"]["dev_accuracy"] is None
+    assert report["ratios"]["kft_over_keras_hub_train_time"] > 0
+    assert report["serve"]["batch_1"]["requests"] == 20 and report["serve"]["batch_1"]["p50_ms"] > 0
+    with open(bench_dir / "bench.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    served = run_python(["-m", "kft.bench", "--mode=serve", f"--saved_model={kft['export']}",
+                         "--serve_requests=10", f"--bench_dir={tmp_path / 'serve'}"], timeout=300)
+    assert served.returncode == 0, served.stderr[-3000:]
+    result = json.loads(served.stdout[served.stdout.index("{"):])
+    assert result["batch_1"]["requests"] == 10 and result["batch_64"]["texts_per_second"] > 0
+    assert os.path.exists(tmp_path / "serve" / "serve.json")
+
+
+def test_an_unknown_row_is_refused():
+    done = run_python(["-m", "kft.bench", "--rows=kft,trainer"], timeout=120)
+    assert done.returncode != 0 and "unknown ['trainer']" in done.stderr
