@@ -21,18 +21,29 @@ from absl import app, flags  # noqa: E402
 
 from kft import config as config_lib  # noqa: E402
 
-config_lib.define_flags()
-flags.adopt_module_key_flags(config_lib)
-flags.DEFINE_enum("mode", "train", ["train", "serve", "row"],
-                  "train: all rows then serving; serve: --saved_model only; row: one row (used internally).")
-flags.DEFINE_list("rows", ["kft", "keras_hub", "hf_trainer"], "Training rows to run, in this order.")
-flags.DEFINE_integer("baseline_max_steps", 40,
-                     "keras-hub recipe: train at most N steps, report the time a full run implies; 0 = all.")
-flags.DEFINE_string("bench_dir", "runs/bench", "Where bench.json, bench.png, row logs and kft's export go.")
-flags.DEFINE_string("saved_model", "", "Export folder measured by --mode=serve.")
-flags.DEFINE_integer("serve_requests", 300, "Timed batch-1 requests when measuring serving.")
-flags.DEFINE_string("row", "", "With --mode=row: which row this process runs.")
-flags.DEFINE_string("row_output", "", "With --mode=row: the JSON file the row's result goes to.")
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """kft.train's flags plus the benchmark's own."""
+    config_lib.define_flags(flag_values)
+    fv = flag_values
+    flags.DEFINE_enum("mode", "train", ["train", "serve", "row"],
+                      "train: all rows then serving; serve: --saved_model only; row: one row (internal).",
+                      flag_values=fv)
+    flags.DEFINE_list("rows", ["kft", "keras_hub", "hf_trainer"], "Training rows to run, in this order.",
+                      flag_values=fv)
+    flags.DEFINE_integer("baseline_max_steps", 40, "keras-hub recipe: train at most N steps, report the "
+                         "time a full run implies; 0 = all.", flag_values=fv)
+    flags.DEFINE_string("bench_dir", "runs/bench", "Where bench.json, bench.png, row logs and kft's export "
+                        "go.", flag_values=fv)
+    flags.DEFINE_string("saved_model", "", "Export folder measured by --mode=serve.", flag_values=fv)
+    flags.DEFINE_integer("serve_requests", 300, "Timed batch-1 requests when measuring serving.",
+                         flag_values=fv)
+    flags.DEFINE_string("row", "", "With --mode=row: which row this process runs.", flag_values=fv)
+    flags.DEFINE_string("row_output", "", "With --mode=row: the JSON file the row's result goes to.",
+                        flag_values=fv)
+
+
 FLAGS = flags.FLAGS
 
 
@@ -63,6 +74,8 @@ def main(argv):
 
 
 def run():
+    define_flags()  # here, not at import: tests import this module beside kft.train
+    flags.adopt_module_key_flags(config_lib)
     app.run(main)
 
 

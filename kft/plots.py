@@ -65,8 +65,8 @@ def confusion_matrix(cm: list[list[int]], names: list[str], path: str, title: st
 def benchmark_bars(labels: list[str], panels: list[tuple[str, list]], implied: list[bool], path: str,
                    title: str = "") -> None:
     """One horizontal bar panel per measure; bars of rows with implied (subset) numbers hatched."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.8 * len(labels) + 1.6))
-    for ax, (name, values) in zip(np.atleast_1d(axes), panels):
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels) + 2.5, 0.8 * len(labels) + 1.6))
+    for i, (ax, (name, values)) in enumerate(zip(np.atleast_1d(axes), panels)):
         y = np.arange(len(labels))
         heights = [v if v is not None else 0.0 for v in values]
         bars = ax.barh(y, heights, color=[f"C{i}" for i in range(len(labels))])
@@ -75,7 +75,7 @@ def benchmark_bars(labels: list[str], panels: list[tuple[str, list]], implied: l
                 bar.set_hatch("//")
             ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
                     " n/a" if value is None else f" {value:,.3g}", va="center")
-        ax.set_yticks(y, labels)
+        ax.set_yticks(y, labels if i == 0 else [])
         ax.invert_yaxis()
         ax.set_title(name)
         ax.margins(x=0.25)

@@ -33,11 +33,13 @@ def test_summary_derives_rates_efficiency_and_the_target_ratios():
                 "seconds": {"setup": 1, "tokenize": 1, "train": train, "eval": 1},
                 "train_examples": 100, "real_tokens": 1000.0, "real_tokens_squared": 20000.0,
                 "padded_tokens": 1500.0, "dev_accuracy": accuracy, "steps_run": steps[0],
-                "steps_full": steps[1]}
+                "steps_full": steps[1], "peak_rss_bytes": 1e9}
 
     rows = {"kft": row(2.0, 0.90), "keras_hub": row(40.0, None, "subset", (2, 10)),
             "hf_trainer": row(5.0, 0.904)}
-    report = benchmark.summarize(machine, rows, {"batch_1": {"p50_ms": 9.0}}, benchmark.Config())
+    serve = {"texts": "3 texts", "batch_1": {"p50_ms": 9.0, "p99_ms": 12.0},
+             "batch_64": {"p50_ms": 200.0, "texts_per_second": 320.0}}
+    report = benchmark.summarize(machine, rows, serve, benchmark.Config())
     kft = report["rows"]["kft"]
     assert kft["examples_per_second"] == 50 and kft["real_tokens_per_second"] == 500
     assert kft["compute_efficiency"] == pytest.approx((6 * 100 * 1000 + 12 * 4 * 20000) / 2.0 / 1e9)
@@ -49,7 +51,8 @@ def test_summary_derives_rates_efficiency_and_the_target_ratios():
     t = report["targets"]
     assert t["kft_over_hf_train_time"]["met"] and t["serve_p50_ms_batch_1"]["met"]
     assert not t["kft_compute_efficiency"]["met"]
-    assert "2.0" in benchmark.table(report) and "40.0*" in benchmark.table(report)
+    text = benchmark.table(report)
+    assert "40.0*" in text and "batch 1 p50 9.0 ms" in text and "NOT met" in text
 
 
 @pytest.mark.slow

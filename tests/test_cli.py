@@ -12,9 +12,14 @@ from kft import config as config_lib
 FLAGFILES = sorted(glob.glob(os.path.join(ROOT, "flags", "*.cfg")))
 
 
-def fresh_flags():
+def fresh_flags(bench: bool = False):
     fv = flags.FlagValues()
-    config_lib.define_flags(fv)
+    if bench:
+        from kft import bench as bench_cli
+
+        bench_cli.define_flags(fv)
+    else:
+        config_lib.define_flags(fv)
     return fv
 
 
@@ -40,7 +45,7 @@ def test_flagfiles_parse_and_document_themselves(path):
     for key in ("Command:", "Data:", "Result:"):
         assert key in text, f"{path}: header lacks '{key}'"
     assert "PLACEHOLDER" not in text
-    fv = fresh_flags()
+    fv = fresh_flags(bench=os.path.basename(path).startswith("bench"))
     fv(["prog", f"--flagfile={path}"])
     config = config_lib.from_flags(fv)
     assert config.dataset or config.train_file
