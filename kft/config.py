@@ -19,7 +19,14 @@ class FlagError(ValueError):
 
 
 def _field(default: Any, help: str, choices: tuple[str, ...] | None = None):
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, list):  # mutable: each Config gets its own copy
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 @dataclasses.dataclass
@@ -29,7 +36,7 @@ class Config:
     # Task and tuning method: new tasks and methods are sibling modules selected here.
     task: str = _field("classification", "What to fine-tune for.", ("classification",))
     method: str = _field("full", "How the backbone is tuned; a nonzero --freeze_layers selects freeze.",
-                         ("full", "freeze"))
+                         ("full", "freeze", "lora", "bitfit"))
 
     # Data.
     dataset: str = _field("", "TFDS name (imdb_reviews, glue/sst2) or sample_reviews (ships with kft).")
@@ -54,6 +61,10 @@ class Config:
     pooling: str = _field("auto", "Text representation fed to the head.", ("auto", "pooled", "cls", "mean"))
     dropout: float = _field(0.1, "Dropout rate before the classification head.")
     freeze_layers: int = _field(0, "Freeze embeddings + the lowest N transformer layers; -1 = all.")
+    lora_rank: int = _field(8, "--method=lora: rank of each low-rank update.")
+    lora_alpha: float = _field(16.0, "--method=lora: the update is scaled by lora_alpha / lora_rank.")
+    lora_targets: list = _field(["query", "value"], "--method=lora: projections adapted in every block: "
+                                "query, key, value, attention_output, ffn_in, ffn_out.")
 
     # Optimisation.
     epochs: int = _field(1, "Training epochs.")
@@ -100,19 +111,19 @@ def fields() -> tuple[dataclasses.Field, ...]:
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defines one absl flag per `Config` field, with the field's default and help."""
     for f in fields():
-        help_text, choices = f.metadata["help"], f.metadata["choices"]
+        help_text, choices, value = f.metadata["help"], f.metadata["choices"], default(f)
         if choices:
-            flags.DEFINE_enum(f.name, f.default, list(choices), help_text, flag_values=flag_values)
+            flags.DEFINE_enum(f.name, value, list(choices), help_text, flag_values=flag_values)
         elif f.type in ("bool", bool):
-            flags.DEFINE_bool(f.name, f.default, help_text, flag_values=flag_values)
+            flags.DEFINE_bool(f.name, value, help_text, flag_values=flag_values)
         elif f.type in ("int", int):
-            flags.DEFINE_integer(f.name, f.default, help_text, flag_values=flag_values)
+            flags.DEFINE_integer(f.name, value, help_text, flag_values=flag_values)
         elif f.type in ("float", float):
-            flags.DEFINE_float(f.name, f.default, help_text, flag_values=flag_values)
+            flags.DEFINE_float(f.name, value, help_text, flag_values=flag_values)
         elif f.type in ("list", list):
-            flags.DEFINE_list(f.name, f.default, help_text, flag_values=flag_values)
+            flags.DEFINE_list(f.name, value, help_text, flag_values=flag_values)
         else:
-            flags.DEFINE_string(f.name, f.default, help_text, flag_values=flag_values)
+            flags.DEFINE_string(f.name, value, help_text, flag_values=flag_values)
 
 
 def from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Config:

@@ -4,10 +4,14 @@ Every method module exposes `apply(backbone, config) -> dict` returning a short 
 and metrics. New methods (LoRA, prompt or prefix tuning, BitFit) are sibling modules.
 """
 
-from kft.methods import freeze
+from kft.config import FlagError
+from kft.methods import bitfit, freeze, lora
 
-METHODS = {"full": freeze, "freeze": freeze}
+METHODS = {"full": freeze, "freeze": freeze, "lora": lora, "bitfit": bitfit}
 
 
 def apply(backbone, config) -> dict:
+    if config.method in ("lora", "bitfit") and config.freeze_layers:
+        raise FlagError(f"--freeze_layers={config.freeze_layers} applies to --method=freeze, not "
+                        f"--method={config.method}")
     return METHODS[config.method].apply(backbone, config)

@@ -1,0 +1,106 @@
+"""LoRA (Hu et al., 2021) on the backbone's attention and feed-forward projections.
+
+Each targeted projection keeps its pretrained kernel W frozen and learns a low-rank update: the
+layer computes W x + (alpha / rank) * B(A x), with A [in, rank] and B [rank, out] over the
+projection's flattened input and output axes (for attention, all heads together: the standard
+LoRA shape, r * (in + out) parameters). B starts at zero, so training starts from the pretrained
+function. Keras' own `enable_lora` is standard for Dense but, for the attention's EinsumDense,
+factorises per head (kernel.shape[:-1] + rank); kft wraps every target the same way instead.
+Every other backbone weight is frozen; the task head trains.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+
+from kft import backbones
+from kft.config import FlagError
+
+# --lora_targets names -> (sublayer holding the projection, attribute) in a keras-hub TransformerEncoder.
+TARGETS = {
+    "query": ("_self_attention_layer", "_query_dense"),
+    "key": ("_self_attention_layer", "_key_dense"),
+    "value": ("_self_attention_layer", "_value_dense"),
+    "attention_output": ("_self_attention_layer", "_output_dense"),
+    "ffn_in": (None, "_feedforward_intermediate_dense"),
+    "ffn_out": (None, "_feedforward_output_dense"),
+}
+
+
+def _split(layer) -> int:
+    """How many leading kernel axes the projection contracts with its input."""
+    equation = getattr(layer, "equation", None)
+    if equation is None:  # Dense: kernel [in, out]
+        return 1
+    inputs, rest = equation.split(",")
+    kernel = rest.split("->")[0]
+    return sum(1 for axis in kernel if axis in inputs)
+
+
+class LoRAProjection(keras.layers.Layer):
+    """A frozen projection plus a trainable low-rank update of the same input -> output map."""
+
+    def __init__(self, base: keras.layers.Layer, rank: int, alpha: float, **kwargs):
+        super().__init__(name=f"{base.name}_lora", dtype=base.dtype_policy, **kwargs)
+        self.base, self.rank, self.alpha = base, rank, alpha
+        shape = tuple(base.kernel.shape)
+        k = _split(base)
+        self.in_shape, self.out_shape = shape[:k], shape[k:]
+        self.lora_a = self.add_weight(name="lora_a", shape=(math.prod(self.in_shape), rank),
+                                      initializer=keras.initializers.HeUniform())
+        self.lora_b = self.add_weight(name="lora_b", shape=(rank, math.prod(self.out_shape)),
+                                      initializer="zeros")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def call(self, x):
+        k = len(self.in_shape)
+        lead = keras.ops.shape(x)[: len(x.shape) - k]
+        flat = keras.ops.reshape(x, (-1, math.prod(self.in_shape)))
+        update = keras.ops.matmul(keras.ops.matmul(flat, self.lora_a), self.lora_b) * self.scale
+        return self.base(x) + keras.ops.reshape(update, (*lead, *self.out_shape))
+
+    def merged_kernel(self):
+        """W + scale * A B in W's shape: the base layer alone then computes the adapted map."""
+        delta = keras.ops.matmul(self.lora_a, self.lora_b) * self.scale
+        return self.base.kernel + keras.ops.reshape(delta, self.base.kernel.shape)
+
+
+def _slots(backbone, targets: list[str]) -> list[tuple]:
+    """(owner layer, attribute) of every targeted projection in every transformer block."""
+    unknown = sorted(set(targets) - set(TARGETS))
+    if unknown or not targets:
+        raise FlagError(f"--lora_targets: unknown {unknown or 'empty list'}; choose from {sorted(TARGETS)}")
+    slots = []
+    for block in backbones.transformer_layers(backbone):
+        for name in targets:
+            owner_name, attribute = TARGETS[name]
+            owner = getattr(block, owner_name, None) if owner_name else block
+            layer = getattr(owner, attribute, None) if owner is not None else None
+            if layer is None or not hasattr(layer, "kernel"):
+                raise FlagError(f"--lora_targets={name}: {block.name} has no {attribute} projection; "
+                                "LoRA supports keras-hub TransformerEncoder blocks")
+            slots.append((owner, attribute))
+    return slots
+
+
+def _set(owner, attribute, layer) -> None:
+    owner._tracker.unlock()  # a built Keras layer refuses new sublayers otherwise
+    setattr(owner, attribute, layer)
+    owner._tracker.lock()
+
+
+def apply(backbone, config) -> dict:
+    if config.lora_rank < 1:
+        raise FlagError(f"--lora_rank={config.lora_rank}: must be at least 1")
+    slots = _slots(backbone, list(config.lora_targets))
+    for variable in backbone.weights:
+        variable.trainable = False
+    for owner, attribute in slots:
+        _set(owner, attribute, LoRAProjection(getattr(owner, attribute), config.lora_rank, config.lora_alpha))
+    return {"method": "lora", "rank": config.lora_rank, "alpha": config.lora_alpha,
+            "targets": list(config.lora_targets), "adapted_layers": len(slots)}
