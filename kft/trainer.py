@@ -273,6 +273,7 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
         metadata.update(data=data.description, flags=to_dict(config),
                         metrics={k: {m: results[k][m] for m in ("accuracy", "macro_f1")} for k in results})
         t0 = time.time()
+        methods.prepare_export(loaded.backbone, config)
         metrics["export"] = export.export(model, loaded.tokenizer, loaded.packing, prep.sequence_length,
                                           task, vocab.names, config.export_dir, run_name, metadata)
         metrics["training"]["export_seconds"] = round(time.time() - t0, 2)

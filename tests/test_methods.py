@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from conftest import tiny_config
 from kft import backbones, export, methods, optim, trainer
+from kft.methods import lora
 from kft.config import FlagError
 from kft.tasks import classification
 
@@ -78,6 +79,25 @@ def test_lora_starts_from_the_pretrained_function(tiny_preset):
     np.testing.assert_allclose(lora(features).numpy(), plain(features).numpy(), atol=1e-6)
 
 
+def test_merging_lora_keeps_the_function_and_leaves_only_base_weights(tiny_preset):
+    model, _, config = _build(tiny_preset, method="lora", lora_targets=["query", "value", "ffn_out"],
+                              learning_rate=1e-2)
+    for _ in range(3):
+        _one_step(model, config)
+    ids = np.array([[2, 7, 9, 11, 3], [2, 5, 3, 0, 0]], np.int32)
+    features = {"token_ids": ids, "padding_mask": (ids > 0).astype(np.int32)}
+    adapted = model(features).numpy()
+    assert lora.merge(_backbone(model)) == LAYERS * 3
+    assert not any("lora" in v.path for v in model.weights)
+    np.testing.assert_allclose(model(features).numpy(), adapted, atol=1e-5)
+
+
+def _backbone(model):
+    import keras_hub
+
+    return next(layer for layer in model.layers if isinstance(layer, keras_hub.models.Backbone))
+
+
 @pytest.mark.parametrize("overrides,message", [
     ({"method": "lora", "lora_targets": ["query", "gate"]}, r"unknown \['gate'\]"),
     ({"method": "lora", "lora_rank": 0}, "at least 1"),
@@ -93,7 +113,10 @@ def test_a_method_trains_reports_its_parameters_and_exports_the_same_function(ti
     config = tiny_config(backbone=tiny_preset, method=method, export=True, export_dir=str(tmp_path / "x"))
     trained = trainer.fit_model(config, str(tmp_path / "m"))
     parameters = trained.metrics["parameters"]
-    assert parameters["trainable"] == _count(trained.model.trainable_variables) < parameters["total"]
+    # (LoRA: the default rank 8 on query and value; its factors are merged away before export)
+    expected = (LAYERS * 2 * 8 * (16 + 16) + HEAD if method == "lora"
+                else _count(trained.model.trainable_variables))
+    assert parameters["trainable"] == expected < parameters["total"]
     assert trained.metrics["method"]["method"] == method
     served = export.load(trained.metrics["export"]).signatures["serve_token_ids"]
     ids = np.array([[2, 7, 9, 11, 3], [2, 5, 3, 0, 0]], np.int32)
@@ -101,3 +124,5 @@ def test_a_method_trains_reports_its_parameters_and_exports_the_same_function(ti
     expected = trained.model({"token_ids": ids, "padding_mask": mask}).numpy()
     got = served(token_ids=tf.constant(ids), padding_mask=tf.constant(mask))["probabilities"].numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5)
+    if method == "lora":  # merged at export: the served graph has only the base weights
+        assert not any("lora" in v.name for v in export.load(trained.metrics["export"]).variables)

@@ -15,3 +15,9 @@ def apply(backbone, config) -> dict:
         raise FlagError(f"--freeze_layers={config.freeze_layers} applies to --method=freeze, not "
                         f"--method={config.method}")
     return METHODS[config.method].apply(backbone, config)
+
+
+def prepare_export(backbone, config) -> None:
+    """Method-specific changes before export that keep the function (LoRA: merge the updates)."""
+    if config.method == "lora":
+        lora.merge(backbone)

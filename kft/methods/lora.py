@@ -89,8 +89,11 @@ def _slots(backbone, targets: list[str]) -> list[tuple]:
 
 
 def _set(owner, attribute, layer) -> None:
+    previous = getattr(owner, attribute)
     owner._tracker.unlock()  # a built Keras layer refuses new sublayers otherwise
     setattr(owner, attribute, layer)
+    if isinstance(previous, LoRAProjection):  # unwrapping: stop tracking the wrapper's weights
+        owner._layers[:] = [x for x in owner._layers if x is not previous]
     owner._tracker.lock()
 
 
@@ -104,3 +107,21 @@ def apply(backbone, config) -> dict:
         _set(owner, attribute, LoRAProjection(getattr(owner, attribute), config.lora_rank, config.lora_alpha))
     return {"method": "lora", "rank": config.lora_rank, "alpha": config.lora_alpha,
             "targets": list(config.lora_targets), "adapted_layers": len(slots)}
+
+
+def merge(backbone) -> int:
+    """Folds every LoRA update into its base kernel and removes the wrappers; returns how many.
+
+    The merged backbone computes the same function with the base model's cost: this is what the
+    export serves.
+    """
+    merged = 0
+    for block in backbones.transformer_layers(backbone):
+        for owner_name, attribute in TARGETS.values():
+            owner = getattr(block, owner_name, None) if owner_name else block
+            layer = getattr(owner, attribute, None) if owner is not None else None
+            if isinstance(layer, LoRAProjection):
+                layer.base.kernel.assign(layer.merged_kernel())
+                _set(owner, attribute, layer.base)
+                merged += 1
+    return merged
