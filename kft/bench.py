@@ -64,10 +64,14 @@ def main(argv):
         with open(FLAGS.row_output, "w") as f:
             json.dump(result, f, indent=2, default=str)
         return 0
-    if FLAGS.mode == "serve":
-        print(json.dumps(benchmark.run_serving(config, options), indent=2))
-        return 0
-    report = benchmark.run_training(config, options)
+    try:
+        if FLAGS.mode == "serve":
+            print(json.dumps(benchmark.run_serving(config, options), indent=2))
+            return 0
+        report = benchmark.run_training(config, options)
+    except RuntimeError as e:  # a row failed; its log is named in the message
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(benchmark.table(report))
     print(f"\nwrote {os.path.join(options.bench_dir, 'bench.json')} and bench.png")
     return 0
