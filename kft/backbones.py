@@ -217,3 +217,16 @@ def embedding_layers(backbone: keras.Model) -> list[keras.layers.Layer]:
     blocks = transformer_layers(backbone)
     first = backbone.layers.index(blocks[0]) if blocks else len(backbone.layers)
     return [layer for layer in backbone.layers[:first] if layer.weights]
+
+
+def replace_sublayer(owner: keras.layers.Layer, attribute: str, layer: keras.layers.Layer) -> None:
+    """Swaps a built layer's sublayer (a method's wrapper in, or the original back) in place.
+
+    The replaced layer stops being tracked by `owner`: a wrapper tracks the layer it wraps, and an
+    unwrapped wrapper's weights must leave the model.
+    """
+    previous = getattr(owner, attribute)
+    owner._tracker.unlock()  # a built Keras layer refuses new sublayers otherwise
+    setattr(owner, attribute, layer)
+    owner._layers[:] = [x for x in owner._layers if x is not previous]
+    owner._tracker.lock()

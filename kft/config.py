@@ -36,7 +36,9 @@ class Config:
     # Task and tuning method: new tasks and methods are sibling modules selected here.
     task: str = _field("classification", "What to fine-tune for.", ("classification",))
     method: str = _field("full", "How the backbone is tuned; a nonzero --freeze_layers selects freeze.",
-                         ("full", "freeze", "lora", "bitfit"))
+                         ("full", "freeze", "lora", "prompt", "prefix", "bitfit"))
+    adapter: str = _field("", "Start from this adapter.safetensors (a run's trainable part; same backbone "
+                          "and method); with --epochs=0 it is only evaluated and exported.")
 
     # Data.
     dataset: str = _field("", "TFDS name (imdb_reviews, glue/sst2) or sample_reviews (ships with kft).")
@@ -52,6 +54,8 @@ class Config:
     num_classes: int = _field(0, "Expected number of classes; 0 = take it from the training data.")
     validation_fraction: float = _field(0.1, "Share of train held out (stratified) without eval data.")
     max_train_examples: int = _field(0, "Use only the first N training examples (0 = all).")
+    max_train_examples_per_class: int = _field(0, "Few-shot: keep K training examples per class (seeded "
+                                               "stratified sample; 0 = all).")
     max_eval_examples: int = _field(0, "Use only the first N evaluation examples (0 = all).")
 
     # Backbone and model.
@@ -65,9 +69,13 @@ class Config:
     lora_alpha: float = _field(16.0, "--method=lora: the update is scaled by lora_alpha / lora_rank.")
     lora_targets: list = _field(["query", "value"], "--method=lora: projections adapted in every block: "
                                 "query, key, value, attention_output, ffn_in, ffn_out.")
+    num_prompt_tokens: int = _field(20, "--method=prompt: learned vectors inserted after the first token.")
+    prefix_length: int = _field(20, "--method=prefix: learned key/value positions in every layer.")
+    prefix_projection: int = _field(0, "--method=prefix: hidden size of the training-time MLP that "
+                                    "generates the prefix (folded away at export); 0 = learn it directly.")
 
     # Optimisation.
-    epochs: int = _field(1, "Training epochs.")
+    epochs: int = _field(1, "Training epochs; 0 = evaluate (and export) the start, e.g. an --adapter.")
     batch_size: int = _field(32, "Global batch size (summed over replicas).")
     eval_batch_size: int = _field(0, "Global batch size for evaluation and prediction; 0 = 4 x --batch_size.")
     learning_rate: float = _field(5e-5, "Peak learning rate of AdamW.")

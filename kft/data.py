@@ -17,6 +17,7 @@ import re
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 SAMPLE_DATASET = "sample_reviews"
 _SAMPLE_DIR = os.path.join(os.path.dirname(__file__), "sample_data")
@@ -53,8 +54,13 @@ class Split:
     def head(self, n: int) -> "Split":
         if not n or n >= len(self):
             return self
-        return Split(self.name, self.source, self.texts[:n], self.labels[:n],
-                     self.lines[:n] if self.lines else None)
+        return self.select(range(n))
+
+    def select(self, indices, name: str | None = None) -> "Split":
+        """The examples at `indices`, in that order."""
+        return Split(name or self.name, self.source, [self.texts[i] for i in indices],
+                     [self.labels[i] for i in indices],
+                     [self.lines[i] for i in indices] if self.lines else None)
 
 
 @dataclasses.dataclass
@@ -295,11 +301,26 @@ def stratified_holdout(split: Split, fraction: float, seed: int) -> tuple[Split,
         held.update(rng.permutation(idx)[:k].tolist())
 
     def take(name, keep):
-        idx = [i for i in range(len(split)) if (i in held) == keep]
-        return Split(name, split.source, [split.texts[i] for i in idx], [split.labels[i] for i in idx],
-                     [split.lines[i] for i in idx] if split.lines else None)
+        return split.select([i for i in range(len(split)) if (i in held) == keep], name)
 
     return take("train", False), take("eval", True)
+
+
+def per_class_sample(split: Split, k: int, seed: int) -> tuple[Split, dict]:
+    """K examples of every label, drawn at random (seeded), kept in source order.
+
+    Returns the sample and, per label, how many were available; a label with fewer than K
+    examples keeps all of them (reported by the caller, not padded).
+    """
+    by_label: dict = {}
+    for i, label in enumerate(split.labels):
+        by_label.setdefault(label, []).append(i)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in sorted(by_label, key=str):
+        idx = by_label[label]
+        chosen.extend(rng.permutation(idx)[:k].tolist())
+    return split.select(sorted(chosen)), {str(label): len(idx) for label, idx in by_label.items()}
 
 
 def label_distribution(ids: np.ndarray, vocab: LabelVocab) -> dict[str, int]:
@@ -356,6 +377,14 @@ def load(config) -> Data:
     if eval_ is None:
         train, eval_ = stratified_holdout(train, config.validation_fraction, config.seed)
         description += f" (eval = {config.validation_fraction:.0%} of train, stratified)"
+    if config.max_train_examples_per_class:
+        k = config.max_train_examples_per_class
+        train, available = per_class_sample(train, k, config.seed)
+        short = {label: n for label, n in available.items() if n < k}
+        if short:
+            logging.warning("%s: fewer than %d examples for label(s) %s; all of them are used",
+                            train.source, k, short)
+        description += f" ({k} per class, seed {config.seed})"
     eval_ = eval_.head(config.max_eval_examples)
     for other in (eval_, test):
         if other is not None:

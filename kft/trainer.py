@@ -13,8 +13,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from kft import backbones, data as data_lib, distribute, export, inputs, methods, optim, plots, tasks
-from kft import token_cache
+from kft import adapters, backbones, data as data_lib, distribute, export, inputs, methods, optim, plots
+from kft import tasks, token_cache
 from kft import loop as loop_lib
 from kft.config import Config, FlagError, to_dict
 from kft.metrics import format_report
@@ -117,6 +117,13 @@ def _leakage(data: data_lib.Data) -> dict:
     return out
 
 
+def _vocabulary(tokenizer) -> list[str] | None:
+    try:
+        return list(tokenizer.get_vocabulary())
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
+
+
 @dataclasses.dataclass
 class Trained:
     """What a finished (or resumed-to-completion) training run leaves in memory."""
@@ -188,8 +195,9 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
                for k in splits}
 
     with strategy.scope():
-        method_info = methods.apply(loaded.backbone, config)
-        model = task.build_model(loaded.backbone, len(vocab), config.dropout, config.pooling, config.seed)
+        backbone, method_info = methods.apply(loaded.backbone, config, _vocabulary(loaded.tokenizer))
+        model = task.build_model(backbone, len(vocab), config.dropout, config.pooling, config.seed)
+    adapter_in = adapters.load(model, config, config.adapter, vocab.names) if config.adapter else None
 
     def evaluate_fn(probabilities):
         return {"accuracy": float(np.mean(probabilities.argmax(-1) == label_ids["eval"])),
@@ -239,6 +247,7 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
         "backbone": {"spec": config.backbone, "source": loaded.source, "kind": loaded.kind,
                      "layers": loaded.num_layers},
         "method": method_info,
+        "adapter_loaded": adapter_in,
         "parameters": {"total": total, "trainable": trainable,
                        "trainable_percent": round(100.0 * trainable / total, 4)},
         "sequence_length": prep.sequence_length,
@@ -268,6 +277,12 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
         with tf.io.gfile.GFile(os.path.join(model_dir, "labels.json"), "w") as f:
             json.dump(vocab.to_json(), f, indent=2)
 
+    if method_info["method"] != "full" and worker.is_chief:  # full fine-tuning: the export is the artifact
+        metrics["adapter"] = adapters.save(model, config, os.path.join(model_dir, adapters.FILENAME),
+                                           vocab.names, loaded.source)
+        logging.info("adapter: %d trainable tensors (%d parameters, %.1f MB) saved to %s",
+                     metrics["adapter"]["tensors"], metrics["adapter"]["parameters"],
+                     metrics["adapter"]["bytes"] / 1e6, metrics["adapter"]["path"])
     if config.export and worker.is_chief:
         metadata = {k: metrics[k] for k in ("run_name", "task", "backbone", "method", "parameters")}
         metadata.update(data=data.description, flags=to_dict(config),

@@ -1,23 +1,31 @@
 """Tuning methods: each module decides which backbone weights train, applied before compile.
 
-Every method module exposes `apply(backbone, config) -> dict` returning a short description for logs
-and metrics. New methods (LoRA, prompt or prefix tuning, BitFit) are sibling modules.
+Every method module exposes `apply(backbone, config, vocabulary) -> (backbone, info)`: it freezes
+what must not train, may add weights (LoRA factors, prompt or prefix vectors), and returns the
+backbone to build the task model on (the same object, or a rebuilt graph sharing its layers) and a
+short description for logs and metrics. `prepare_export` turns training-time structure into the
+plain function that is served.
 """
 
 from kft.config import FlagError
-from kft.methods import bitfit, freeze, lora
+from kft.methods import bitfit, freeze, lora, prefix, prompt
 
-METHODS = {"full": freeze, "freeze": freeze, "lora": lora, "bitfit": bitfit}
+METHODS = {"full": freeze, "freeze": freeze, "lora": lora, "prompt": prompt, "prefix": prefix,
+           "bitfit": bitfit}
 
 
-def apply(backbone, config) -> dict:
-    if config.method in ("lora", "bitfit") and config.freeze_layers:
+def apply(backbone, config, vocabulary: list[str] | None = None):
+    """Returns (backbone to build the model on, description); `vocabulary` seeds prompt vectors."""
+    if config.method not in ("full", "freeze") and config.freeze_layers:
         raise FlagError(f"--freeze_layers={config.freeze_layers} applies to --method=freeze, not "
                         f"--method={config.method}")
-    return METHODS[config.method].apply(backbone, config)
+    return METHODS[config.method].apply(backbone, config, vocabulary)
 
 
 def prepare_export(backbone, config) -> None:
-    """Method-specific changes before export that keep the function (LoRA: merge the updates)."""
+    """Method-specific changes before export that keep the function: LoRA updates merged into the
+    base kernels, a prefix reparameterisation folded into plain vectors."""
     if config.method == "lora":
         lora.merge(backbone)
+    elif config.method == "prefix":
+        prefix.fold(backbone)

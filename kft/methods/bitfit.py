@@ -13,9 +13,9 @@ def is_bias(variable) -> bool:
     return variable.path.endswith(BIAS_SUFFIXES)
 
 
-def apply(backbone, config) -> dict:
+def apply(backbone, config, vocabulary=None):
     kept = 0
     for variable in backbone.weights:
         variable.trainable = is_bias(variable)
         kept += int(variable.trainable)
-    return {"method": "bitfit", "trainable": f"{kept} bias vectors of the backbone + the head"}
+    return backbone, {"method": "bitfit", "trainable": f"{kept} bias vectors of the backbone + the head"}

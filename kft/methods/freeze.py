@@ -10,7 +10,7 @@ from kft import backbones
 from kft.config import FlagError
 
 
-def apply(backbone, config) -> dict:
+def apply(backbone, config, vocabulary=None):
     blocks = backbones.transformer_layers(backbone)
     n = config.freeze_layers
     if n < -1 or n > len(blocks):
@@ -21,9 +21,9 @@ def apply(backbone, config) -> dict:
                         % len(blocks))
     if n == -1:
         backbone.trainable = False
-        return {"method": "freeze", "frozen": "whole backbone"}
+        return backbone, {"method": "freeze", "frozen": "whole backbone"}
     if n == 0:
-        return {"method": "full", "frozen": "none"}
+        return backbone, {"method": "full", "frozen": "none"}
     for layer in backbones.embedding_layers(backbone) + blocks[:n]:
         layer.trainable = False
-    return {"method": "freeze", "frozen": f"embeddings + {n} of {len(blocks)} layers"}
+    return backbone, {"method": "freeze", "frozen": f"embeddings + {n} of {len(blocks)} layers"}

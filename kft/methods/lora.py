@@ -88,24 +88,16 @@ def _slots(backbone, targets: list[str]) -> list[tuple]:
     return slots
 
 
-def _set(owner, attribute, layer) -> None:
-    previous = getattr(owner, attribute)
-    owner._tracker.unlock()  # a built Keras layer refuses new sublayers otherwise
-    setattr(owner, attribute, layer)
-    if isinstance(previous, LoRAProjection):  # unwrapping: stop tracking the wrapper's weights
-        owner._layers[:] = [x for x in owner._layers if x is not previous]
-    owner._tracker.lock()
-
-
-def apply(backbone, config) -> dict:
+def apply(backbone, config, vocabulary=None):
     if config.lora_rank < 1:
         raise FlagError(f"--lora_rank={config.lora_rank}: must be at least 1")
     slots = _slots(backbone, list(config.lora_targets))
     for variable in backbone.weights:
         variable.trainable = False
     for owner, attribute in slots:
-        _set(owner, attribute, LoRAProjection(getattr(owner, attribute), config.lora_rank, config.lora_alpha))
-    return {"method": "lora", "rank": config.lora_rank, "alpha": config.lora_alpha,
+        wrapper = LoRAProjection(getattr(owner, attribute), config.lora_rank, config.lora_alpha)
+        backbones.replace_sublayer(owner, attribute, wrapper)
+    return backbone, {"method": "lora", "rank": config.lora_rank, "alpha": config.lora_alpha,
             "targets": list(config.lora_targets), "adapted_layers": len(slots)}
 
 
@@ -122,6 +114,6 @@ def merge(backbone) -> int:
             layer = getattr(owner, attribute, None) if owner is not None else None
             if isinstance(layer, LoRAProjection):
                 layer.base.kernel.assign(layer.merged_kernel())
-                _set(owner, attribute, layer.base)
+                backbones.replace_sublayer(owner, attribute, layer.base)
                 merged += 1
     return merged
