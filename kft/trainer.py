@@ -214,7 +214,7 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
                              sources["train"], sources["eval"], evaluate_fn, static, jit)
     trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
     total = int(model.count_params())
-    logging.info("parameters: %d total, %d trainable (%.1f%%); method %s", total, trainable,
+    logging.info("parameters: %d total, %d trainable (%.3g%%); method %s", total, trainable,
                  100.0 * trainable / total, method_info)
     logging.info("batch size %d global = %d per replica x %d replicas (learning rate %g, independent "
                  "of the replica count); %d steps/epoch, %d epochs; worker %d of %d",

@@ -138,6 +138,28 @@ def test_holdout_is_stratified_and_seeded(tmp_path):
     assert "20% of train" in one.description
 
 
+def test_few_shot_keeps_k_per_class_seeded_and_reports_short_classes(tmp_path, caplog):
+    rows = "".join(f"text {i}\t{'a' if i % 10 else 'b'}\n" for i in range(200))  # 180 a, 20 b
+    train = write(tmp_path, "train.tsv", "sentence\tlabel\n" + rows)
+    evals = write(tmp_path, "dev.tsv", "sentence\tlabel\nx\ta\ny\tb\n")
+
+    def few(k, seed):
+        return data.load(tiny_config(dataset="", train_file=train, eval_file=evals,
+                                     max_train_examples_per_class=k, seed=seed))
+
+    one, same, other = few(16, 1), few(16, 1), few(16, 2)
+    assert sorted(one.train.labels) == ["a"] * 16 + ["b"] * 16
+    assert one.train.texts == same.train.texts and one.train.texts != other.train.texts
+    lines = one.train.lines
+    assert lines == sorted(lines)  # source order kept: file lines still point at the examples
+    assert all(one.train.texts[i] == f"text {lines[i] - 2}" for i in range(len(lines)))
+    assert "16 per class, seed 1" in one.description
+    with caplog.at_level("WARNING"):
+        many = few(64, 1)
+    assert sorted(many.train.labels).count("b") == 20 and len(many.train) == 84
+    assert "fewer than 64 examples for label(s) {'b': 20}" in caplog.text
+
+
 @pytest.mark.parametrize("name,text_key,eval_split", [("imdb_reviews", "text", "test"),
                                                       ("glue/sst2", "sentence", "validation")])
 def test_tfds_datasets_load_through_tfds(name, text_key, eval_split):
