@@ -153,6 +153,15 @@ def test_added_positions_respect_padding(tiny_preset, overrides):
     np.testing.assert_allclose(alone, both[1:], atol=1e-6)
 
 
+def test_the_prefix_mlp_starts_from_the_initial_vectors(tiny_preset):
+    direct, _, _ = _build(tiny_preset, method="prefix", prefix_length=4)
+    with_mlp, _, _ = _build(tiny_preset, method="prefix", prefix_length=4, prefix_projection=8)
+    with_mlp.get_layer("classifier").set_weights(direct.get_layer("classifier").get_weights())
+    ids = np.array([[2, 7, 9, 11, 3]], np.int32)
+    features = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    np.testing.assert_allclose(with_mlp(features).numpy(), direct(features).numpy(), atol=1e-6)
+
+
 def test_folding_the_prefix_mlp_keeps_the_function_and_drops_its_weights(tiny_preset):
     model, _, config = _build(tiny_preset, method="prefix", prefix_length=4, prefix_projection=8,
                               learning_rate=1e-2)

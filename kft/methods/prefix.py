@@ -4,8 +4,8 @@ Every transformer block's self-attention sees `--prefix_length` extra positions,
 vectors (per head) are learned; queries of real tokens attend to them, and they never appear in the
 output sequence. With `--prefix_projection=H` the vectors are produced during training by a small
 MLP (embedding [length, hidden] -> tanh(H) -> keys and values of all layers), the reparameterisation
-the paper uses for stability; `fold` computes them once and drops the MLP, so the exported graph
-holds plain vectors. Initial vectors are each layer's own key and value projections of normalised
+the paper uses for stability, added to the frozen initial vectors; `fold` computes them once and
+drops the MLP, so the exported graph holds plain vectors. Initial vectors are each layer's own key and value projections of normalised
 embeddings of real vocabulary words. The backbone is frozen; only the prefix (or its MLP) and the
 head train.
 """
@@ -29,7 +29,10 @@ class PrefixEncoder(keras.layers.Layer):
         self.embedding = self.add_weight(name="embedding", shape=init.shape,
                                          initializer=keras.initializers.Constant(init))
         self.hidden = keras.layers.Dense(projection, activation="tanh", name="hidden")
-        self.out = keras.layers.Dense(layers * 2 * heads * dim, name="out")
+        # Zero output layer: training starts exactly at the initial vectors, which stay frozen and
+        # which the MLP's output is added to (a random MLP output would start from noise keys and
+        # values in every layer, far from anything the backbone has seen).
+        self.out = keras.layers.Dense(layers * 2 * heads * dim, kernel_initializer="zeros", name="out")
         self.hidden.build(init.shape)
         self.out.build((init.shape[0], projection))
         self.built = True
@@ -56,7 +59,7 @@ class PrefixAttention(keras.layers.Layer):
         if self._encoder is None:
             return self.prefix_key, self.prefix_value
         generated = self._encoder.generate()[:, self.index]
-        return generated[:, 0], generated[:, 1]
+        return self.prefix_key + generated[:, 0], self.prefix_value + generated[:, 1]
 
     def call(self, query, value, key=None, attention_mask=None, return_attention_scores=False,
              training=None, **kwargs):
