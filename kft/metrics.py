@@ -1,4 +1,4 @@
-"""Classification metrics computed from predictions: accuracy, macro P/R/F1, confusion matrix."""
+"""Metrics computed from predictions: accuracy, macro P/R/F1, confusion matrix; entity-level P/R/F1."""
 
 from __future__ import annotations
 
@@ -54,3 +54,55 @@ def format_report(report: dict, names: list[str]) -> str:
                  f"{report['macro_f1']:.4f}  {report['examples']:7d}")
     lines.append(f"accuracy {report['accuracy']:.4f}")
     return "\n".join(lines)
+
+
+def entity_spans(tags: list[str]) -> list[tuple[str, int, int]]:
+    """(type, first word, last word + 1) of every entity in one sentence's IOB2 tags.
+
+    As in the CoNLL evaluation: `B-X` starts an entity; `I-X` continues it when the previous tag
+    is `B-X` or `I-X` of the same type, and otherwise starts a new one (so an ill-formed `I-X`
+    still counts as an entity, which is what the CoNLL scorer does).
+    """
+    spans, kind, start = [], None, 0
+    for i, tag in enumerate(list(tags) + ["O"]):
+        prefix, _, label = tag.partition("-")
+        continues = prefix == "I" and label == kind
+        if kind is not None and not continues:
+            spans.append((kind, start, i))
+            kind = None
+        if prefix == "B" or (prefix == "I" and not continues):
+            kind, start = label, i
+    return spans
+
+
+def entity_report(true_tags: list[list[str]], pred_tags: list[list[str]]) -> dict:
+    """Entity-level precision/recall/F1 (span and type must both match), micro and per type, and
+    word-level tag accuracy, over sentences of word tags."""
+    if len(true_tags) != len(pred_tags):
+        raise ValueError(f"{len(true_tags)} gold sentences but {len(pred_tags)} predicted")
+    counts: dict = {}
+    correct_words = words = 0
+    for gold, pred in zip(true_tags, pred_tags):
+        if len(gold) != len(pred):
+            raise ValueError(f"a sentence has {len(gold)} gold tags but {len(pred)} predicted")
+        words += len(gold)
+        correct_words += sum(g == p for g, p in zip(gold, pred))
+        g, p = set(entity_spans(gold)), set(entity_spans(pred))
+        for span in g | p:
+            c = counts.setdefault(span[0], [0, 0, 0])  # true positives, predicted, gold
+            c[0] += span in g and span in p
+            c[1] += span in p
+            c[2] += span in g
+
+    def prf(tp, predicted, gold):
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / gold if gold else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return {"precision": precision, "recall": recall, "f1": f1, "support": gold, "predicted": predicted}
+
+    total = [sum(c[i] for c in counts.values()) for i in range(3)]
+    micro = prf(*total)
+    return {"entity_precision": micro["precision"], "entity_recall": micro["recall"],
+            "entity_f1": micro["f1"], "entities": micro["support"], "predicted_entities": micro["predicted"],
+            "token_accuracy": correct_words / words if words else 0.0, "words": words,
+            "per_type": {kind: prf(*counts[kind]) for kind in sorted(counts)}}
