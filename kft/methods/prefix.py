@@ -5,9 +5,9 @@ vectors (per head) are learned; queries of real tokens attend to them, and they 
 output sequence. With `--prefix_projection=H` the vectors are produced during training by a small
 MLP (embedding [length, hidden] -> tanh(H) -> keys and values of all layers), the reparameterisation
 the paper uses for stability, added to the frozen initial vectors; `fold` computes them once and
-drops the MLP, so the exported graph holds plain vectors. Initial vectors are each layer's own key and value projections of normalised
-embeddings of real vocabulary words. The backbone is frozen; only the prefix (or its MLP) and the
-head train.
+drops the MLP, so the exported graph holds plain vectors. Initial vectors are each layer's own key
+and value projections of normalised embeddings of real vocabulary words. The backbone is frozen;
+only the prefix (or its MLP) and the head train.
 """
 
 from __future__ import annotations
