@@ -49,9 +49,11 @@ class CRF(keras.layers.Layer):
         self.start_penalty = np.where(allowed_start, 0.0, FORBIDDEN).astype("float32")
         self.built = True
 
-    def call(self, emissions, mask):
-        """Viterbi tags [batch, time] (int32); positions past a sequence's length hold 0."""
-        return self.decode(emissions, mask)[0]
+    def call(self, emissions):
+        """Passes the tag scores through: in a model graph the layer only owns the transition
+        weights (so they train, checkpoint and export with the model); the loss calls
+        `negative_log_likelihood` and prediction calls `decode`."""
+        return ops.cast(emissions, "float32")
 
     def _steps(self, emissions, mask):
         """Time-major emissions [time, batch, tags] and mask [time, batch, 1] (float)."""

@@ -73,12 +73,12 @@ def test_constrained_decoding_never_emits_a_forbidden_transition():
     emissions[..., 2] += 3.0  # I-PER scores high everywhere, also where it may not follow
     emissions[..., 4] += 3.0
     mask = np.ones((64, 7), "int32")
-    tags = np.asarray(layer(emissions, mask))
+    tags = np.asarray(layer.decode(emissions, mask)[0])
     for path in tags:
         assert TAGS[path[0]][:2] != "I-"
         for a, b in zip(path[:-1], path[1:]):
             assert allowed[a, b], (TAGS[a], TAGS[b])
     # The same layer without constraints would emit them: the test can fail.
     free = _layer(len(TAGS), 5)
-    free_tags = np.asarray(free(emissions, mask))
+    free_tags = np.asarray(free.decode(emissions, mask)[0])
     assert any(not allowed[a, b] for p in free_tags for a, b in zip(p[:-1], p[1:]))

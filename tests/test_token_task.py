@@ -1,0 +1,76 @@
+"""The token-classification head: losses over first pieces, CRF word gathering, one training step."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kft import backbones, crf as crf_lib
+from kft.tasks import token_classification as task
+
+TAGS = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+IDS = np.array([[2, 7, 9, 11, 12, 3], [2, 5, 6, 3, 0, 0]], np.int32)
+MASK = (IDS > 0).astype(np.int32)
+LABELS = np.array([[-1, 1, -1, 2, 0, -1], [-1, 3, 4, -1, -1, -1]], np.int32)  # first pieces only
+
+
+@pytest.fixture(params=[False, True], ids=["softmax", "crf"])
+def model(request, tiny_preset):
+    loaded = backbones.load(tiny_preset)
+    return task.build_model(loaded.backbone, len(TAGS), 0.0, use_crf=request.param, tags=TAGS, seed=1)
+
+
+def test_softmax_loss_is_the_mean_cross_entropy_of_tagged_positions(tiny_preset):
+    probabilities = np.random.default_rng(0).dirichlet(np.ones(5), size=(2, 6)).astype("float32")
+    got = np.asarray(task.loss_function(task.build_model(backbones.load(tiny_preset).backbone, 5, 0.0))(
+        LABELS, probabilities))
+    for b in range(2):
+        tagged = np.flatnonzero(LABELS[b] >= 0)
+        expected = -np.mean(np.log(probabilities[b, tagged, LABELS[b, tagged]]))
+        assert got[b] == pytest.approx(expected, rel=1e-5)
+
+
+def test_gather_words_moves_tagged_positions_to_the_front():
+    values = np.arange(12, dtype="float32").reshape(2, 6)
+    moved, word_labels, mask = task.gather_words(tf.constant(values), tf.constant(LABELS))
+    moved = np.asarray(moved)
+    assert moved[0, :3].tolist() == [1.0, 3.0, 4.0] and moved[1, :2].tolist() == [7, 8]
+    assert np.asarray(word_labels).tolist() == [[1, 2, 0, 0, 0, 0], [3, 4, 0, 0, 0, 0]]
+    assert np.asarray(mask).sum(1).tolist() == [3, 2]
+
+
+def test_crf_loss_is_the_word_level_negative_log_likelihood(tiny_preset):
+    model = task.build_model(backbones.load(tiny_preset).backbone, 5, 0.0, use_crf=True, tags=TAGS)
+    crf = task.crf_layer(model)
+    crf.transitions.assign(np.random.default_rng(1).normal(size=(5, 5)).astype("float32"))
+    scores = np.random.default_rng(2).normal(size=(2, 6, 5)).astype("float32")
+    got = np.asarray(task.loss_function(model)(LABELS, scores))
+    for b in range(2):
+        tagged = np.flatnonzero(LABELS[b] >= 0)
+        words = scores[b, tagged][None]
+        nll = crf.negative_log_likelihood(words, LABELS[b, tagged][None], np.ones((1, len(tagged)), "int32"))
+        assert got[b] == pytest.approx(float(np.asarray(nll)[0]) / len(tagged), rel=1e-5)
+
+
+def test_one_step_trains_the_head_and_the_transitions(model):
+    loss_fn = task.loss_function(model)
+    before = {id(v): v.numpy().copy() for v in model.trainable_variables}
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(loss_fn(LABELS, model({"token_ids": IDS, "padding_mask": MASK}, training=True)))
+    grads = tape.gradient(loss, model.trainable_variables)
+    assert all(g is not None for g in grads)
+    for v, g in zip(model.trainable_variables, grads):
+        v.assign_sub(0.1 * tf.convert_to_tensor(g))
+    changed = {v.path for v in model.trainable_variables if not np.array_equal(before[id(v)], v.numpy())}
+    assert "tagger/kernel" in changed
+    if task.crf_layer(model) is not None:
+        assert "crf/transitions" in changed
+
+
+def test_predicted_words_follow_iob2_with_a_crf(model):
+    outputs = model({"token_ids": IDS, "padding_mask": MASK}).numpy()
+    words = task.predict_words(model, outputs, LABELS)
+    assert [len(w) for w in words] == [3, 2]
+    if task.crf_layer(model) is not None:
+        allowed, start = crf_lib.iob2_constraints(TAGS)
+        for w in words:
+            assert start[w[0]] and all(allowed[a, b] for a, b in zip(w[:-1], w[1:]))
