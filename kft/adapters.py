@@ -21,7 +21,7 @@ from kft.config import FlagError
 FILENAME = "adapter.safetensors"
 # Flags that decide which weights exist and what they mean; an adapter needs the same values.
 STRUCTURE_FLAGS = ("task", "method", "freeze_layers", "lora_rank", "lora_alpha", "lora_targets",
-                   "num_prompt_tokens", "prefix_length", "prefix_projection", "pooling")
+                   "num_prompt_tokens", "prefix_length", "prefix_projection", "pooling", "crf")
 
 
 def _key(index: int, variable) -> str:

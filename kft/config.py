@@ -34,7 +34,7 @@ class Config:
     """Everything that defines a fine-tuning run."""
 
     # Task and tuning method: new tasks and methods are sibling modules selected here.
-    task: str = _field("classification", "What to fine-tune for.", ("classification",))
+    task: str = _field("classification", "What to fine-tune for.", ("classification", "token_classification"))
     method: str = _field("full", "How the backbone is tuned; a nonzero --freeze_layers selects freeze.",
                          ("full", "freeze", "lora", "prompt", "prefix", "bitfit"))
     adapter: str = _field("", "Start from this adapter.safetensors (a run's trainable part; same backbone "
@@ -53,6 +53,9 @@ class Config:
     label_names: list = _field(None, "Display names for integer labels 0..k-1, e.g. negative,positive.")
     num_classes: int = _field(0, "Expected number of classes; 0 = take it from the training data.")
     validation_fraction: float = _field(0.1, "Share of train held out (stratified) without eval data.")
+    tag_column: int = _field(-1, "Token classification, CoNLL files: column holding the tag (-1 = last).")
+    stride: int = _field(32, "Token classification: word pieces shared by consecutive windows of a "
+                         "sentence longer than --sequence_length.")
     max_train_examples: int = _field(0, "Use only the first N training examples (0 = all).")
     max_train_examples_per_class: int = _field(0, "Few-shot: keep K training examples per class (seeded "
                                                "stratified sample; 0 = all).")
@@ -64,6 +67,8 @@ class Config:
     sequence_length: int = _field(0, "Token cap per text; 0 = the training data's 99th length percentile.")
     pooling: str = _field("auto", "Text representation fed to the head.", ("auto", "pooled", "cls", "mean"))
     dropout: float = _field(0.1, "Dropout rate before the classification head.")
+    crf: bool = _field(False, "Token classification: a linear-chain CRF head (Viterbi decoding) instead of "
+                       "per-token softmax.")
     freeze_layers: int = _field(0, "Freeze embeddings + the lowest N transformer layers; -1 = all.")
     lora_rank: int = _field(8, "--method=lora: rank of each low-rank update.")
     lora_alpha: float = _field(16.0, "--method=lora: the update is scaled by lora_alpha / lora_rank.")

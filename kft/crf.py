@@ -56,24 +56,26 @@ class CRF(keras.layers.Layer):
         return ops.cast(emissions, "float32")
 
     def _steps(self, emissions, mask):
-        """Time-major emissions [time, batch, tags] and mask [time, batch, 1] (float)."""
+        """Time-major emissions [time, batch, tags] and mask [time, batch, 1] (float), and both
+        in one tensor [time, batch, tags + 1] to scan over (Keras' TF scan needs a single input
+        when the time length is only known at run time)."""
         e = ops.transpose(ops.cast(emissions, "float32"), (1, 0, 2))
         m = ops.transpose(ops.cast(mask, "float32"), (1, 0))[..., None]
-        return e, m
+        return e, m, ops.concatenate([e, m], axis=-1)
 
     def log_partition(self, emissions, mask):
         """log sum over all tag paths of exp(score) [batch]: the forward algorithm."""
-        e, m = self._steps(emissions, mask)
+        e, _, both = self._steps(emissions, mask)
         trans = ops.convert_to_tensor(self.transitions)[None]  # [1, from, to]
 
         def step(alpha, inputs):
-            e_t, m_t = inputs
+            e_t, m_t = inputs[:, :-1], inputs[:, -1:]
             nxt = ops.logsumexp(alpha[:, :, None] + trans, axis=1) + e_t
             alpha = m_t * nxt + (1.0 - m_t) * alpha  # past the end: carry the last value
             return alpha, alpha
 
         alpha0 = self.start[None] + e[0]
-        alpha, _ = ops.scan(step, alpha0, (e[1:], m[1:]))
+        alpha, _ = ops.scan(step, alpha0, both[1:])
         return ops.logsumexp(alpha + self.end[None], axis=1)
 
     def path_score(self, emissions, tags, mask):
@@ -95,12 +97,12 @@ class CRF(keras.layers.Layer):
 
     def decode(self, emissions, mask):
         """(best tags [batch, time] int32, their score [batch]) under the transition constraints."""
-        e, m = self._steps(emissions, mask)
+        e, _, both = self._steps(emissions, mask)
         trans = (ops.convert_to_tensor(self.transitions) + self.penalty)[None]
         score0 = self.start[None] + self.start_penalty[None] + e[0]
 
         def forward(score, inputs):
-            e_t, m_t = inputs
+            e_t, m_t = inputs[:, :-1], inputs[:, -1:]
             candidates = score[:, :, None] + trans  # [batch, from, to]
             best_from = ops.cast(ops.argmax(candidates, axis=1), "int32")
             nxt = ops.max(candidates, axis=1) + e_t
@@ -111,7 +113,7 @@ class CRF(keras.layers.Layer):
             # (as float: the TF backend's scan stacks outputs in the inputs' dtype)
             return score, ops.cast(keep * best_from + (1 - keep) * same, "float32")
 
-        score, pointers = ops.scan(forward, score0, (e[1:], m[1:]))  # pointers [time-1, batch, tags]
+        score, pointers = ops.scan(forward, score0, both[1:])  # pointers [time-1, batch, tags]
         pointers = ops.cast(pointers, "int32")
         score = score + self.end[None]
         last = ops.cast(ops.argmax(score, axis=1), "int32")

@@ -187,6 +187,8 @@ def plan_dataset(plan: BatchPlan, matrix: tf.Tensor, lengths: np.ndarray, labels
                  example_weights: np.ndarray, num_replicas: int = 1, replica_ids=None) -> tf.data.Dataset:
     """Per-replica batches of `plan`, as (features, labels, weights).
 
+    `labels` is [n] (one per example) or [n, longest] (one per position, cut to each batch's width).
+
     Each global batch is cut into `num_replicas` equal slices; this pipeline yields the slices of
     `replica_ids` (default: all), in order, which is how tf.distribute hands consecutive elements
     to the replicas it feeds. `weights` are the example weights divided by the number of real
@@ -211,7 +213,10 @@ def plan_dataset(plan: BatchPlan, matrix: tf.Tensor, lengths: np.ndarray, labels
         ids = tf.gather(matrix, safe)[:, :width]
         n = tf.where(rows >= 0, tf.gather(lengths, safe), 0)
         mask = tf.cast(tf.range(width)[None, :] < n[:, None], tf.int32)
-        return _features(ids, mask), tf.gather(labels, safe), w
+        batch_labels = tf.gather(labels, safe)
+        if labels.shape.rank == 2:  # one label per position (token tasks): cut like the ids
+            batch_labels = batch_labels[:, :width]
+        return _features(ids, mask), batch_labels, w
 
     ds = tf.data.Dataset.from_tensor_slices((indices, widths, weights))
     return ds.map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(

@@ -53,7 +53,7 @@ class Split:
 
     matrix: tf.Tensor  # [n, longest] int32 token ids
     lengths: np.ndarray  # [n]
-    labels: np.ndarray  # [n] int32
+    labels: np.ndarray  # [n] int32, or [n, longest] for per-position labels
     weights: np.ndarray  # [n] float32 loss weight of each example (class weights)
 
     @classmethod
@@ -182,17 +182,23 @@ class Loop:
                                  self.static_shapes)
 
     def predict(self, split: Split) -> np.ndarray:
-        """Class probabilities for every example of `split`, in its original order."""
+        """Model outputs for every example of `split`, in its original order: [n, classes], or
+        [n, longest, tags] for per-position outputs (zero beyond each batch's width)."""
         plan = inputs.eval_plan(split.lengths, eval_batch_size(self.config), self.config.num_buckets,
                                 self.static_shapes)
         iterator = iter(distributed_dataset(self.strategy, plan, split))
         out = None
         for rows in plan.indices:
             probabilities = self._predict_step(iterator).numpy()
-            if out is None:
-                out = np.zeros((len(split.lengths), probabilities.shape[-1]), probabilities.dtype)
+            if out is None:  # per-position outputs [batch, width, k] go into [n, longest, k]
+                shape = (len(split.lengths),) + ((int(split.lengths.max()),) if probabilities.ndim == 3
+                                                 else ()) + probabilities.shape[-1:]
+                out = np.zeros(shape, probabilities.dtype)
             keep = rows >= 0
-            out[rows[keep]] = probabilities[keep]
+            if probabilities.ndim == 3:
+                out[rows[keep], :probabilities.shape[1]] = probabilities[keep]
+            else:
+                out[rows[keep]] = probabilities[keep]
         return out
 
     # -- state ---------------------------------------------------------------------------------------

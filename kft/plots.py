@@ -83,3 +83,19 @@ def benchmark_bars(labels: list[str], panels: list[tuple[str, list]], implied: l
         fig.suptitle(title)
     fig.tight_layout()
     _save(fig, path)
+
+
+def per_type_scores(per_type: dict, path: str, title: str = "") -> None:
+    """Grouped bars of precision, recall and F1 per entity type."""
+    kinds = sorted(per_type)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(kinds) + 1.5), 3.6))
+    x = np.arange(len(kinds))
+    for i, measure in enumerate(("precision", "recall", "f1")):
+        ax.bar(x + (i - 1) * 0.27, [per_type[k][measure] for k in kinds], width=0.27, label=measure)
+    ax.set_xticks(x, [f"{k}\n({per_type[k]['support']})" for k in kinds])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score")
+    ax.set_title(title or "entity scores per type (support)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    _save(fig, path)

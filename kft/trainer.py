@@ -13,11 +13,10 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from kft import adapters, backbones, data as data_lib, distribute, export, inputs, methods, optim, plots
-from kft import tasks, token_cache
+from kft import adapters, backbones, distribute, inputs, methods, optim, plots
+from kft import tasks
 from kft import loop as loop_lib
 from kft.config import Config, FlagError, to_dict
-from kft.metrics import format_report
 
 
 def default_run_name(config: Config) -> str:
@@ -34,87 +33,10 @@ def default_model_dir(config: Config) -> str:
     return config.model_dir or os.path.join("runs", default_run_name(config))
 
 
-def _split_stats(split: data_lib.Split, encoded: inputs.Encoded, ids: np.ndarray,
-                 vocab: data_lib.LabelVocab) -> dict:
-    return {
-        "source": split.source,
-        "examples": len(split),
-        "labels": data_lib.label_distribution(ids, vocab),
-        "truncated": encoded.truncated,
-        "cut_to_max_chars": encoded.cut_chars,
-        "mean_tokens": round(float(encoded.lengths.mean()), 2),
-        "max_tokens": int(encoded.lengths.max()),
-    }
-
-
 def _use_jit(config: Config) -> bool:
     if config.jit_compile == "auto":
         return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
     return config.jit_compile == "true"
-
-
-@dataclasses.dataclass
-class _Inputs:
-    """Every split tokenized once, with its class ids and statistics."""
-
-    sequence_length: int
-    splits: dict  # name -> data.Split
-    encoded: dict  # name -> inputs.Encoded
-    label_ids: dict  # name -> np.ndarray
-    stats: dict
-    seconds: float
-
-
-def _prepare_inputs(config: Config, data: data_lib.Data, loaded: backbones.Loaded,
-                    model_dir: str, is_chief: bool = True) -> _Inputs:
-    """Tokenizes every split once (or reads its ids from the token cache), then packs them."""
-    t0 = time.time()
-    splits = {"train": data.train, "eval": data.eval}
-    if data.test is not None:
-        splits["test"] = data.test
-    cache_dir = os.path.join(model_dir, "token_cache") if config.cache_tokens else None
-    fingerprint = token_cache.tokenizer_fingerprint(loaded.tokenizer) if cache_dir else None
-    pieces, cached = {}, {}
-    for k, s in splits.items():
-        pieces[k], hit = token_cache.word_pieces(loaded.tokenizer, s.texts, cache_dir, fingerprint,
-                                                       write=is_chief)
-        cached[k] = "hit" if hit else ("miss" if cache_dir else "off")
-    raw_lengths = pieces["train"].row_lengths().numpy()
-    sequence_length = config.sequence_length or inputs.choose_sequence_length(
-        raw_lengths, loaded.packing, loaded.max_sequence_length)
-    if sequence_length > loaded.max_sequence_length:
-        raise FlagError(f"--sequence_length={sequence_length} exceeds the backbone's limit of "
-                        f"{loaded.max_sequence_length} positions")
-    encoded = {k: inputs.pack_pieces(pieces[k], loaded.packing, sequence_length,
-                                     inputs.count_cut(s.texts)) for k, s in splits.items()}
-    label_ids = {k: data.vocab.encode(s, config.label_field) for k, s in splits.items()}
-    stats = {k: {**_split_stats(splits[k], encoded[k], label_ids[k], data.vocab), "token_cache": cached[k]}
-             for k in splits}
-    prepared = _Inputs(sequence_length, splits, encoded, label_ids, stats, time.time() - t0)
-    logging.info("data: %s; sequence_length=%d (%s); tokenized in %.1fs (token cache: %s)",
-                 data.description, sequence_length,
-                 "given" if config.sequence_length else "99th percentile of train", prepared.seconds,
-                 ", ".join(f"{k} {v}" for k, v in cached.items()))
-    for k, st in stats.items():
-        logging.info("  %s: %d examples, labels %s, %d truncated to %d tokens, mean %.1f tokens",
-                     k, st["examples"], st["labels"], st["truncated"], sequence_length, st["mean_tokens"])
-        if st["cut_to_max_chars"]:
-            logging.warning("  %s: %d text(s) longer than %d characters cut before tokenizing", k,
-                            st["cut_to_max_chars"], inputs.MAX_TEXT_CHARS)
-    return prepared
-
-
-def _leakage(data: data_lib.Data) -> dict:
-    """How many eval/test texts also occur verbatim in train: reported, since it inflates scores."""
-    seen = set(data.train.texts)
-    out = {}
-    for name, split in (("eval", data.eval), ("test", data.test)):
-        if split is not None:
-            out[name] = sum(1 for t in split.texts if t in seen)
-            if out[name]:
-                logging.warning("leakage: %d of %d %s texts also appear in the training data",
-                                out[name], len(split), name)
-    return out
 
 
 def _vocabulary(tokenizer) -> list[str] | None:
@@ -173,45 +95,29 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
                         f"over {replicas} replicas")
     run_name = default_run_name(config)
 
-    data = data_lib.load(config)
-    vocab = data.vocab
+    data = task.load_data(config)
     with strategy.scope():
         loaded = backbones.load(config.backbone)
     logging.info("backbone: %s (%s), %d transformer layers", loaded.source, loaded.kind,
                  loaded.num_layers)
-    prep = _prepare_inputs(config, data, loaded, model_dir, worker.is_chief)
-    splits, encoded, label_ids, stats = prep.splits, prep.encoded, prep.label_ids, prep.stats
-    leakage = _leakage(data)
-
-    class_weight = None
-    example_weights = None
-    if config.class_weights == "balanced":
-        class_weight = data_lib.balanced_class_weights(label_ids["train"], len(vocab))
-        example_weights = np.asarray([class_weight[int(y)] for y in label_ids["train"]], np.float32)
-        logging.info("class weights: %s", class_weight)
-    pad = loaded.packing.pad
-    sources = {k: loop_lib.Split.from_encoded(encoded[k], label_ids[k], pad,
-                                             example_weights if k == "train" else None)
-               for k in splits}
+    prep = task.prepare(config, data, loaded, model_dir, worker.is_chief)
+    sources = prep.sources
 
     with strategy.scope():
         backbone, method_info = methods.apply(loaded.backbone, config, _vocabulary(loaded.tokenizer))
-        model = task.build_model(backbone, len(vocab), config.dropout, config.pooling, config.seed)
-    adapter_in = adapters.load(model, config, config.adapter, vocab.names) if config.adapter else None
-
-    def evaluate_fn(probabilities):
-        return {"accuracy": float(np.mean(probabilities.argmax(-1) == label_ids["eval"])),
-                "loss": loop_lib.mean_cross_entropy(probabilities, label_ids["eval"])}
+        model = task.build(backbone, prep.names, config)
+    prep.model = model
+    adapter_in = adapters.load(model, config, config.adapter, prep.names) if config.adapter else None
 
     jit = _use_jit(config)
     # XLA (TPU, or --jit_compile) compiles one program per input shape: give it one per bucket.
     static = distribute.uses_static_shapes(strategy) or jit
-    steps_per_epoch = len(inputs.train_plan(encoded["train"].lengths, config.batch_size,
+    steps_per_epoch = len(inputs.train_plan(sources["train"].lengths, config.batch_size,
                                             config.num_buckets, config.seed, 0, static))
     with strategy.scope():
         optimizer = optim.build_optimizer(config, steps_per_epoch * config.epochs)
-        loop = loop_lib.Loop(model, optimizer, task.per_example_loss, strategy, config, model_dir,
-                             sources["train"], sources["eval"], evaluate_fn, static, jit)
+        loop = loop_lib.Loop(model, optimizer, task.loss_function(model), strategy, config, model_dir,
+                             sources["train"], sources["eval"], prep.epoch_eval, static, jit)
     trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
     total = int(model.count_params())
     logging.info("parameters: %d total, %d trainable (%.3g%%); method %s", total, trainable,
@@ -231,13 +137,13 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
 
     t0 = time.time()
     results = {}
-    for k in splits:
+    for k, source in sources.items():
         if k == "train":
             continue
         reuse = k == "eval" and loop.eval_probabilities is not None
-        probabilities = loop.eval_probabilities if reuse else loop.predict(sources[k])
-        results[k] = task.evaluate(probabilities, label_ids[k], vocab.names)
-        logging.info("%s metrics:\n%s", k, format_report(results[k], vocab.names))
+        outputs = loop.eval_probabilities if reuse else loop.predict(source)
+        results[k] = prep.evaluate(k, outputs, model)
+        logging.info("%s metrics:\n%s", k, prep.format(results[k]))
     eval_seconds = time.time() - t0
 
     epochs_now = len(state["history"])
@@ -251,7 +157,7 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
         "parameters": {"total": total, "trainable": trainable,
                        "trainable_percent": round(100.0 * trainable / total, 4)},
         "sequence_length": prep.sequence_length,
-        "data": {"description": data.description, "labels": vocab.names, "leakage": leakage, **stats},
+        "data": {"description": prep.description, "labels": prep.names, **prep.stats},
         "training": {
             "epochs_run": epochs_now, "steps": state["step"], "steps_per_epoch": loop.steps_per_epoch,
             "global_batch_size": config.batch_size, "replicas": replicas, "workers": worker.count,
@@ -260,7 +166,7 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
             "train_seconds": round(train_seconds, 2), "tokenize_seconds": round(prep.seconds, 2),
             # train_seconds split: steps, epoch-end evaluations, checkpoint writes (this process)
             "train_seconds_split": {k: round(v, 2) for k, v in loop.seconds.items()},
-            "eval_seconds": round(eval_seconds, 2), "class_weights": class_weight,
+            "eval_seconds": round(eval_seconds, 2), "class_weights": prep.class_weight,
             "examples_per_second": round(
                 loop.steps_per_epoch * config.batch_size * epochs_now / max(train_seconds, 1e-9), 2),
             "history": state["history"],
@@ -271,26 +177,21 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
     if worker.is_chief:
         plots.training_curves(state["curve_steps"], state["curve_losses"], state["history"],
                               os.path.join(model_dir, "training_curves.png"))
-        plots.confusion_matrix(results["eval"]["confusion_matrix"], vocab.names,
-                               os.path.join(model_dir, "confusion_matrix.png"),
-                               f"eval: {data.eval.source}")
-        with tf.io.gfile.GFile(os.path.join(model_dir, "labels.json"), "w") as f:
-            json.dump(vocab.to_json(), f, indent=2)
+        prep.write_outputs(results, model_dir)
 
     if method_info["method"] != "full" and worker.is_chief:  # full fine-tuning: the export is the artifact
         metrics["adapter"] = adapters.save(model, config, os.path.join(model_dir, adapters.FILENAME),
-                                           vocab.names, loaded.source)
+                                           prep.names, loaded.source)
         logging.info("adapter: %d trainable tensors (%d parameters, %.1f MB) saved to %s",
                      metrics["adapter"]["tensors"], metrics["adapter"]["parameters"],
                      metrics["adapter"]["bytes"] / 1e6, metrics["adapter"]["path"])
     if config.export and worker.is_chief:
         metadata = {k: metrics[k] for k in ("run_name", "task", "backbone", "method", "parameters")}
-        metadata.update(data=data.description, flags=to_dict(config),
-                        metrics={k: {m: results[k][m] for m in ("accuracy", "macro_f1")} for k in results})
+        metadata.update(data=prep.description, flags=to_dict(config),
+                        metrics={k: {m: results[k][m] for m in prep.headline} for k in results})
         t0 = time.time()
         methods.prepare_export(loaded.backbone, config)
-        metrics["export"] = export.export(model, loaded.tokenizer, loaded.packing, prep.sequence_length,
-                                          task, vocab.names, config.export_dir, run_name, metadata)
+        metrics["export"] = task.export(model, loaded, prep, config, run_name, metadata)
         metrics["training"]["export_seconds"] = round(time.time() - t0, 2)
     metrics["training"]["total_seconds"] = round(time.time() - started, 2)
     if worker.is_chief:
@@ -298,4 +199,4 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
             json.dump(metrics, f, indent=2, default=str)
     padded = sum(int(np.sum(plan.widths)) * config.batch_size
                  for plan in (loop._plan(e) for e in range(epochs_now)))
-    return Trained(model, metrics, encoded["train"].lengths, padded)
+    return Trained(model, metrics, prep.train_lengths, padded)

@@ -74,3 +74,53 @@ def test_predicted_words_follow_iob2_with_a_crf(model):
         allowed, start = crf_lib.iob2_constraints(TAGS)
         for w in words:
             assert start[w[0]] and all(allowed[a, b] for a, b in zip(w[:-1], w[1:]))
+
+
+def _write_conll(path, n, seed):
+    """Sentences where 'actor'/'actress' (+ 'act') are people and 'board'/'book' organisations."""
+    rng = np.random.default_rng(seed)
+    filler = ["a", "about", "across", "all", "also", "and", "another", "as", "at", "bad", "beautiful", "big"]
+    lines = ["-DOCSTART- O", ""]
+    for _ in range(n):
+        for _ in range(int(rng.integers(3, 12))):
+            r = rng.random()
+            if r < 0.15:
+                lines.append(f"{rng.choice(['actor', 'actress'])} B-PER")
+                if rng.random() < 0.5:
+                    lines.append("act I-PER")
+            elif r < 0.25:
+                lines.append(f"{rng.choice(['board', 'book'])} B-ORG")
+            else:
+                lines.append(f"{rng.choice(filler)} O")
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("use_crf", [False, True], ids=["softmax", "crf"])
+def test_token_classification_trains_end_to_end_and_scores_every_word(tiny_preset, tmp_path, use_crf):
+    from conftest import tiny_config
+    from kft import trainer
+
+    config = tiny_config(dataset="", backbone=tiny_preset, task="token_classification", crf=use_crf,
+                         train_file=_write_conll(tmp_path / "train.txt", 200, 0),
+                         eval_file=_write_conll(tmp_path / "valid.txt", 40, 1),
+                         epochs=3, learning_rate=3e-3, sequence_length=8, stride=2)
+    metrics = trainer.fit_model(config, str(tmp_path / "m")).metrics
+    data, report = metrics["data"], metrics["eval"]
+    assert data["labels"] == ["O", "B-ORG", "B-PER", "I-PER"]
+    assert data["eval"]["split_sentences"] > 0 and data["eval"]["windows"] > data["eval"]["sentences"]
+    assert report["words"] == data["eval"]["words"]  # every word of every window-split sentence scored
+    assert report["entity_f1"] > 0.8 and set(report["per_type"]) == {"ORG", "PER"}
+    assert (tmp_path / "m" / "entity_scores.png").exists()
+
+
+def test_token_classification_refuses_what_it_does_not_do_yet(tiny_preset, tmp_path):
+    from conftest import tiny_config
+    from kft import trainer
+    from kft.config import FlagError
+
+    train = _write_conll(tmp_path / "train.txt", 5, 0)
+    with pytest.raises(FlagError, match="export is not available"):
+        trainer.fit_model(tiny_config(dataset="", backbone=tiny_preset, task="token_classification",
+                                      train_file=train, export=True), str(tmp_path / "a"))

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import time
+
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
-from kft import metrics
+from kft import backbones, data as data_lib, export as export_lib, inputs, metrics, plots, token_cache
+from kft import loop as loop_lib
+from kft.config import Config, FlagError
 
 
 def _pool(outputs, padding_mask, pooling: str):
@@ -61,3 +69,138 @@ def serving_outputs(probabilities: tf.Tensor, names: list[str]) -> dict[str, tf.
     class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
     return {"probabilities": probabilities, "class_id": class_id,
             "label": tf.gather(tf.constant(names), class_id)}
+
+
+# -- data ---------------------------------------------------------------------------------------------
+
+def _split_stats(split: data_lib.Split, encoded: inputs.Encoded, ids: np.ndarray,
+                 vocab: data_lib.LabelVocab) -> dict:
+    return {
+        "source": split.source,
+        "examples": len(split),
+        "labels": data_lib.label_distribution(ids, vocab),
+        "truncated": encoded.truncated,
+        "cut_to_max_chars": encoded.cut_chars,
+        "mean_tokens": round(float(encoded.lengths.mean()), 2),
+        "max_tokens": int(encoded.lengths.max()),
+    }
+
+
+@dataclasses.dataclass
+class _Inputs:
+    """Every split tokenized once, with its class ids and statistics."""
+
+    sequence_length: int
+    splits: dict  # name -> data.Split
+    encoded: dict  # name -> inputs.Encoded
+    label_ids: dict  # name -> np.ndarray
+    stats: dict
+    seconds: float
+
+
+def _prepare_inputs(config: Config, data: data_lib.Data, loaded: backbones.Loaded,
+                    model_dir: str, is_chief: bool = True) -> _Inputs:
+    """Tokenizes every split once (or reads its ids from the token cache), then packs them."""
+    t0 = time.time()
+    splits = {"train": data.train, "eval": data.eval}
+    if data.test is not None:
+        splits["test"] = data.test
+    cache_dir = os.path.join(model_dir, "token_cache") if config.cache_tokens else None
+    fingerprint = token_cache.tokenizer_fingerprint(loaded.tokenizer) if cache_dir else None
+    pieces, cached = {}, {}
+    for k, s in splits.items():
+        pieces[k], hit = token_cache.word_pieces(loaded.tokenizer, s.texts, cache_dir, fingerprint,
+                                                       write=is_chief)
+        cached[k] = "hit" if hit else ("miss" if cache_dir else "off")
+    raw_lengths = pieces["train"].row_lengths().numpy()
+    sequence_length = config.sequence_length or inputs.choose_sequence_length(
+        raw_lengths, loaded.packing, loaded.max_sequence_length)
+    if sequence_length > loaded.max_sequence_length:
+        raise FlagError(f"--sequence_length={sequence_length} exceeds the backbone's limit of "
+                        f"{loaded.max_sequence_length} positions")
+    encoded = {k: inputs.pack_pieces(pieces[k], loaded.packing, sequence_length,
+                                     inputs.count_cut(s.texts)) for k, s in splits.items()}
+    label_ids = {k: data.vocab.encode(s, config.label_field) for k, s in splits.items()}
+    stats = {k: {**_split_stats(splits[k], encoded[k], label_ids[k], data.vocab), "token_cache": cached[k]}
+             for k in splits}
+    prepared = _Inputs(sequence_length, splits, encoded, label_ids, stats, time.time() - t0)
+    logging.info("data: %s; sequence_length=%d (%s); tokenized in %.1fs (token cache: %s)",
+                 data.description, sequence_length,
+                 "given" if config.sequence_length else "99th percentile of train", prepared.seconds,
+                 ", ".join(f"{k} {v}" for k, v in cached.items()))
+    for k, st in stats.items():
+        logging.info("  %s: %d examples, labels %s, %d truncated to %d tokens, mean %.1f tokens",
+                     k, st["examples"], st["labels"], st["truncated"], sequence_length, st["mean_tokens"])
+        if st["cut_to_max_chars"]:
+            logging.warning("  %s: %d text(s) longer than %d characters cut before tokenizing", k,
+                            st["cut_to_max_chars"], inputs.MAX_TEXT_CHARS)
+    return prepared
+
+
+def _leakage(data: data_lib.Data) -> dict:
+    """How many eval/test texts also occur verbatim in train: reported, since it inflates scores."""
+    seen = set(data.train.texts)
+    out = {}
+    for name, split in (("eval", data.eval), ("test", data.test)):
+        if split is not None:
+            out[name] = sum(1 for t in split.texts if t in seen)
+            if out[name]:
+                logging.warning("leakage: %d of %d %s texts also appear in the training data",
+                                out[name], len(split), name)
+    return out
+
+
+
+
+def load_data(config: Config) -> data_lib.Data:
+    return data_lib.load(config)
+
+
+def prepare(config: Config, data: data_lib.Data, loaded: backbones.Loaded, model_dir: str,
+            is_chief: bool = True):
+    """Tokenizes every split once and returns what the trainer needs (a tasks.Prepared)."""
+    from kft.tasks import Prepared
+
+    prep = _prepare_inputs(config, data, loaded, model_dir, is_chief)
+    vocab, label_ids = data.vocab, prep.label_ids
+    class_weight = example_weights = None
+    if config.class_weights == "balanced":
+        class_weight = data_lib.balanced_class_weights(label_ids["train"], len(vocab))
+        example_weights = np.asarray([class_weight[int(y)] for y in label_ids["train"]], np.float32)
+        logging.info("class weights: %s", class_weight)
+    sources = {k: loop_lib.Split.from_encoded(prep.encoded[k], label_ids[k], loaded.packing.pad,
+                                             example_weights if k == "train" else None)
+               for k in prep.splits}
+
+    def epoch_eval(probabilities):
+        return {"accuracy": float(np.mean(probabilities.argmax(-1) == label_ids["eval"])),
+                "loss": loop_lib.mean_cross_entropy(probabilities, label_ids["eval"])}
+
+    def write_outputs(results, model_dir):
+        plots.confusion_matrix(results["eval"]["confusion_matrix"], vocab.names,
+                               os.path.join(model_dir, "confusion_matrix.png"), f"eval: {data.eval.source}")
+        with tf.io.gfile.GFile(os.path.join(model_dir, "labels.json"), "w") as f:
+            json.dump(vocab.to_json(), f, indent=2)
+
+    return Prepared(
+        names=vocab.names, sequence_length=prep.sequence_length, sources=sources,
+        stats={"leakage": _leakage(data), **prep.stats}, description=data.description,
+        seconds=prep.seconds, train_lengths=prep.encoded["train"].lengths,
+        evaluate=lambda k, probabilities, model: evaluate(probabilities, label_ids[k], vocab.names),
+        epoch_eval=epoch_eval, format=lambda report: metrics.format_report(report, vocab.names),
+        write_outputs=write_outputs, class_weight=class_weight)
+
+
+def build(backbone: keras.Model, names: list[str], config: Config) -> keras.Model:
+    return build_model(backbone, len(names), config.dropout, config.pooling, config.seed)
+
+
+def loss_function(model: keras.Model):
+    return per_example_loss
+
+
+def export(model, loaded: backbones.Loaded, prep, config: Config, run_name: str, metadata: dict) -> str:
+    import sys
+
+    return export_lib.export(model, loaded.tokenizer, loaded.packing, prep.sequence_length,
+                             sys.modules[__name__], prep.names, config.export_dir, run_name, metadata)

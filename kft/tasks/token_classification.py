@@ -9,11 +9,22 @@ loss is the CRF's negative log-likelihood per word.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import time
+
 import keras
 import numpy as np
+import tensorflow as tf
+from absl import logging
 from keras import ops
 
-from kft import crf as crf_lib
+from kft import backbones, crf as crf_lib, inputs, metrics, plots, token_data, token_inputs
+from kft import loop as loop_lib
+from kft.config import Config, FlagError
+from kft.data import DataError
+from kft.token_inputs import IGNORE
 
 
 def build_model(backbone: keras.Model, num_tags: int, dropout: float, use_crf: bool = False,
@@ -93,3 +104,166 @@ def predict_words(model: keras.Model, outputs: np.ndarray, labels: np.ndarray) -
     tags = ops.convert_to_numpy(crf.decode(emissions, mask)[0])
     counts = (labels >= 0).sum(axis=1)
     return [tags[i, :counts[i]] for i in range(len(outputs))]
+
+
+# -- data ---------------------------------------------------------------------------------------------
+
+TFDS_EVAL_SPLIT = {"conll2003": "dev"}
+
+
+@dataclasses.dataclass
+class TokenData:
+    train: token_data.Sentences
+    eval: token_data.Sentences
+    test: token_data.Sentences | None
+    vocab: token_data.TagVocab
+    description: str
+
+
+def load_data(config: Config) -> TokenData:
+    """Reads and validates the splits; the tag vocabulary comes from train."""
+    if config.export:
+        raise FlagError("--task=token_classification: SavedModel export is not available for this task "
+                        "yet; pass --export=false")
+    if config.class_weights != "none":
+        raise FlagError("--class_weights applies to --task=classification only (for now)")
+    if config.dataset:
+        eval_split = config.eval_split or TFDS_EVAL_SPLIT.get(config.dataset, "validation")
+        train = token_data.read_tfds(config.dataset, config.train_split, config.data_dir)
+        eval_ = token_data.read_tfds(config.dataset, eval_split, config.data_dir)
+        test, description = None, f"tfds:{config.dataset} ({config.train_split} / {eval_split})"
+    elif config.train_file:
+        train = token_data.read_file(config.train_file, "train", config.tag_column, "--train_file")
+        eval_ = (token_data.read_file(config.eval_file, "eval", config.tag_column, "--eval_file")
+                 if config.eval_file else None)
+        test = (token_data.read_file(config.test_file, "test", config.tag_column, "--test_file")
+                if config.test_file else None)
+        description = config.train_file
+    else:
+        raise DataError("no training data: give --train_file (CoNLL or JSONL) or --dataset=conll2003")
+    train = train.head(config.max_train_examples)
+    if eval_ is None:
+        rng = np.random.default_rng(config.seed)
+        held = set(rng.permutation(len(train))[:max(1, int(round(config.validation_fraction * len(train))))]
+                   .tolist())
+        keep = [i for i in range(len(train)) if i not in held]
+        order = sorted(held)
+        eval_ = token_data.Sentences("eval", train.source, [train.words[i] for i in order],
+                                     [train.tags[i] for i in order], [train.lines[i] for i in order],
+                                     train.one_word_per_line)
+        train = token_data.Sentences("train", train.source, [train.words[i] for i in keep],
+                                     [train.tags[i] for i in keep], [train.lines[i] for i in keep],
+                                     train.one_word_per_line)
+        description += f" (eval = {config.validation_fraction:.0%} of train sentences)"
+    eval_ = eval_.head(config.max_eval_examples)
+    vocab = token_data.TagVocab.from_sentences(train)
+    for split in (eval_, test):
+        if split is not None:
+            vocab.encode(split)  # an unseen tag fails here, before any training
+    return TokenData(train, eval_, test, vocab, description)
+
+
+def prepare(config: Config, data: TokenData, loaded: backbones.Loaded, model_dir: str,
+            is_chief: bool = True):
+    """Word pieces once per split, windows, per-position labels; returns a tasks.Prepared."""
+    from kft.tasks import Prepared
+
+    t0 = time.time()
+    splits = {"train": data.train, "eval": data.eval}
+    if data.test is not None:
+        splits["test"] = data.test
+    pieces, empty = {}, {}
+    for k, split in splits.items():
+        pieces[k], empty[k] = token_inputs.sentence_pieces(loaded.tokenizer, split.words)
+    specials = len(loaded.packing.start) + len(loaded.packing.end)
+    totals = np.array([sum(len(p) for p in sentence) for sentence in pieces["train"]])
+    sequence_length = config.sequence_length or inputs.choose_sequence_length(
+        totals, loaded.packing, loaded.max_sequence_length)
+    if sequence_length > loaded.max_sequence_length:
+        raise FlagError(f"--sequence_length={sequence_length} exceeds the backbone's limit of "
+                        f"{loaded.max_sequence_length} positions")
+    if sequence_length - specials < 2:
+        raise FlagError(f"--sequence_length={sequence_length} leaves no room for word pieces")
+    names = data.vocab.names
+    tag_ids = {k: data.vocab.encode(split) for k, split in splits.items()}
+    windows = {k: token_inputs.encode(pieces[k], tag_ids[k], loaded.packing, sequence_length, config.stride,
+                                      empty[k]) for k in splits}
+    sources, stats = {}, {}
+    for k, w in windows.items():
+        lengths = w.lengths
+        longest = int(lengths.max())
+        matrix = np.full((len(lengths), longest), loaded.packing.pad, np.int32)
+        labels = np.full((len(lengths), longest), IGNORE, np.int32)
+        for i, (ids, lab) in enumerate(zip(w.ids, w.labels)):
+            matrix[i, :len(ids)] = ids
+            labels[i, :len(lab)] = lab
+        sources[k] = loop_lib.Split(tf.constant(matrix), lengths, labels, np.ones(len(lengths), np.float32))
+        violations = token_data.iob2_violations(splits[k])
+        stats[k] = {"source": splits[k].source, "sentences": len(splits[k]),
+                    "words": int(sum(len(s) for s in splits[k].words)), "windows": len(lengths),
+                    "split_sentences": w.split_sentences, "cut_words": w.cut_words,
+                    "empty_words": w.empty_words,
+                    "iob2_violations": violations, "mean_tokens": round(float(lengths.mean()), 2),
+                    "max_tokens": longest}
+        logging.info("  %s: %d sentences, %d words -> %d windows (%d sentences split into windows, %d words "
+                     "cut, %d words without pieces); %d ill-formed IOB2 tags %s", k, len(splits[k]),
+                     stats[k]["words"], len(lengths), w.split_sentences, w.cut_words, w.empty_words,
+                     violations["count"], violations["examples"][:3])
+    seconds = time.time() - t0
+    logging.info("data: %s; %d tags %s; sequence_length=%d (%s); word pieces in %.1fs", data.description,
+                 len(names), names, sequence_length,
+                 "given" if config.sequence_length else "99th percentile of train", seconds)
+    holder = {}
+
+    def word_tags(k, outputs, model):
+        """Predicted tag names per sentence of split k."""
+        labels = sources[k].labels
+        per_window = predict_words(model, outputs, labels)
+        rank = np.cumsum(labels >= 0, axis=1) - 1  # position -> index among the window's tagged ones
+        by_position = [per_window[w][rank[w]] if len(per_window[w]) else np.zeros(0, np.int64)
+                       for w in range(len(per_window))]
+        ids = token_inputs.word_predictions(windows[k], by_position)
+        return [[names[int(i)] for i in sentence] for sentence in ids]
+
+    def evaluate(k, outputs, model):
+        return metrics.entity_report(splits[k].tags, word_tags(k, outputs, model))
+
+    def epoch_eval(outputs):
+        model = holder["prep"].model
+        report = evaluate("eval", outputs, model)
+        loss = loss_function(model)(sources["eval"].labels, outputs)
+        return {"accuracy": report["token_accuracy"], "loss": float(np.mean(ops.convert_to_numpy(loss))),
+                "entity_f1": report["entity_f1"]}
+
+    def write_outputs(results, model_dir):
+        plots.per_type_scores(results["eval"]["per_type"], os.path.join(model_dir, "entity_scores.png"),
+                              f"eval: {data.eval.source}")
+        with tf.io.gfile.GFile(os.path.join(model_dir, "labels.json"), "w") as f:
+            json.dump({"tags": names}, f, indent=2)
+
+    prep = Prepared(names=names, sequence_length=sequence_length, sources=sources, stats=stats,
+                    description=data.description, seconds=seconds,
+                    train_lengths=windows["train"].lengths, evaluate=evaluate, epoch_eval=epoch_eval,
+                    format=format_report, write_outputs=write_outputs,
+                    headline=("entity_f1", "entity_precision", "entity_recall", "token_accuracy"))
+    holder["prep"] = prep
+    return prep
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'type':<8}  precision  recall     f1  support"]
+    for kind, c in report["per_type"].items():
+        lines.append(f"{kind:<8}  {c['precision']:9.4f}  {c['recall']:6.4f}  {c['f1']:.4f}  "
+                     f"{c['support']:7d}")
+    lines.append(f"{'micro':<8}  {report['entity_precision']:9.4f}  {report['entity_recall']:6.4f}  "
+                 f"{report['entity_f1']:.4f}  {report['entities']:7d}")
+    lines.append(f"token accuracy {report['token_accuracy']:.4f} over {report['words']} words")
+    return "\n".join(lines)
+
+
+def build(backbone: keras.Model, names: list[str], config: Config) -> keras.Model:
+    return build_model(backbone, len(names), config.dropout, config.crf, names, config.seed)
+
+
+def export(model, loaded, prep, config, run_name, metadata) -> str:
+    raise FlagError("--task=token_classification: SavedModel export is not available yet")
