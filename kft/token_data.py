@@ -137,13 +137,25 @@ def read_tfds(name: str, split: str, data_dir: str) -> Sentences:
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=data_dir or None)
-    builder.download_and_prepare()
-    names = builder.info.features["ner"].feature.names
+    features = builder.info.features
+    if "tokens" not in features or "ner" not in features:
+        raise DataError(f"tfds:{name}: needs 'tokens' and 'ner' features; it has {sorted(features)}")
+    try:
+        builder.download_and_prepare()
+    except Exception as e:  # TFDS raises network, checksum and filesystem errors of many types.
+        raise DataError(f"tfds:{name}: could not download and prepare it in {builder.data_dir} "
+                        f"({type(e).__name__}: {str(e)[:300]}). Without network access, prepare it "
+                        "on another machine and point --data_dir at a copy") from e
+    names = features["ner"].feature.names
     words, tags = [], []
-    for example in tfds.as_numpy(builder.as_dataset(split=split)):
+    source = f"tfds:{name}/{split}"
+    for i, example in enumerate(tfds.as_numpy(builder.as_dataset(split=split))):
+        if len(example["tokens"]) != len(example["ner"]):
+            raise DataError(f"{source} (sentence {i + 1}): field 'ner': {len(example['ner'])} tags for "
+                            f"{len(example['tokens'])} tokens")
         words.append([w.decode("utf-8") for w in example["tokens"]])
-        tags.append([names[i] for i in example["ner"]])
-    return Sentences(split, f"tfds:{name}/{split}", words, tags, [0] * len(words), False)
+        tags.append([names[t] for t in example["ner"]])
+    return Sentences(split, source, words, tags, [0] * len(words), False)
 
 
 @dataclasses.dataclass

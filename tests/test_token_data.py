@@ -84,3 +84,26 @@ def test_conll2003_files_read_with_nine_tags():
     assert len(vocab.names) == 9 and vocab.names[0] == "O"
     assert len(vocab.encode(valid)) == len(valid)
     assert len(train) > 10000 and all(len(w) == len(t) for w, t in zip(train.words, train.tags))
+
+
+def test_tfds_conll2003_reads_through_tfds():
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    sentences = [(["EU", "rejects", "German", "call"], [3, 0, 7, 0]), (["Peter", "Blackburn"], [1, 2])]
+
+    def as_dataset(self, split, **kwargs):  # conll2003's features, two fixed sentences
+        def rows():
+            for words, ner in sentences:
+                yield {"tokens": words, "ner": ner}
+        return tf.data.Dataset.from_generator(rows, output_signature={
+            "tokens": tf.TensorSpec([None], tf.string), "ner": tf.TensorSpec([None], tf.int64)})
+
+    with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+        split = token_data.read_tfds("conll2003", "dev", "")
+    assert split.source == "tfds:conll2003/dev" and split.words[1] == ["Peter", "Blackburn"]
+    names = tfds.builder("conll2003").info.features["ner"].feature.names
+    assert split.tags == [[names[i] for i in ner] for _, ner in sentences]
+    with tfds.testing.mock_data(num_examples=6):  # random lengths: tokens and tags disagree
+        with pytest.raises(DataError, match=r"tfds:conll2003/dev \(sentence \d+\): field 'ner'"):
+            token_data.read_tfds("conll2003", "dev", "")
