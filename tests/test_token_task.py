@@ -124,3 +124,23 @@ def test_token_classification_refuses_what_it_does_not_do_yet(tiny_preset, tmp_p
     with pytest.raises(FlagError, match="export is not available"):
         trainer.fit_model(tiny_config(dataset="", backbone=tiny_preset, task="token_classification",
                                       train_file=train, export=True), str(tmp_path / "a"))
+
+
+@pytest.mark.parametrize("overrides", [{"method": "lora"}, {"method": "prompt", "num_prompt_tokens": 3},
+                                       {"method": "prefix", "prefix_length": 3}, {"method": "bitfit"}],
+                         ids=lambda o: o["method"])
+def test_tuning_methods_work_with_the_token_head(tiny_preset, overrides):
+    from conftest import tiny_config
+    from kft import methods
+
+    loaded = backbones.load(tiny_preset)
+    backbone, _ = methods.apply(loaded.backbone, tiny_config(**overrides), loaded.tokenizer.get_vocabulary())
+    model = task.build_model(backbone, len(TAGS), 0.0, use_crf=True, tags=TAGS)
+    outputs = model({"token_ids": IDS, "padding_mask": MASK}, training=True)
+    assert tuple(outputs.shape) == (2, 6, len(TAGS))  # one score row per input position
+    with tf.GradientTape() as tape:
+        scores = model({"token_ids": IDS, "padding_mask": MASK}, training=True)
+        loss = tf.reduce_mean(task.loss_function(model)(LABELS, scores))
+    grads = tape.gradient(loss, model.trainable_variables)
+    assert np.isfinite(loss.numpy()) and all(g is not None for g in grads)
+    assert "crf/transitions" in {v.path for v in model.trainable_variables}
