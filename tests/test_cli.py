@@ -9,7 +9,7 @@ from absl import flags
 from conftest import ROOT, run_python
 from kft import config as config_lib
 
-FLAGFILES = sorted(glob.glob(os.path.join(ROOT, "flags", "*.cfg")))
+FLAGFILES = sorted(glob.glob(os.path.join(ROOT, "flags", "**", "*.cfg"), recursive=True))
 
 
 def fresh_flags(bench: bool = False):

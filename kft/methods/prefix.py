@@ -6,7 +6,8 @@ output sequence. With `--prefix_projection=H` the vectors are produced during tr
 MLP (embedding [length, hidden] -> tanh(H) -> keys and values of all layers), the reparameterisation
 the paper uses for stability, added to the frozen initial vectors; `fold` computes them once and
 drops the MLP, so the exported graph holds plain vectors. Initial vectors are each layer's own key
-and value projections of normalised embeddings of real vocabulary words. The backbone is frozen;
+and value projections of its input when the backbone reads real vocabulary words (in-distribution
+keys and values, so the prefix does not swamp the attention at the start). The backbone is frozen;
 only the prefix (or its MLP) and the head train.
 """
 
@@ -97,6 +98,26 @@ def _attention_layers(backbone) -> list[tuple]:
     return slots
 
 
+def _block_inputs(backbone, ids: np.ndarray) -> list:
+    """What every transformer block receives when the backbone reads the words `ids` as one text:
+    the initial prefixes are each layer's own keys and values of real hidden states."""
+    blocks = backbones.transformer_layers(backbone)
+    captured = []
+
+    def call_function(layer, *args, **kwargs):
+        if any(layer is block for block in blocks):
+            captured.append(args[0])
+        return layer(*args, **kwargs)
+
+    probe = keras.models.clone_model(backbone, clone_function=lambda layer: layer,
+                                     call_function=call_function)
+    ids = np.asarray(ids, "int32")[None]
+    feed = {name: (ids if name == "token_ids" else
+                   np.ones_like(ids) if name == "padding_mask" else np.zeros_like(ids))
+            for name in probe.input}
+    return [np.asarray(x) for x in keras.Model(probe.input, captured)(feed, training=False)]
+
+
 def apply(backbone, config, vocabulary=None):
     length, projection = config.prefix_length, config.prefix_projection
     if length < 1:
@@ -106,21 +127,19 @@ def apply(backbone, config, vocabulary=None):
     slots = _attention_layers(backbone)
     for variable in backbone.weights:
         variable.trainable = False
-    # Normalised embeddings of real words stand in for hidden states (block inputs are layer-normed).
-    table = keras.ops.convert_to_numpy(backbone.token_embedding.embeddings)
-    words = table[word_ids(vocabulary, table.shape[0], length, config.seed)]
-    words = (words - words.mean(-1, keepdims=True)) / (words.std(-1, keepdims=True) + 1e-6)
+    states = _block_inputs(backbone, word_ids(vocabulary, int(backbone.token_embedding.input_dim), length,
+                                             config.seed))
     wrappers = []
     for index, (block, base) in enumerate(slots):
         wrapper = PrefixAttention(base, length, index)
-        wrapper.prefix_key.assign(keras.ops.convert_to_numpy(base._key_dense(words[None]))[0])
-        wrapper.prefix_value.assign(keras.ops.convert_to_numpy(base._value_dense(words[None]))[0])
+        wrapper.prefix_key.assign(keras.ops.convert_to_numpy(base._key_dense(states[index]))[0])
+        wrapper.prefix_value.assign(keras.ops.convert_to_numpy(base._value_dense(states[index]))[0])
         backbones.replace_sublayer(block, "_self_attention_layer", wrapper)
         wrappers.append(wrapper)
     info = {"method": "prefix", "prefix_length": length, "layers": len(wrappers)}
     if projection:
         first = wrappers[0]
-        encoder = PrefixEncoder(words.astype("float32"), len(wrappers), first.base.num_heads,
+        encoder = PrefixEncoder(states[0][0].astype("float32"), len(wrappers), first.base.num_heads,
                                 first.base.key_dim, projection, name="prefix_encoder")
         first.encoder = encoder  # tracked once, by the first layer
         for wrapper in wrappers:
