@@ -30,18 +30,7 @@ def next_version(run_dir: str) -> int:
 
 def export(model: keras.Model, tokenizer, packing: inputs.Packing, sequence_length: int, task,
            label_names: list[str], export_dir: str, run_name: str, metadata: dict) -> str:
-    """Writes a new version of the run's SavedModel and returns its path.
-
-    The version is written under a temporary name and renamed when complete, so a server watching
-    the folder never sees a half-written version.
-    """
-    run_dir = os.path.join(export_dir, run_name)
-    version = next_version(run_dir)
-    final = os.path.join(run_dir, str(version))
-    tmp = os.path.join(run_dir, f".tmp-{version}")
-    if tf.io.gfile.exists(tmp):
-        tf.io.gfile.rmtree(tmp)
-    tf.io.gfile.makedirs(run_dir)
+    """Writes a new version of a classification run's SavedModel and returns its path."""
 
     def outputs(token_ids, padding_mask):
         # An empty request arrives as [0, 0]; the backbone needs one position to index into.
@@ -57,16 +46,36 @@ def export(model: keras.Model, tokenizer, packing: inputs.Packing, sequence_leng
         padding_mask = tf.ones_like(ids).to_tensor(default_value=0)
         return outputs(token_ids, padding_mask)
 
+    endpoints = {
+        "serving_default": (serve_text, [tf.TensorSpec([None], tf.string, name="text")]),
+        "serve_token_ids": (outputs, [tf.TensorSpec([None, None], tf.int32, name="token_ids"),
+                                      tf.TensorSpec([None, None], tf.int32, name="padding_mask")]),
+    }
+    return write(model, tokenizer, endpoints, label_names, export_dir, run_name,
+                 {**metadata, "sequence_length": sequence_length})
+
+
+def write(model: keras.Model, tokenizer, endpoints: dict, label_names: list[str], export_dir: str,
+          run_name: str, metadata: dict) -> str:
+    """Writes `endpoints` ({name: (function, input signature)}) as a new SavedModel version.
+
+    The version is written under a temporary name and renamed when complete, so a server watching
+    the folder never sees a half-written version.
+    """
+    run_dir = os.path.join(export_dir, run_name)
+    version = next_version(run_dir)
+    final = os.path.join(run_dir, str(version))
+    tmp = os.path.join(run_dir, f".tmp-{version}")
+    if tf.io.gfile.exists(tmp):
+        tf.io.gfile.rmtree(tmp)
+    tf.io.gfile.makedirs(run_dir)
     if not tokenizer.built:
         tokenizer.build(None)  # ExportArchive tracks built layers only; a tokenizer has no weights
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.track(tokenizer)
-    archive.add_endpoint("serving_default", serve_text,
-                         input_signature=[tf.TensorSpec([None], tf.string, name="text")])
-    archive.add_endpoint("serve_token_ids", outputs, input_signature=[
-        tf.TensorSpec([None, None], tf.int32, name="token_ids"),
-        tf.TensorSpec([None, None], tf.int32, name="padding_mask")])
+    for name, (fn, signature) in endpoints.items():
+        archive.add_endpoint(name, fn, input_signature=signature)
     archive.write_out(tmp, verbose=False)
 
     extra = os.path.join(tmp, "assets.extra")
@@ -74,8 +83,7 @@ def export(model: keras.Model, tokenizer, packing: inputs.Packing, sequence_leng
     with tf.io.gfile.GFile(os.path.join(extra, "labels.txt"), "w") as f:
         f.write("".join(name + "\n" for name in label_names))
     with tf.io.gfile.GFile(os.path.join(extra, "metadata.json"), "w") as f:
-        json.dump({**metadata, "labels": label_names, "sequence_length": sequence_length,
-                   "signatures": ["serving_default", "serve_token_ids"],
+        json.dump({**metadata, "labels": label_names, "signatures": list(endpoints),
                    "serving_imports": ["tensorflow", "tensorflow_text"]}, f, indent=2, default=str)
     tf.io.gfile.rename(tmp, final)
     logging.info("exported SavedModel version %d to %s", version, final)

@@ -1,4 +1,7 @@
-"""Classify texts with an exported SavedModel; prints one JSON line per text.
+"""Classify or tag texts with an exported SavedModel; prints one JSON line per text.
+
+A token-classification export prints each text's entities (type, text, character span, score)
+and its words with their tags.
 
     python -m kft.predict --model=saved_models/<run>/<version> "a moving film"
     python -m kft.predict --model=... --input_file=texts.txt   # one text per line
@@ -34,6 +37,27 @@ def predict(model, texts: list[str], labels: list[str], batch_size: int = 64):
                    "probabilities": {name: round(float(v), 6) for name, v in zip(labels, p)}}
 
 
+def tag(model, texts: list[str], batch_size: int = 64):
+    """Yields one result dict per text for a token-classification export."""
+    import tensorflow as tf
+
+    serve = model.signatures["serving_default"]
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i:i + batch_size]
+        out = {k: v.numpy() for k, v in serve(text=tf.constant(chunk)).items()}
+        for j, text in enumerate(chunk):
+            found = []
+            for e in range(int(out["entity_count"][j])):
+                start, end = int(out["entity_start_char"][j, e]), int(out["entity_end_char"][j, e])
+                found.append({"type": out["entity_type"][j, e].decode("utf-8"), "text": text[start:end],
+                              "start": start, "end": end,
+                              "score": round(float(out["entity_score"][j, e]), 6)})
+            words = [[w.decode("utf-8"), t.decode("utf-8")]
+                     for w, t in zip(out["words"][j], out["tags"][j]) if w]
+            yield {"text": text, "entities": found, "tags": words,
+                   "truncated_words": int(out["truncated_words"][j])}
+
+
 def main(argv):
     import tensorflow as tf
 
@@ -54,8 +78,11 @@ def main(argv):
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    labels = export.read_labels(FLAGS.model)
-    for result in predict(model, texts, labels, FLAGS.batch_size):
+    if "serve_words" in model.signatures:
+        results = tag(model, texts, FLAGS.batch_size)
+    else:
+        results = predict(model, texts, export.read_labels(FLAGS.model), FLAGS.batch_size)
+    for result in results:
         print(json.dumps(result, ensure_ascii=False))
     return 0
 

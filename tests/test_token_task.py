@@ -1,5 +1,7 @@
 """The token-classification head: losses over first pieces, CRF word gathering, one training step."""
 
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -115,15 +117,83 @@ def test_token_classification_trains_end_to_end_and_scores_every_word(tiny_prese
     assert (tmp_path / "m" / "entity_scores.png").exists()
 
 
-def test_token_classification_refuses_what_it_does_not_do_yet(tiny_preset, tmp_path):
+def test_token_classification_refuses_class_weights_for_now(tiny_preset, tmp_path):
     from conftest import tiny_config
     from kft import trainer
     from kft.config import FlagError
 
     train = _write_conll(tmp_path / "train.txt", 5, 0)
-    with pytest.raises(FlagError, match="export is not available"):
+    with pytest.raises(FlagError, match="--class_weights applies to --task=classification only"):
         trainer.fit_model(tiny_config(dataset="", backbone=tiny_preset, task="token_classification",
-                                      train_file=train, export=True), str(tmp_path / "a"))
+                                      train_file=train, class_weights="balanced"), str(tmp_path / "a"))
+
+
+SERVE = r"""
+import json, sys
+import numpy as np
+import tensorflow as tf
+import tensorflow_text  # noqa: F401
+path, request, out = sys.argv[1:]
+texts = json.load(open(request))
+model = tf.saved_model.load(path)
+def arrays(result, prefix):
+    return {prefix + k: (v.numpy().astype("S") if v.dtype == tf.string else v.numpy())
+            for k, v in result.items()}
+by_text = arrays(model.signatures["serving_default"](text=tf.constant(texts)), "text_")
+width = max(len(t.split()) for t in texts)
+words = [t.split() + [""] * (width - len(t.split())) for t in texts]
+by_words = arrays(model.signatures["serve_words"](words=tf.constant(words)), "words_")
+np.savez(out, **by_text, **by_words)
+"""
+
+
+@pytest.mark.parametrize("use_crf", [False, True], ids=["softmax", "crf"])
+def test_token_export_round_trips_in_a_fresh_process(tiny_preset, tmp_path, use_crf):
+    from conftest import run_python, tiny_config
+    from kft import trainer, token_inputs
+    from kft.metrics import entity_spans
+
+    config = tiny_config(dataset="", backbone=tiny_preset, task="token_classification", crf=use_crf,
+                         train_file=_write_conll(tmp_path / "train.txt", 200, 0),
+                         eval_file=_write_conll(tmp_path / "valid.txt", 20, 1), epochs=2, learning_rate=3e-3,
+                         export=True, export_dir=str(tmp_path / "x"))
+    trained = trainer.fit_model(config, str(tmp_path / "m"))
+    names = trained.metrics["data"]["labels"]
+    texts = ["the actor act was in a book", "board", "a  big\tactress and another board"]
+    # in memory: each text as one window, read at the first pieces
+    loaded = backbones.load(tiny_preset)
+    split = [t.split() for t in texts]
+    pieces, _ = token_inputs.sentence_pieces(loaded.tokenizer, split)
+    windows = token_inputs.encode(pieces, None, loaded.packing, 512, 32)
+    width = max(windows.lengths)
+    ids = np.array([np.pad(w, (0, width - len(w)), constant_values=loaded.packing.pad) for w in windows.ids])
+    mask = (np.arange(width)[None] < windows.lengths[:, None]).astype(np.int32)
+    marks = np.array([np.pad(m, (0, width - len(m)), constant_values=-1) for m in windows.labels])
+    outputs = trained.model({"token_ids": ids, "padding_mask": mask}).numpy()
+    expected = [[names[i] for i in row] for row in task.predict_words(trained.model, outputs, marks)]
+
+    (tmp_path / "request.json").write_text(json.dumps(texts))
+    proc = run_python(["-c", SERVE, trained.metrics["export"], str(tmp_path / "request.json"),
+                       str(tmp_path / "out.npz")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(tmp_path / "out.npz")
+    for prefix in ("text_", "words_"):
+        tags = [[t.decode() for t in row if t] for row in got[prefix + "tags"]]
+        assert tags == expected
+        for i, text in enumerate(texts):  # entities: the CoNLL spans of the tags, with their text
+            kinds, starts, ends = (got[prefix + k][i] for k in ("entity_type", "entity_start_word",
+                                                                  "entity_end_word"))
+            count = got[prefix + "entity_count"][i]
+            spans = [(kinds[e].decode(), int(starts[e]), int(ends[e])) for e in range(count)]
+            assert spans == entity_spans(expected[i])
+            source = text if prefix == "text_" else " ".join(split[i])
+            for e, (_, a, b) in enumerate(spans):
+                chars = source[got[prefix + "entity_start_char"][i, e]:got[prefix + "entity_end_char"][i, e]]
+                assert chars.split() == split[i][a:b]
+    if not use_crf:  # the softmax head's word scores are its probabilities
+        best = [outputs[r][marks[r] >= 0].max(-1) for r in range(len(texts))]
+        for r in range(len(texts)):
+            np.testing.assert_allclose(got["text_tag_scores"][r, :len(best[r])], best[r], atol=1e-5)
 
 
 @pytest.mark.parametrize("overrides", [{"method": "lora"}, {"method": "prompt", "num_prompt_tokens": 3},

@@ -122,9 +122,6 @@ class TokenData:
 
 def load_data(config: Config) -> TokenData:
     """Reads and validates the splits; the tag vocabulary comes from train."""
-    if config.export:
-        raise FlagError("--task=token_classification: SavedModel export is not available for this task "
-                        "yet; pass --export=false")
     if config.class_weights != "none":
         raise FlagError("--class_weights applies to --task=classification only (for now)")
     if config.dataset:
@@ -265,5 +262,33 @@ def build(backbone: keras.Model, names: list[str], config: Config) -> keras.Mode
     return build_model(backbone, len(names), config.dropout, config.crf, names, config.seed)
 
 
-def export(model, loaded, prep, config, run_name, metadata) -> str:
-    raise FlagError("--task=token_classification: SavedModel export is not available yet")
+def export(model, loaded: backbones.Loaded, prep, config: Config, run_name: str, metadata: dict) -> str:
+    """SavedModel with `serving_default` (raw texts) and `serve_words` (pre-split words), both
+    returning words, tags, tag scores and entities (see kft/token_serving.py)."""
+    import tensorflow_text as tf_text
+
+    from kft import export as export_lib, token_serving
+
+    crf = crf_layer(model)
+    unknown = token_inputs._unknown_id(loaded.tokenizer)
+    whitespace = tf_text.WhitespaceTokenizer()
+
+    def tag(words, start, end):
+        return token_serving.tag_words(model, crf, loaded.tokenizer, loaded.packing,
+                                       loaded.max_sequence_length, prep.names, unknown, words, start, end)
+
+    def serve_text(text):
+        words, byte_start, byte_end = whitespace.tokenize_with_offsets(text)
+        start, end = token_serving.char_offsets(text, byte_start, byte_end)
+        return tag(words, start, end)
+
+    def serve_words(words):
+        words = tf.RaggedTensor.from_tensor(words, padding="")
+        start, end = token_serving.joined_offsets(words)
+        return tag(words, start, end)
+
+    endpoints = {"serving_default": (serve_text, [tf.TensorSpec([None], tf.string, name="text")]),
+                 "serve_words": (serve_words, [tf.TensorSpec([None, None], tf.string, name="words")])}
+    return export_lib.write(model, loaded.tokenizer, endpoints, prep.names, config.export_dir, run_name,
+                            {**metadata, "sequence_length": prep.sequence_length,
+                             "serving_max_length": loaded.max_sequence_length})
