@@ -194,6 +194,13 @@ def test_token_export_round_trips_in_a_fresh_process(tiny_preset, tmp_path, use_
         best = [outputs[r][marks[r] >= 0].max(-1) for r in range(len(texts))]
         for r in range(len(texts)):
             np.testing.assert_allclose(got["text_tag_scores"][r, :len(best[r])], best[r], atol=1e-5)
+        # kft.predict prints each text's entities (type, text, character span) as a JSON line
+        proc = run_python(["-m", "kft.predict", f"--model={trained.metrics['export']}", texts[0]])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert [(e["type"], e["text"]) for e in line["entities"]] == [
+            (kind, " ".join(split[0][a:b])) for kind, a, b in entity_spans(expected[0])]
+        assert [t for _, t in line["tags"]] == expected[0]
 
 
 @pytest.mark.parametrize("overrides", [{"method": "lora"}, {"method": "prompt", "num_prompt_tokens": 3},
