@@ -116,7 +116,8 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
                                             config.num_buckets, config.seed, 0, static))
     with strategy.scope():
         optimizer = optim.build_optimizer(config, steps_per_epoch * config.epochs)
-        loop = loop_lib.Loop(model, optimizer, task.loss_function(model), strategy, config, model_dir,
+        loss_fn = task.loss_function(model, prep.class_weight)
+        loop = loop_lib.Loop(model, optimizer, loss_fn, strategy, config, model_dir,
                              sources["train"], sources["eval"], prep.epoch_eval, static, jit)
     trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
     total = int(model.count_params())

@@ -117,15 +117,29 @@ def test_token_classification_trains_end_to_end_and_scores_every_word(tiny_prese
     assert (tmp_path / "m" / "entity_scores.png").exists()
 
 
-def test_token_classification_refuses_class_weights_for_now(tiny_preset, tmp_path):
+def test_balanced_tag_weights_scale_the_loss_of_each_tagged_position(tiny_preset, tmp_path):
     from conftest import tiny_config
     from kft import trainer
     from kft.config import FlagError
 
-    train = _write_conll(tmp_path / "train.txt", 5, 0)
-    with pytest.raises(FlagError, match="--class_weights applies to --task=classification only"):
+    probabilities = np.random.default_rng(0).dirichlet(np.ones(5), size=(2, 6)).astype("float32")
+    weights = {0: 0.5, 1: 2.0, 2: 3.0, 3: 1.0, 4: 4.0}
+    model = task.build_model(backbones.load(tiny_preset).backbone, 5, 0.0)
+    got = np.asarray(task.loss_function(model, weights)(LABELS, probabilities))
+    for b in range(2):
+        tagged = np.flatnonzero(LABELS[b] >= 0)
+        ce = -np.log(probabilities[b, tagged, LABELS[b, tagged]]) * [weights[t] for t in LABELS[b, tagged]]
+        assert got[b] == pytest.approx(ce.mean(), rel=1e-5)
+    train = _write_conll(tmp_path / "train.txt", 30, 0)
+    metrics = trainer.fit_model(tiny_config(dataset="", backbone=tiny_preset, task="token_classification",
+                                            train_file=train, class_weights="balanced"),
+                                str(tmp_path / "a")).metrics
+    weights = metrics["training"]["class_weights"]
+    assert weights[0] < 1.0 < weights[1]  # "O" is the most frequent tag
+    with pytest.raises(FlagError, match="with --crf the loss is one sequence likelihood"):
         trainer.fit_model(tiny_config(dataset="", backbone=tiny_preset, task="token_classification",
-                                      train_file=train, class_weights="balanced"), str(tmp_path / "a"))
+                                      train_file=train, class_weights="balanced", crf=True),
+                          str(tmp_path / "b"))
 
 
 SERVE = r"""

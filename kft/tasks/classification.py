@@ -195,8 +195,8 @@ def build(backbone: keras.Model, names: list[str], config: Config) -> keras.Mode
     return build_model(backbone, len(names), config.dropout, config.pooling, config.seed)
 
 
-def loss_function(model: keras.Model):
-    return per_example_loss
+def loss_function(model: keras.Model, class_weight: dict | None = None):
+    return per_example_loss  # class weights are already in the loop's example weights
 
 
 def export(model, loaded: backbones.Loaded, prep, config: Config, run_name: str, metadata: dict) -> str:

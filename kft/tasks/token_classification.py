@@ -74,14 +74,22 @@ def gather_words(values, labels):
     return moved, word_labels, mask
 
 
-def loss_function(model: keras.Model):
-    """fn(labels [batch, time], outputs [batch, time, tags]) -> loss per example [batch]."""
+def loss_function(model: keras.Model, class_weight: dict | None = None):
+    """fn(labels [batch, time], outputs [batch, time, tags]) -> loss per example [batch].
+
+    `class_weight` ({tag id: weight}, softmax head only) scales each tagged position's loss.
+    """
     crf = crf_layer(model)
+    weights = None
+    if class_weight:
+        weights = np.array([class_weight[i] for i in range(len(class_weight))], np.float32)
 
     def softmax_loss(labels, probabilities):
         labels = ops.cast(labels, "int32")
         tagged = ops.cast(labels >= 0, "float32")
         ce = keras.losses.sparse_categorical_crossentropy(ops.maximum(labels, 0), probabilities)
+        if weights is not None:
+            ce = ce * ops.take(ops.convert_to_tensor(weights), ops.maximum(labels, 0))
         return ops.sum(ce * tagged, axis=1) / ops.maximum(ops.sum(tagged, axis=1), 1.0)
 
     def crf_loss(labels, scores):
@@ -122,8 +130,9 @@ class TokenData:
 
 def load_data(config: Config) -> TokenData:
     """Reads and validates the splits; the tag vocabulary comes from train."""
-    if config.class_weights != "none":
-        raise FlagError("--class_weights applies to --task=classification only (for now)")
+    if config.class_weights != "none" and config.crf:
+        raise FlagError("--class_weights=balanced weights per-token losses; with --crf the loss is one "
+                        "sequence likelihood, so it does not apply")
     if config.dataset:
         eval_split = config.eval_split or TFDS_EVAL_SPLIT.get(config.dataset, "validation")
         train = token_data.read_tfds(config.dataset, config.train_split, config.data_dir)
@@ -183,6 +192,13 @@ def prepare(config: Config, data: TokenData, loaded: backbones.Loaded, model_dir
         raise FlagError(f"--sequence_length={sequence_length} leaves no room for word pieces")
     names = data.vocab.names
     tag_ids = {k: data.vocab.encode(split) for k, split in splits.items()}
+    class_weight = None
+    if config.class_weights == "balanced":  # n / (k * count) over the training words' tags
+        from kft.data import balanced_class_weights
+
+        class_weight = balanced_class_weights(np.concatenate([np.asarray(t) for t in tag_ids["train"]]),
+                                              len(names))
+        logging.info("tag weights: %s", {names[i]: round(w, 3) for i, w in class_weight.items()})
     windows = {k: token_inputs.encode(pieces[k], tag_ids[k], loaded.packing, sequence_length, config.stride,
                                       empty[k]) for k in splits}
     sources, stats = {}, {}
@@ -228,7 +244,7 @@ def prepare(config: Config, data: TokenData, loaded: backbones.Loaded, model_dir
     def epoch_eval(outputs):
         model = holder["prep"].model
         report = evaluate("eval", outputs, model)
-        loss = loss_function(model)(sources["eval"].labels, outputs)
+        loss = loss_function(model, class_weight)(sources["eval"].labels, outputs)
         return {"accuracy": report["token_accuracy"], "loss": float(np.mean(ops.convert_to_numpy(loss))),
                 "entity_f1": report["entity_f1"]}
 
@@ -242,7 +258,8 @@ def prepare(config: Config, data: TokenData, loaded: backbones.Loaded, model_dir
                     description=data.description, seconds=seconds,
                     train_lengths=windows["train"].lengths, evaluate=evaluate, epoch_eval=epoch_eval,
                     format=format_report, write_outputs=write_outputs,
-                    headline=("entity_f1", "entity_precision", "entity_recall", "token_accuracy"))
+                    headline=("entity_f1", "entity_precision", "entity_recall", "token_accuracy"),
+                    class_weight=class_weight)
     holder["prep"] = prep
     return prep
 
