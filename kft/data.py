@@ -256,6 +256,16 @@ def check_same_label_type(train: Split, other: Split, label_field: str) -> None:
                         f"different type than the training labels (e.g. {train.labels[0]!r})")
 
 
+def download_and_prepare(builder, name: str) -> None:
+    """TFDS download + preparation, any failure reported as a DataError naming the dataset."""
+    try:
+        builder.download_and_prepare()
+    except Exception as e:  # TFDS raises network, checksum and filesystem errors of many types.
+        raise DataError(f"tfds:{name}: could not download and prepare it in {builder.data_dir} "
+                        f"({type(e).__name__}: {str(e)[:300]}). Without network access, prepare it "
+                        "on another machine and point --data_dir at a copy") from e
+
+
 def read_tfds(name: str, split: str, data_dir: str, text_field: str, label_field: str):
     """Loads a TFDS split into memory. Returns (Split, class names or None)."""
     import tensorflow_datasets as tfds
@@ -268,12 +278,7 @@ def read_tfds(name: str, split: str, data_dir: str, text_field: str, label_field
     for key, flag in ((text_key, "--text_field"), (label_key, "--label_field")):
         if key not in features:
             raise DataError(f"tfds:{name}: no feature '{key}' ({flag}); features are {sorted(features)}")
-    try:
-        builder.download_and_prepare()
-    except Exception as e:  # TFDS raises network, checksum and filesystem errors of many types.
-        raise DataError(f"tfds:{name}: could not download and prepare it in {builder.data_dir} "
-                        f"({type(e).__name__}: {str(e)[:300]}). Without network access, prepare it "
-                        "on another machine and point --data_dir at a copy") from e
+    download_and_prepare(builder, name)
     ds = builder.as_dataset(split=split)
     texts, labels = [], []
     for ex in tfds.as_numpy(ds):

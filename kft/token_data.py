@@ -14,7 +14,7 @@ import json
 
 import tensorflow as tf
 
-from kft.data import DataError
+from kft.data import DataError, download_and_prepare
 
 DOCSTART = "-DOCSTART-"
 
@@ -140,12 +140,7 @@ def read_tfds(name: str, split: str, data_dir: str) -> Sentences:
     features = builder.info.features
     if "tokens" not in features or "ner" not in features:
         raise DataError(f"tfds:{name}: needs 'tokens' and 'ner' features; it has {sorted(features)}")
-    try:
-        builder.download_and_prepare()
-    except Exception as e:  # TFDS raises network, checksum and filesystem errors of many types.
-        raise DataError(f"tfds:{name}: could not download and prepare it in {builder.data_dir} "
-                        f"({type(e).__name__}: {str(e)[:300]}). Without network access, prepare it "
-                        "on another machine and point --data_dir at a copy") from e
+    download_and_prepare(builder, name)
     names = features["ner"].feature.names
     words, tags = [], []
     source = f"tfds:{name}/{split}"
