@@ -74,7 +74,7 @@ def test_hf_folder_weights_are_the_safetensors_weights(tiny_hf_folder):
 @pytest.mark.parametrize("n,frozen_blocks", [(0, 0), (1, 1), (2, 2)])
 def test_freeze_layers_freezes_embeddings_and_lowest_blocks(tiny_preset, n, frozen_blocks):
     loaded = backbones.load(tiny_preset)
-    info = freeze.apply(loaded.backbone, tiny_config(freeze_layers=n))  # nonzero N implies freeze
+    _, info = freeze.apply(loaded.backbone, tiny_config(freeze_layers=n))  # nonzero N implies freeze
     assert info["method"] == ("freeze" if n else "full")
     blocks = backbones.transformer_layers(loaded.backbone)
     assert [b.trainable for b in blocks] == [i >= frozen_blocks for i in range(len(blocks))]
