@@ -107,7 +107,12 @@ def _serve_texts(config: Config) -> list[str]:
     from kft import data as data_lib
 
     texts = []
-    if config.train_file or config.dataset:
+    if config.task == "token_classification" and (config.train_file or config.dataset):
+        from kft.tasks import token_classification
+
+        sentences = token_classification.load_data(config).eval.words
+        texts = [" ".join(words) for words in sentences if len(words) <= SERVE_MAX_WORDS]
+    elif config.train_file or config.dataset:
         data = data_lib.load(config)
         texts = [t for t in data.eval.texts if len(t.split()) <= SERVE_MAX_WORDS]
     return texts or ["a gripping , beautifully acted film that stays with you long after it ends",
@@ -130,9 +135,8 @@ def serve_row(config: Config, options: Options, started: float) -> dict:
     texts = _serve_texts(config)
     rng = np.random.default_rng(config.seed)
 
-    def call(batch):
-        outputs = serve(text=tf.constant(batch))
-        return outputs["probabilities"].numpy()
+    def call(batch):  # every output read back, as a client would (tags and entities for NER)
+        return [v.numpy() for v in serve(text=tf.constant(batch)).values()]
 
     for i in range(20):
         call([texts[i % len(texts)]])

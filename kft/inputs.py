@@ -184,7 +184,8 @@ def padded_matrix(encoded: Encoded, pad_value: int) -> tf.Tensor:
 
 
 def plan_dataset(plan: BatchPlan, matrix: tf.Tensor, lengths: np.ndarray, labels: np.ndarray,
-                 example_weights: np.ndarray, num_replicas: int = 1, replica_ids=None) -> tf.data.Dataset:
+                 example_weights: np.ndarray, num_replicas: int = 1, replica_ids=None,
+                 sizes: np.ndarray | None = None) -> tf.data.Dataset:
     """Per-replica batches of `plan`, as (features, labels, weights).
 
     `labels` is [n] (one per example) or [n, longest] (one per position, cut to each batch's width).
@@ -193,13 +194,19 @@ def plan_dataset(plan: BatchPlan, matrix: tf.Tensor, lengths: np.ndarray, labels
     `replica_ids` (default: all), in order, which is how tf.distribute hands consecutive elements
     to the replicas it feeds. `weights` are the example weights divided by the number of real
     examples in the global batch, so summing the replicas' weighted losses gives the global mean.
+    With `sizes` (labelled positions per example; the loss then sums over an example's positions)
+    they divide by the global batch's labelled positions instead: a per-position mean.
     """
     n_batches, batch_size = plan.indices.shape
     if batch_size % num_replicas:
         raise ValueError(f"batch of {batch_size} rows does not split over {num_replicas} replicas")
     valid = plan.indices >= 0
     per_example = np.where(valid, example_weights[np.maximum(plan.indices, 0)], 0.0)
-    weights = per_example / np.maximum(valid.sum(axis=1, keepdims=True), 1)
+    if sizes is None:
+        count = valid.sum(axis=1, keepdims=True)
+    else:
+        count = np.where(valid, np.asarray(sizes)[np.maximum(plan.indices, 0)], 0).sum(axis=1, keepdims=True)
+    weights = per_example / np.maximum(count, 1)
     replica_ids = list(range(num_replicas)) if replica_ids is None else list(replica_ids)
     shape = (n_batches, num_replicas, batch_size // num_replicas)
     indices = plan.indices.reshape(shape)[:, replica_ids].reshape(-1, shape[2])

@@ -55,6 +55,7 @@ class Split:
     lengths: np.ndarray  # [n]
     labels: np.ndarray  # [n] int32, or [n, longest] for per-position labels
     weights: np.ndarray  # [n] float32 loss weight of each example (class weights)
+    sizes: np.ndarray | None = None  # [n] labelled positions per example: the loss is a per-position mean
 
     @classmethod
     def from_encoded(cls, encoded: inputs.Encoded, labels: np.ndarray, pad: int,
@@ -72,7 +73,7 @@ def distributed_dataset(strategy: tf.distribute.Strategy, plan: inputs.BatchPlan
         local = replicas // ctx.num_input_pipelines
         ids = range(ctx.input_pipeline_id * local, (ctx.input_pipeline_id + 1) * local)
         return inputs.plan_dataset(plan, split.matrix, split.lengths, split.labels, split.weights,
-                                   replicas, ids)
+                                   replicas, ids, split.sizes)
 
     return strategy.distribute_datasets_from_function(dataset_fn)
 

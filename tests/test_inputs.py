@@ -129,3 +129,17 @@ def test_eval_plan_sorts_by_length_and_maps_back(loaded):
     rows = plan.indices[plan.indices >= 0]
     assert sorted(rows.tolist()) == list(range(len(TEXTS)))
     assert list(enc.lengths[rows]) == sorted(enc.lengths)
+
+
+def test_per_position_labels_are_cut_with_the_batch_and_weighted_per_position(loaded):
+    enc = inputs.encode(loaded.tokenizer, loaded.packing, _film_texts(60, seed=2), sequence_length=64)
+    matrix = inputs.padded_matrix(enc, loaded.packing.pad)
+    labels = np.where(np.arange(matrix.shape[1])[None] < enc.lengths[:, None] - 1, 1, -1).astype(np.int32)
+    sizes = (labels >= 0).sum(axis=1)
+    plan = inputs.train_plan(enc.lengths, 8, 4, seed=0, epoch=0)
+    for (x, y, w), rows in zip(inputs.plan_dataset(plan, matrix, enc.lengths, labels, np.ones(len(sizes)),
+                                                   sizes=sizes).as_numpy_iterator(), plan.indices):
+        assert y.shape == x["token_ids"].shape  # labels cut to the batch's width, like the ids
+        real = rows >= 0
+        # weight x positions sums to 1: the summed per-example losses become a per-position mean
+        assert float(np.sum(w[real] * sizes[rows[real]])) == pytest.approx(1.0)

@@ -21,13 +21,13 @@ def model(request, tiny_preset):
     return task.build_model(loaded.backbone, len(TAGS), 0.0, use_crf=request.param, tags=TAGS, seed=1)
 
 
-def test_softmax_loss_is_the_mean_cross_entropy_of_tagged_positions(tiny_preset):
+def test_softmax_loss_sums_the_cross_entropy_of_tagged_positions(tiny_preset):
     probabilities = np.random.default_rng(0).dirichlet(np.ones(5), size=(2, 6)).astype("float32")
     got = np.asarray(task.loss_function(task.build_model(backbones.load(tiny_preset).backbone, 5, 0.0))(
         LABELS, probabilities))
     for b in range(2):
         tagged = np.flatnonzero(LABELS[b] >= 0)
-        expected = -np.mean(np.log(probabilities[b, tagged, LABELS[b, tagged]]))
+        expected = -np.sum(np.log(probabilities[b, tagged, LABELS[b, tagged]]))
         assert got[b] == pytest.approx(expected, rel=1e-5)
 
 
@@ -50,7 +50,7 @@ def test_crf_loss_is_the_word_level_negative_log_likelihood(tiny_preset):
         tagged = np.flatnonzero(LABELS[b] >= 0)
         words = scores[b, tagged][None]
         nll = crf.negative_log_likelihood(words, LABELS[b, tagged][None], np.ones((1, len(tagged)), "int32"))
-        assert got[b] == pytest.approx(float(np.asarray(nll)[0]) / len(tagged), rel=1e-5)
+        assert got[b] == pytest.approx(float(np.asarray(nll)[0]), rel=1e-5)
 
 
 def test_one_step_trains_the_head_and_the_transitions(model):
@@ -129,7 +129,7 @@ def test_balanced_tag_weights_scale_the_loss_of_each_tagged_position(tiny_preset
     for b in range(2):
         tagged = np.flatnonzero(LABELS[b] >= 0)
         ce = -np.log(probabilities[b, tagged, LABELS[b, tagged]]) * [weights[t] for t in LABELS[b, tagged]]
-        assert got[b] == pytest.approx(ce.mean(), rel=1e-5)
+        assert got[b] == pytest.approx(ce.sum(), rel=1e-5)
     train = _write_conll(tmp_path / "train.txt", 30, 0)
     metrics = trainer.fit_model(tiny_config(dataset="", backbone=tiny_preset, task="token_classification",
                                             train_file=train, class_weights="balanced"),
@@ -215,6 +215,13 @@ def test_token_export_round_trips_in_a_fresh_process(tiny_preset, tmp_path, use_
         assert [(e["type"], e["text"]) for e in line["entities"]] == [
             (kind, " ".join(split[0][a:b])) for kind, a, b in entity_spans(expected[0])]
         assert [t for _, t in line["tags"]] == expected[0]
+        # kft.bench --mode=serve times the token export on the eval sentences, read back in full
+        from kft import benchmark
+
+        options = benchmark.Options([], 0, "", trained.metrics["export"], 20, [])
+        row = benchmark.serve_row(config, options, 0.0)
+        assert row["batch_1"]["requests"] == 20 and row["batch_64"]["texts_per_second"] > 0
+        assert row["texts"].startswith("20 texts")
 
 
 @pytest.mark.parametrize("overrides", [{"method": "lora"}, {"method": "prompt", "num_prompt_tokens": 3},

@@ -1,10 +1,10 @@
 """Token classification (NER): backbone -> per-token Dense(num_tags) -> softmax, or a linear-chain CRF.
 
 Labels live on word pieces: a word's first piece holds its tag id and every other position holds -1
-(`kft.token_inputs.IGNORE`), which loss and metrics skip. The softmax head's loss is each example's
-mean cross-entropy over its tagged positions. With a CRF the tagged positions are first gathered
-into a left-aligned word sequence (the CRF models transitions between words, not pieces) and the
-loss is the CRF's negative log-likelihood per word.
+(`kft.token_inputs.IGNORE`), which loss and metrics skip. The softmax head's loss is the
+cross-entropy averaged over the batch's tagged positions. With a CRF the tagged positions are first
+gathered into a left-aligned word sequence (the CRF models transitions between words, not pieces)
+and the loss is the CRF's negative log-likelihood, also divided by the batch's tagged words.
 """
 
 from __future__ import annotations
@@ -75,7 +75,9 @@ def gather_words(values, labels):
 
 
 def loss_function(model: keras.Model, class_weight: dict | None = None):
-    """fn(labels [batch, time], outputs [batch, time, tags]) -> loss per example [batch].
+    """fn(labels [batch, time], outputs [batch, time, tags]) -> loss summed over each example's
+    tagged positions [batch]; the loop divides by the batch's tagged positions (a per-word mean, as
+    the usual token-classification recipes compute it).
 
     `class_weight` ({tag id: weight}, softmax head only) scales each tagged position's loss.
     """
@@ -90,13 +92,12 @@ def loss_function(model: keras.Model, class_weight: dict | None = None):
         ce = keras.losses.sparse_categorical_crossentropy(ops.maximum(labels, 0), probabilities)
         if weights is not None:
             ce = ce * ops.take(ops.convert_to_tensor(weights), ops.maximum(labels, 0))
-        return ops.sum(ce * tagged, axis=1) / ops.maximum(ops.sum(tagged, axis=1), 1.0)
+        return ops.sum(ce * tagged, axis=1)
 
     def crf_loss(labels, scores):
         labels = ops.cast(labels, "int32")
         emissions, word_labels, mask = gather_words(scores, labels)
-        words = ops.cast(ops.sum(mask, axis=1), "float32")
-        return crf.negative_log_likelihood(emissions, word_labels, mask) / ops.maximum(words, 1.0)
+        return crf.negative_log_likelihood(emissions, word_labels, mask)
 
     return crf_loss if crf is not None else softmax_loss
 
@@ -210,7 +211,9 @@ def prepare(config: Config, data: TokenData, loaded: backbones.Loaded, model_dir
         for i, (ids, lab) in enumerate(zip(w.ids, w.labels)):
             matrix[i, :len(ids)] = ids
             labels[i, :len(lab)] = lab
-        sources[k] = loop_lib.Split(tf.constant(matrix), lengths, labels, np.ones(len(lengths), np.float32))
+        # the loss averages over the global batch's tagged words, not over its sentences
+        sources[k] = loop_lib.Split(tf.constant(matrix), lengths, labels, np.ones(len(lengths), np.float32),
+                                    (labels >= 0).sum(axis=1))
         violations = token_data.iob2_violations(splits[k])
         stats[k] = {"source": splits[k].source, "sentences": len(splits[k]),
                     "words": int(sum(len(s) for s in splits[k].words)), "windows": len(lengths),
@@ -244,8 +247,9 @@ def prepare(config: Config, data: TokenData, loaded: backbones.Loaded, model_dir
     def epoch_eval(outputs):
         model = holder["prep"].model
         report = evaluate("eval", outputs, model)
-        loss = loss_function(model, class_weight)(sources["eval"].labels, outputs)
-        return {"accuracy": report["token_accuracy"], "loss": float(np.mean(ops.convert_to_numpy(loss))),
+        loss = ops.convert_to_numpy(loss_function(model, class_weight)(sources["eval"].labels, outputs))
+        per_word = float(loss.sum() / max(1, int((sources["eval"].labels >= 0).sum())))
+        return {"accuracy": report["token_accuracy"], "loss": per_word,
                 "entity_f1": report["entity_f1"]}
 
     def write_outputs(results, model_dir):
