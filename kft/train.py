@@ -28,6 +28,11 @@ def _fail(error: Exception, status: int, prefix: str = "error") -> int:
     return status
 
 
+# What the final JSON line reports per split: classification, then token-classification scores.
+SUMMARY = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "entity_precision", "entity_recall",
+           "entity_f1", "token_accuracy")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
@@ -47,8 +52,7 @@ def main(argv):
     summary = {"model_dir": model_dir, "export": result.get("export")}
     for split in ("eval", "test"):
         if split in result:
-            summary[split] = {k: round(result[split][k], 4)
-                              for k in ("accuracy", "macro_precision", "macro_recall", "macro_f1")}
+            summary[split] = {k: round(result[split][k], 4) for k in SUMMARY if k in result[split]}
     summary["train_seconds"] = result["training"]["train_seconds"]
     print(json.dumps(summary, indent=2))
     return 0

@@ -242,3 +242,16 @@ def test_tuning_methods_work_with_the_token_head(tiny_preset, overrides):
     grads = tape.gradient(loss, model.trainable_variables)
     assert np.isfinite(loss.numpy()) and all(g is not None for g in grads)
     assert "crf/transitions" in {v.path for v in model.trainable_variables}
+
+
+def test_train_cli_runs_a_token_task_and_prints_entity_scores(tiny_preset, tmp_path):
+    from conftest import run_python
+
+    train = _write_conll(tmp_path / "train.txt", 40, 0)
+    proc = run_python(["-m", "kft.train", "--task=token_classification", f"--train_file={train}",
+                       f"--backbone={tiny_preset}", f"--model_dir={tmp_path / 'm'}",
+                       f"--export_dir={tmp_path / 'x'}", "--batch_size=8"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert set(summary["eval"]) == {"entity_precision", "entity_recall", "entity_f1", "token_accuracy"}
+    assert summary["export"].endswith("/1")
