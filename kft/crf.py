@@ -61,6 +61,10 @@ class CRF(keras.layers.Layer):
         when the time length is only known at run time)."""
         e = ops.transpose(ops.cast(emissions, "float32"), (1, 0, 2))
         m = ops.transpose(ops.cast(mask, "float32"), (1, 0))[..., None]
+        # One extra masked step at the end: the scans never run over zero steps (a one-word batch),
+        # which a graph with an unknown batch size cannot stack. Masked steps change nothing.
+        e = ops.concatenate([e, ops.zeros_like(e[:1])], axis=0)
+        m = ops.concatenate([m, ops.zeros_like(m[:1])], axis=0)
         return e, m, ops.concatenate([e, m], axis=-1)
 
     def log_partition(self, emissions, mask):
@@ -123,6 +127,6 @@ class CRF(keras.layers.Layer):
             return prev, prev
 
         _, earlier = ops.scan(backward, last, pointers, reverse=True)  # earlier[t] = tag at t
-        tags = ops.concatenate([earlier, last[None]], axis=0)
+        tags = ops.concatenate([earlier, last[None]], axis=0)[:-1]  # drop the extra step
         tags = ops.transpose(tags, (1, 0)) * ops.cast(mask, "int32")
         return tags, ops.max(score, axis=1)

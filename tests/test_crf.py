@@ -82,3 +82,21 @@ def test_constrained_decoding_never_emits_a_forbidden_transition():
     free = _layer(len(TAGS), 5)
     free_tags = np.asarray(free.decode(emissions, mask)[0])
     assert any(not allowed[a, b] for p in free_tags for a, b in zip(p[:-1], p[1:]))
+
+
+def test_decoding_inside_a_graph_handles_one_word_batches():
+    import tensorflow as tf
+
+    layer = _layer(4, 3)
+    decode = tf.function(lambda e, m: layer.decode(e, m), input_signature=[
+        tf.TensorSpec([None, None, 4], tf.float32), tf.TensorSpec([None, None], tf.int32)])
+    emissions = np.random.default_rng(0).normal(size=(2, 1, 4)).astype("float32")
+    tags, best = decode(emissions, np.ones((2, 1), "int32"))
+    for b in range(2):
+        scores = [_score(layer, emissions[b], (k,)) for k in range(4)]
+        assert tags.numpy()[b].tolist() == [int(np.argmax(scores))]
+        assert best.numpy()[b] == pytest.approx(max(scores), abs=1e-4)
+    log_z = tf.function(lambda e, m: layer.log_partition(e, m), input_signature=[
+        tf.TensorSpec([None, None, 4], tf.float32), tf.TensorSpec([None, None], tf.int32)])
+    assert log_z(emissions, np.ones((2, 1), "int32")).numpy()[0] == pytest.approx(
+        np.logaddexp.reduce([_score(layer, emissions[0], (k,)) for k in range(4)]), abs=1e-4)
