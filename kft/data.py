@@ -177,8 +177,8 @@ def _read_delimited(path: str, text: str, delimiter: str, text_field: str,
     return texts, labels, lines
 
 
-def _read_jsonl(path: str, text: str, text_field: str, label_field: str | None):
-    texts, labels, lines = [], [], []
+def json_records(path: str, text: str):
+    """(line number, object) for every non-blank line of a JSONL text; bad lines name file and line."""
     for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
@@ -188,6 +188,12 @@ def _read_jsonl(path: str, text: str, text_field: str, label_field: str | None):
             raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+        yield n, record
+
+
+def _read_jsonl(path: str, text: str, text_field: str, label_field: str | None):
+    texts, labels, lines = [], [], []
+    for n, record in json_records(path, text):
         for field, flag in ((text_field, "--text_field"), (label_field, "--label_field")):
             if field and field not in record:
                 raise DataError(f"{path}:{n}: missing field '{field}' ({flag}); keys are {sorted(record)}")

@@ -10,11 +10,10 @@ reported, never repaired.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import tensorflow as tf
 
-from kft.data import DataError, download_and_prepare
+from kft.data import DataError, download_and_prepare, json_records
 
 DOCSTART = "-DOCSTART-"
 
@@ -99,28 +98,23 @@ def read_jsonl(path: str, name: str, flag: str = "--train_file") -> Sentences:
         raise DataError(f"{flag}={path}: no such file")
     words, tags, lines = [], [], []
     with tf.io.gfile.GFile(path) as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON: {e.msg}") from None
-            for key in ("tokens", "tags"):
-                if not isinstance(row.get(key) if isinstance(row, dict) else None, list):
-                    raise DataError(f"{path}:{number}: field '{key}': missing or not a list")
-            if len(row["tokens"]) != len(row["tags"]):
-                raise DataError(f"{path}:{number}: field 'tags': {len(row['tags'])} tags for "
-                                f"{len(row['tokens'])} tokens")
-            for j, (word, tag) in enumerate(zip(row["tokens"], row["tags"])):
-                if not isinstance(word, str) or not word.strip():
-                    raise DataError(f"{path}:{number}: field 'tokens': token {j} is empty")
-                if not isinstance(tag, str) or not tag.strip():
-                    raise DataError(f"{path}:{number}: field 'tags': tag {j} is empty")
-            if row["tokens"]:
-                words.append([w.strip() for w in row["tokens"]])
-                tags.append([t.strip() for t in row["tags"]])
-                lines.append(number)
+        text = f.read()
+    for number, row in json_records(path, text):
+        for key in ("tokens", "tags"):
+            if not isinstance(row.get(key), list):
+                raise DataError(f"{path}:{number}: field '{key}': missing or not a list")
+        if len(row["tokens"]) != len(row["tags"]):
+            raise DataError(f"{path}:{number}: field 'tags': {len(row['tags'])} tags for "
+                            f"{len(row['tokens'])} tokens")
+        for j, (word, tag) in enumerate(zip(row["tokens"], row["tags"])):
+            if not isinstance(word, str) or not word.strip():
+                raise DataError(f"{path}:{number}: field 'tokens': token {j} is empty")
+            if not isinstance(tag, str) or not tag.strip():
+                raise DataError(f"{path}:{number}: field 'tags': tag {j} is empty")
+        if row["tokens"]:
+            words.append([w.strip() for w in row["tokens"]])
+            tags.append([t.strip() for t in row["tags"]])
+            lines.append(number)
     if not words:
         raise DataError(f"{flag}={path}: no sentences")
     return Sentences(name, path, words, tags, lines, one_word_per_line=False)
