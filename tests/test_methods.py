@@ -81,13 +81,19 @@ def test_lora_starts_from_the_pretrained_function(tiny_preset):
     np.testing.assert_allclose(lora(features).numpy(), plain(features).numpy(), atol=1e-6)
 
 
-def test_merging_lora_keeps_the_function_and_leaves_only_base_weights(tiny_preset):
-    model, _, config = _build(tiny_preset, method="lora", lora_targets=["query", "value", "ffn_out"],
-                              learning_rate=1e-2)
+def _after_three_steps(tiny_preset, **overrides):
+    """A model trained three steps (so the method's weights are no longer at their start), and a
+    padded two-text batch to compare outputs on."""
+    model, _, config = _build(tiny_preset, learning_rate=1e-2, **overrides)
     for _ in range(3):
         _one_step(model, config)
     ids = np.array([[2, 7, 9, 11, 3], [2, 5, 3, 0, 0]], np.int32)
-    features = {"token_ids": ids, "padding_mask": (ids > 0).astype(np.int32)}
+    return model, {"token_ids": ids, "padding_mask": (ids > 0).astype(np.int32)}
+
+
+def test_merging_lora_keeps_the_function_and_leaves_only_base_weights(tiny_preset):
+    model, features = _after_three_steps(tiny_preset, method="lora",
+                                         lora_targets=["query", "value", "ffn_out"])
     adapted = model(features).numpy()
     assert lora.merge(_backbone(model)) == LAYERS * 3
     assert not any("lora" in v.path for v in model.weights)
@@ -163,12 +169,7 @@ def test_the_prefix_mlp_starts_from_the_initial_vectors(tiny_preset):
 
 
 def test_folding_the_prefix_mlp_keeps_the_function_and_drops_its_weights(tiny_preset):
-    model, _, config = _build(tiny_preset, method="prefix", prefix_length=4, prefix_projection=8,
-                              learning_rate=1e-2)
-    for _ in range(3):
-        _one_step(model, config)
-    ids = np.array([[2, 7, 9, 11, 3], [2, 5, 3, 0, 0]], np.int32)
-    features = {"token_ids": ids, "padding_mask": (ids > 0).astype(np.int32)}
+    model, features = _after_three_steps(tiny_preset, method="prefix", prefix_length=4, prefix_projection=8)
     before = model(features).numpy()
     assert prefix.fold(_backbone(model))
     assert not any("prefix_encoder" in v.path or v.path.startswith(("hidden/", "out/"))

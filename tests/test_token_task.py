@@ -255,3 +255,19 @@ def test_train_cli_runs_a_token_task_and_prints_entity_scores(tiny_preset, tmp_p
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert set(summary["eval"]) == {"entity_precision", "entity_recall", "entity_f1", "token_accuracy"}
     assert summary["export"].endswith("/1")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"crf": True}, "--crf applies to --task=token_classification"),
+    ({"stride": 8}, "--stride applies to --task=token_classification"),
+    ({"task": "token_classification", "pooling": "mean"}, "--pooling=mean applies to --task=classification"),
+])
+def test_flags_of_the_other_task_are_refused_not_ignored(tiny_preset, tmp_path, overrides, message):
+    from conftest import tiny_config
+    from kft import trainer
+    from kft.config import FlagError
+
+    train = _write_conll(tmp_path / "train.txt", 5, 0)
+    base = {"dataset": "", "train_file": train} if overrides.get("task") else {}
+    with pytest.raises(FlagError, match=message):
+        trainer.fit_model(tiny_config(backbone=tiny_preset, **base, **overrides), str(tmp_path / "m"))

@@ -131,6 +131,9 @@ class TokenData:
 
 def load_data(config: Config) -> TokenData:
     """Reads and validates the splits; the tag vocabulary comes from train."""
+    if config.pooling != "auto":
+        raise FlagError(f"--pooling={config.pooling} applies to --task=classification; a token head reads "
+                        "every position")
     if config.class_weights != "none" and config.crf:
         raise FlagError("--class_weights=balanced weights per-token losses; with --crf the loss is one "
                         "sequence likelihood, so it does not apply")
