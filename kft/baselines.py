@@ -38,6 +38,7 @@ def keras_hub_recipe(config: Config, max_steps: int, started: float) -> dict:
     from kft import backbones, inputs
 
     keras.utils.set_random_seed(config.seed)
+    keras.mixed_precision.set_global_policy(config.precision)  # the precision kft's row runs in
     data = data_lib.load(config)
     location, _ = backbones.resolve(config.backbone)
     classifier = keras_hub.models.TextClassifier.from_preset(location, num_classes=len(data.vocab))
@@ -86,7 +87,7 @@ def keras_hub_recipe(config: Config, max_steps: int, started: float) -> dict:
     return {
         "label": "keras-hub TextClassifier.fit",
         "status": "full" if steps == full_steps else "subset",
-        "note": f"every text padded to {width}; tokenized inside fit, every epoch"
+        "note": f"{config.precision}; every text padded to {width}; tokenized inside fit, every epoch"
                 + ("" if steps == full_steps else
                    f"; ran {steps} of {full_steps} steps, train/eval time implied by the measured rate"),
         "seconds": {"setup": setup, "tokenize": 0.0, "train": implied, "eval": eval_seconds},
@@ -98,6 +99,16 @@ def keras_hub_recipe(config: Config, max_steps: int, started: float) -> dict:
         "software": {"keras": keras.__version__, "keras_hub": keras_hub.__version__,
                      "tensorflow": tf.__version__},
     }
+
+
+def hf_precision(precision: str) -> dict:
+    """TrainingArguments for kft's --precision (the HF row runs on CPU: bf16 autocast, no fp16)."""
+    if precision == "float32":
+        return {}
+    if precision == "mixed_bfloat16":
+        return {"bf16": True}
+    raise ValueError(f"--precision={precision}: the Hugging Face row runs on the CPU, where PyTorch has no "
+                     "float16 autocast; use float32 or mixed_bfloat16")
 
 
 def hf_trainer_available() -> bool:
@@ -113,6 +124,7 @@ def hf_trainer(config: Config, started: float) -> dict:
 
     from kft import backbones
 
+    precision = hf_precision(config.precision)
     location, kind = backbones.resolve(config.backbone)
     if kind not in ("bundled", "hf_folder"):
         raise ValueError(f"the Hugging Face row needs a Hugging Face folder as --backbone, not {location}")
@@ -144,7 +156,7 @@ def hf_trainer(config: Config, started: float) -> dict:
             warmup_steps=int(round(config.warmup_ratio * total_steps)), lr_scheduler_type="linear",
             max_grad_norm=config.clipnorm or 1e9, seed=config.seed, save_strategy="no",
             eval_strategy="no", report_to=[], logging_steps=max(1, total_steps // 10), use_cpu=True,
-            disable_tqdm=True)
+            disable_tqdm=True, **precision)
         trainer = Trainer(model=model, args=args, train_dataset=train_rows,
                           data_collator=DataCollatorWithPadding(tokenizer))
         t0 = time.time()
@@ -158,7 +170,8 @@ def hf_trainer(config: Config, started: float) -> dict:
     return {
         "label": "Hugging Face Trainer",
         "status": "full",
-        "note": "PyTorch, DataCollatorWithPadding (each batch padded to its longest text)",
+        "note": f"{config.precision}; PyTorch, DataCollatorWithPadding (each batch padded to its longest "
+                "text)",
         "seconds": {"setup": setup, "tokenize": tokenize_seconds, "train": train_seconds,
                     "eval": eval_seconds},
         "steps_run": total_steps, "steps_full": total_steps,

@@ -52,7 +52,10 @@ def machine_row(config: Config, options: Options, started: float) -> dict:
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    return {"tensorflow_matmul_rate": perf.tensorflow_matmul_rate(),
+    dtype = COMPUTE_DTYPES[config.precision]
+    compute_rate = {} if dtype == "float32" else {
+        "compute_dtype": dtype, "compute_dtype_matmul_rate": perf.tensorflow_matmul_rate(dtype=dtype)}
+    return {"tensorflow_matmul_rate": perf.tensorflow_matmul_rate(), **compute_rate,
             "non_embedding_parameters": perf.non_embedding_parameters(model),
             "layers": loaded.num_layers, "hidden": int(loaded.backbone.hidden_dim),
             "total_parameters": int(model.count_params()),
@@ -79,10 +82,11 @@ def kft_row(config: Config, options: Options, started: float) -> dict:
     seconds["setup"] = time.time() - started - sum(seconds.values()) - t.get("export_seconds", 0.0)
     epochs = t["epochs_run"]
     lengths = trained.train_lengths.astype(np.float64)
+    floor = _training_floor(trained, config, t)
     return {
         "label": LABELS["kft"], "status": "full",
-        "note": "length-grouped batches padded per batch, token ids computed once; checkpoints "
-                "included in train time",
+        "note": f"{config.precision}; length-grouped batches padded per batch, token ids computed once; "
+                "checkpoints included in train time",
         "seconds": seconds, "export_seconds": t.get("export_seconds"),
         "checkpoint_seconds": split["checkpoints"], "steps_run": t["steps"], "steps_full": t["steps"],
         "train_examples": m["data"]["train"]["examples"] * epochs,
@@ -91,8 +95,28 @@ def kft_row(config: Config, options: Options, started: float) -> dict:
         "padded_tokens": float(trained.padded_tokens), "dev_accuracy": m["eval"]["accuracy"],
         "train_function_traces": t["train_function_traces"], "num_buckets": config.num_buckets,
         "sequence_length": m["sequence_length"], "export": m.get("export"),
+        "first_call_seconds": t["first_call_seconds"], "precision": config.precision, "floor": floor,
         "software": {"tensorflow": tf.__version__, "keras": keras.__version__},
     }
+
+
+COMPUTE_DTYPES = {"float32": "float32", "mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
+
+
+def _training_floor(trained, config: Config, training: dict) -> dict:
+    """perf.training_floor for the batches this run trained on (its plan, every epoch)."""
+    from kft import inputs
+
+    backbone = next(layer for layer in trained.model.layers if hasattr(layer, "hidden_dim"))
+    hidden, layers = int(backbone.hidden_dim), int(backbone.num_layers)
+    widths = np.concatenate([
+        inputs.train_plan(trained.train_lengths, config.batch_size, config.num_buckets, config.seed, e,
+                          training["static_shapes"]).widths for e in range(training["epochs_run"])])
+    rows = widths.astype(np.int64) * config.batch_size
+    attention = 12.0 * layers * hidden * config.batch_size * float(np.sum(widths.astype(np.float64) ** 2))
+    return perf.training_floor(perf.kernel_matmuls(trained.model, hidden), rows, attention,
+                               [tuple(int(d) for d in v.shape) for v in trained.model.trainable_variables],
+                               COMPUTE_DTYPES[config.precision])
 
 
 def keras_hub_row(config: Config, options: Options, started: float) -> dict:
@@ -214,6 +238,12 @@ def summarize(machine: dict, rows: dict, serve: dict | None, config: Config) -> 
         row["examples_per_second"] = row["train_examples"] / train
         row["real_tokens_per_second"] = row["real_tokens"] / train
         row["compute_efficiency"] = row["flops"] / train / peak
+        if "compute_dtype_matmul_rate" in machine:  # against the rate of the dtype the matmuls ran in
+            row["compute_efficiency_in_compute_dtype"] = (
+                row["flops"] / train / machine["compute_dtype_matmul_rate"]["flops_per_second"])
+        if row.get("floor"):
+            # The most this run's plan could reach: its FLOPs over the floor time instead of train time.
+            row["efficiency_ceiling"] = row["flops"] / row["floor"]["floor_seconds"] / peak
         # token counts are the full run's, also for subset rows (whose times are implied)
         row["padding_overhead"] = row["padded_tokens"] / row["real_tokens"] - 1.0
         row["seconds"]["total"] = sum(s[k] for k in ("setup", "tokenize", "train", "eval"))
@@ -262,8 +292,22 @@ def table(report: dict) -> str:
     out.append(f"fp32 matmul rate (TensorFlow, best square matmul): "
                f"{m['tensorflow_matmul_rate']['flops_per_second'] / 1e9:.0f} GFLOP/s on {m['cpus']} CPUs "
                f"({m['cpu']}); efficiency = model FLOPs on real tokens / train time / that rate")
+    if "compute_dtype_matmul_rate" in m:
+        rate = m["compute_dtype_matmul_rate"]["flops_per_second"]
+        against = ", ".join(f"{r['label']} {100 * r['compute_efficiency_in_compute_dtype']:.1f}%"
+                            for r in report["rows"].values() if "compute_efficiency_in_compute_dtype" in r)
+        out.append(f"{m['compute_dtype']} matmul rate: {rate / 1e9:.0f} GFLOP/s; efficiency against it: "
+                   f"{against}")
     for row in report["rows"].values():
         out.append(f"  {row['label']}: {row.get('note', '')}")
+        floor = row.get("floor")
+        if floor:
+            out.append(f"    floor for these {floor['steps']} steps: {floor['floor_seconds']:.1f} s = kernel "
+                       f"matmuls {floor['matmul_seconds']:.1f} s ({floor['kernel_rate'] / 1e9:.0f} GFLOP/s "
+                       f"at their shapes, {floor['dtype']}) + attention {floor['attention_seconds']:.1f} s + "
+                       f"fused Adam {floor['adam_seconds']:.1f} s, all else zero: efficiency at most "
+                       f"{100 * row['efficiency_ceiling']:.1f}%; the first call (tracing) took "
+                       f"{row.get('first_call_seconds') or 0:.1f} s")
     for k, v in report["targets"].items():
         out.append(f"target {k}: {v['value']:.3f} (target {'>=' if k == 'kft_compute_efficiency' else '<='} "
                    f"{v['target']}) {'met' if v['met'] else 'NOT met'}")

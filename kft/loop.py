@@ -120,6 +120,8 @@ class Loop:
         # does not predict the eval split a second time.
         self.eval_probabilities = None
         self.seconds = {"steps": 0.0, "eval": 0.0, "checkpoints": 0.0}  # where run() spends its time
+        # The first call into the train function traces and optimizes its graph (part of "steps").
+        self.first_call_seconds = None
         optimizer.build(model.trainable_variables)  # its variables exist before any restore
         self._train_chunk = self._make_train_function(jit_compile)
         self._predict_step = self._make_predict_function()
@@ -265,6 +267,8 @@ class Loop:
                     t_chunk = time.time()
                     losses = self._train_chunk(iterator, tf.constant(n)).numpy()
                     self.seconds["steps"] += time.time() - t_chunk
+                    if self.first_call_seconds is None:
+                        self.first_call_seconds = time.time() - t_chunk
                     bad = np.flatnonzero(~np.isfinite(losses))
                     if bad.size:
                         self._diverged(state["step"] + int(bad[0]) + 1, float(losses[bad[0]]))

@@ -167,6 +167,7 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
             "train_seconds": round(train_seconds, 2), "tokenize_seconds": round(prep.seconds, 2),
             # train_seconds split: steps, epoch-end evaluations, checkpoint writes (this process)
             "train_seconds_split": {k: round(v, 2) for k, v in loop.seconds.items()},
+            "first_call_seconds": loop.first_call_seconds and round(loop.first_call_seconds, 2),
             "eval_seconds": round(eval_seconds, 2), "class_weights": prep.class_weight,
             "examples_per_second": round(
                 loop.steps_per_epoch * config.batch_size * epochs_now / max(train_seconds, 1e-9), 2),
