@@ -244,6 +244,9 @@ def summarize(machine: dict, rows: dict, serve: dict | None, config: Config) -> 
         if row.get("floor"):
             # The most this run's plan could reach: its FLOPs over the floor time instead of train time.
             row["efficiency_ceiling"] = row["flops"] / row["floor"]["floor_seconds"] / peak
+            if "compute_dtype_matmul_rate" in machine:
+                dtype_peak = machine["compute_dtype_matmul_rate"]["flops_per_second"]
+                row["efficiency_ceiling_in_compute_dtype"] = row["efficiency_ceiling"] * peak / dtype_peak
         # token counts are the full run's, also for subset rows (whose times are implied)
         row["padding_overhead"] = row["padded_tokens"] / row["real_tokens"] - 1.0
         row["seconds"]["total"] = sum(s[k] for k in ("setup", "tokenize", "train", "eval"))
@@ -302,12 +305,14 @@ def table(report: dict) -> str:
         out.append(f"  {row['label']}: {row.get('note', '')}")
         floor = row.get("floor")
         if floor:
+            other = row.get("efficiency_ceiling_in_compute_dtype")
+            other = f" ({100 * other:.1f}% of the {m['compute_dtype']} rate)" if other is not None else ""
             out.append(f"    floor for these {floor['steps']} steps: {floor['floor_seconds']:.1f} s = kernel "
                        f"matmuls {floor['matmul_seconds']:.1f} s ({floor['kernel_rate'] / 1e9:.0f} GFLOP/s "
                        f"at their shapes, {floor['dtype']}) + attention {floor['attention_seconds']:.1f} s + "
                        f"fused Adam {floor['adam_seconds']:.1f} s, all else zero: efficiency at most "
-                       f"{100 * row['efficiency_ceiling']:.1f}%; the first call (tracing) took "
-                       f"{row.get('first_call_seconds') or 0:.1f} s")
+                       f"{100 * row['efficiency_ceiling']:.1f}% of the fp32 rate{other}; the first call "
+                       f"(tracing) took {row.get('first_call_seconds') or 0:.1f} s")
     for k, v in report["targets"].items():
         out.append(f"target {k}: {v['value']:.3f} (target {'>=' if k == 'kft_compute_efficiency' else '<='} "
                    f"{v['target']}) {'met' if v['met'] else 'NOT met'}")

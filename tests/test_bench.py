@@ -94,10 +94,14 @@ def test_summary_derives_rates_efficiency_and_the_target_ratios():
     assert "floor for these 10 steps: 0.5 s" in text
 
     bf16 = dict(machine, compute_dtype="bfloat16", compute_dtype_matmul_rate={"flops_per_second": 2e9})
-    report = benchmark.summarize(bf16, {"kft": row(2.0, 0.9)}, None, benchmark.Config())
+    report = benchmark.summarize(bf16, {"kft": dict(row(2.0, 0.9), floor=rows["kft"]["floor"])}, None,
+                                 benchmark.Config())
     kft = report["rows"]["kft"]
     assert kft["compute_efficiency_in_compute_dtype"] == pytest.approx(kft["compute_efficiency"] / 2)
-    assert "bfloat16 matmul rate: 2 GFLOP/s" in benchmark.table(report)
+    assert kft["efficiency_ceiling_in_compute_dtype"] == pytest.approx(kft["efficiency_ceiling"] / 2)
+    text = benchmark.table(report)
+    assert "bfloat16 matmul rate: 2 GFLOP/s" in text
+    assert f"{100 * kft['efficiency_ceiling_in_compute_dtype']:.1f}% of the bfloat16 rate" in text
 
 
 @pytest.mark.slow
