@@ -104,16 +104,24 @@ class AdamW(keras.optimizers.AdamW):
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
         reduced = super()._all_reduce_sum_gradients(grads_and_vars)
-        # An embedding lookup's gradient is IndexedSlices whose rows repeat for every repeated
-        # token; tf.clip_by_global_norm would square the rows before summing the repeats and get
-        # the wrong norm. Adam updates every row anyway, so make them dense (repeats summed) here.
-        reduced = [(tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g, v)
-                   for g, v in reduced]
-        if not self._clip_after_reduce:
-            return reduced
-        present = [g for g, _ in reduced if g is not None]
-        clipped = iter(tf.clip_by_global_norm(present, self.global_clipnorm)[0])
-        return [(next(clipped) if g is not None else None, v) for g, v in reduced]
+        if self._clip_after_reduce:
+            # An embedding lookup's gradient is IndexedSlices with a row per token occurrence;
+            # tf.clip_by_global_norm would square the rows before summing a repeated token's and
+            # get the wrong norm. With each row once, the norm is right and clipping scales only
+            # the rows the batch touched (not the whole [vocabulary, hidden] table).
+            reduced = [(_rows_once(g) if isinstance(g, tf.IndexedSlices) else g, v) for g, v in reduced]
+            present = [g for g, _ in reduced if g is not None]
+            clipped = iter(tf.clip_by_global_norm(present, self.global_clipnorm)[0])
+            reduced = [(next(clipped) if g is not None else None, v) for g, v in reduced]
+        # Adam moves every row (its moments decay), so the update takes dense gradients.
+        return [(tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g, v) for g, v in reduced]
+
+
+def _rows_once(gradient: tf.IndexedSlices) -> tf.IndexedSlices:
+    """The same gradient with each row index once, the values of repeated indices summed."""
+    rows, position = tf.unique(gradient.indices)
+    values = tf.math.unsorted_segment_sum(gradient.values, position, tf.size(rows))
+    return tf.IndexedSlices(values, rows, gradient.dense_shape)
 
 
 def build_optimizer(config, total_steps: int) -> keras.optimizers.Optimizer:
