@@ -132,9 +132,9 @@ def _serve_texts(config: Config) -> list[str]:
 
     texts = []
     if config.task == "token_classification" and (config.train_file or config.dataset):
-        from kft.tasks import token_classification
+        from kft import tasks
 
-        sentences = token_classification.load_data(config).eval.words
+        sentences = tasks.get("token_classification").load_data(config).eval.words
         texts = [" ".join(words) for words in sentences if len(words) <= SERVE_MAX_WORDS]
     elif config.train_file or config.dataset:
         data = data_lib.load(config)

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from kft import crf
+from kft.tasks.token_classification import crf
 
 TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 

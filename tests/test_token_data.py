@@ -6,7 +6,7 @@ import os
 import pytest
 
 from conftest import SHARED_DATA
-from kft import token_data
+from kft.tasks.token_classification import data as token_data
 from kft.data import DataError
 
 CONLL = """-DOCSTART- -X- O O

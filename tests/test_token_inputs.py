@@ -2,8 +2,9 @@
 
 import pytest
 
-from kft import backbones, token_inputs
-from kft.token_inputs import IGNORE
+from kft import backbones
+from kft.tasks.token_classification import inputs as token_inputs
+from kft.tasks.token_classification.inputs import IGNORE
 
 SENTENCES = [["a", "wonderful", "film"], ["the", "plot", "is", "a", "mess", "and", "a", "bore"],
              ["good"], ["unbelievably", "boring", "unbelievably", "boring", "unbelievably", "boring"]]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kft import backbones, crf as crf_lib
+from kft import backbones
+from kft.tasks.token_classification import crf as crf_lib
 from kft.tasks import token_classification as task
 
 TAGS = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
@@ -164,7 +165,8 @@ np.savez(out, **by_text, **by_words)
 @pytest.mark.parametrize("use_crf", [False, True], ids=["softmax", "crf"])
 def test_token_export_round_trips_in_a_fresh_process(tiny_preset, tmp_path, use_crf):
     from conftest import run_python, tiny_config
-    from kft import trainer, token_inputs
+    from kft import trainer
+    from kft.tasks.token_classification import inputs as token_inputs
     from kft.metrics import entity_spans
 
     config = tiny_config(dataset="", backbone=tiny_preset, task="token_classification", crf=use_crf,

@@ -20,11 +20,12 @@ import tensorflow as tf
 from absl import logging
 from keras import ops
 
-from kft import backbones, crf as crf_lib, inputs, metrics, plots, token_data, token_inputs
+from kft import backbones, inputs, metrics, plots
+from kft.tasks.token_classification import crf as crf_lib, data as token_data, inputs as token_inputs
 from kft import loop as loop_lib
 from kft.config import Config, FlagError
 from kft.data import DataError
-from kft.token_inputs import IGNORE
+from kft.tasks.token_classification.inputs import IGNORE
 
 
 def build_model(backbone: keras.Model, num_tags: int, dropout: float, use_crf: bool = False,
@@ -288,10 +289,11 @@ def build(backbone: keras.Model, names: list[str], config: Config) -> keras.Mode
 
 def export(model, loaded: backbones.Loaded, prep, config: Config, run_name: str, metadata: dict) -> str:
     """SavedModel with `serving_default` (raw texts) and `serve_words` (pre-split words), both
-    returning words, tags, tag scores and entities (see kft/token_serving.py)."""
+    returning words, tags, tag scores and entities (see serving.py in this package)."""
     import tensorflow_text as tf_text
 
-    from kft import export as export_lib, token_serving
+    from kft import export as export_lib
+    from kft.tasks.token_classification import serving as token_serving
 
     crf = crf_layer(model)
     unknown = token_inputs._unknown_id(loaded.tokenizer)

@@ -208,4 +208,4 @@ def export(model, loaded: backbones.Loaded, prep, config: Config, run_name: str,
     import sys
 
     return export_lib.export(model, loaded.tokenizer, loaded.packing, prep.sequence_length,
-                             sys.modules[__name__], prep.names, config.export_dir, run_name, metadata)
+                             sys.modules["kft.tasks.classification"], prep.names, config.export_dir, run_name, metadata)
