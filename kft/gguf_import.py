@@ -173,7 +173,8 @@ def _write_folder(path: str, out: str) -> dict:
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
-        "rms_norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon", path)),
+        # Stored as float32 in GGUF (1e-5 reads 9.99999975e-06): keep the decimal the model was made with.
+        "rms_norm_eps": float(f'{float(_field(reader, "llama.attention.layer_norm_rms_epsilon", path)):.6g}'),
         "rope_theta": float(_field(reader, "llama.rope.freq_base", path, default=10000.0)),
         "max_position_embeddings": int(_field(reader, "llama.context_length", path)),
         "tie_word_embeddings": tied,

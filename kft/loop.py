@@ -8,6 +8,7 @@ exactly the batches, and draws exactly the dropout masks, that the uninterrupted
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -19,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from kft import checkpoints, distribute, inputs
+from kft import checkpoints, distribute, inputs, optim, progress as progress_lib
 from kft.config import Config, FlagError
 
 # Exit status of `kft.train` after a SIGTERM: EX_TEMPFAIL from sysexits.h, "try again later".
@@ -41,6 +42,16 @@ class Preempted(Exception):
         super().__init__(f"stopped by SIGTERM at step {step}; checkpoint {path or '(written by chief)'}; "
                          "rerun the same command to continue")
         self.step, self.path = step, path
+
+
+class PreemptedAfterTraining(Preempted):
+    """SIGTERM arrived after training had finished and was saved: during evaluation or export."""
+
+    def __init__(self, step: int, saved: str, phase: str):
+        Exception.__init__(self, f"stopped by SIGTERM during {phase}, after training had finished at step "
+                           f"{step} ({saved}); no export was left half-written. Rerun the same command to "
+                           "evaluate and export without training again")
+        self.step, self.path, self.phase = step, saved, phase
 
 
 class Diverged(RuntimeError):
@@ -99,16 +110,62 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class StopOnSigterm:
+    """After training: a SIGTERM stops the run at once, as PreemptedAfterTraining.
+
+    Installed once the loop has saved the finished training, so what a preemption cuts short is
+    the final evaluation or export, which a rerun redoes from the checkpoint without training;
+    the export is renamed into place only when complete (kft/export.py). Set `phase` to name what
+    is running. Use it inside `sigterm_scope`, which turns the interruption into the exception and
+    puts the previous handler back.
+    """
+
+    def __init__(self, ckpt_dir: str, step: int):
+        self.step, self.phase = step, "the final evaluation"
+        self.saved = (f"saved in {checkpoints.path_for(ckpt_dir, step)}"
+                      if step in checkpoints.list_steps(ckpt_dir) else "no training to save")
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        raise _Interrupted(PreemptedAfterTraining(self.step, self.saved, self.phase))
+
+
+class _Interrupted(BaseException):
+    """Raised by StopOnSigterm's handler wherever Python happens to be. A BaseException, like
+    KeyboardInterrupt: Keras and TensorFlow catch `Exception` inside layers and traced functions
+    and raise it again wrapped in a RuntimeError, which would hide the preemption."""
+
+
+@contextlib.contextmanager
+def sigterm_scope():
+    """Puts back, when the block ends, the SIGTERM handler that was installed when it began, and
+    raises a StopOnSigterm interruption as its PreemptedAfterTraining."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    except _Interrupted as interrupted:
+        raise interrupted.args[0] from None
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 class Loop:
     """Trains `model` with `optimizer` under `strategy`, checkpointing to `<model_dir>/checkpoints`."""
 
     def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer, loss_fn,
                  strategy: tf.distribute.Strategy, config: Config, model_dir: str, train: Split,
-                 eval_split: Split, evaluate_fn, static_shapes: bool, jit_compile: bool):
+                 eval_split: Split, evaluate_fn, static_shapes: bool, jit_compile: bool,
+                 predict_fn=None):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.strategy, self.config, self.model_dir = strategy, config, model_dir
         self.train, self.eval = train, eval_split
-        self.evaluate_fn = evaluate_fn  # probabilities -> dict with "accuracy" and "loss"
+        # outputs -> dict with "accuracy" and "loss" (and "score" if higher-is-better is not accuracy)
+        self.evaluate_fn = evaluate_fn
+        # (features, labels) -> outputs to keep per example; default: the model's outputs
+        self.predict_fn = predict_fn
         self.static_shapes = static_shapes
         self.worker = distribute.worker_info(strategy)
         self.ckpt_dir = f"{model_dir}/checkpoints"
@@ -158,12 +215,15 @@ class Loop:
         return train_chunk
 
     def _make_predict_function(self):
-        model, strategy = self.model, self.strategy
+        model, strategy, predict_fn = self.model, self.strategy, self.predict_fn
 
         @tf.function
         def predict_step(iterator):
-            features, _, _ = next(iterator)
-            probabilities = strategy.run(lambda f: model(f, training=False), args=(features,))
+            features, labels, _ = next(iterator)
+            if predict_fn is None:
+                probabilities = strategy.run(lambda f: model(f, training=False), args=(features,))
+            else:
+                probabilities = strategy.run(predict_fn, args=(features, labels))
             return strategy.gather(probabilities, axis=0)
 
         return predict_step
@@ -210,7 +270,9 @@ class Loop:
         return {"step": 0, "epoch": 0, "batch": 0, "epoch_loss_sum": 0.0, "epoch_loss_count": 0,
                 "best_accuracy": None, "best_epoch": 0, "epochs_without_gain": 0, "stopped_early": False,
                 "history": [], "curve_steps": [], "curve_losses": [], "window": [0.0, 0],
-                "config": dataclasses.asdict(self.config)}
+                "config": dataclasses.asdict(self.config),
+                # the rate trained with: --learning_rate=0 resolves through a table that may change
+                "learning_rate": optim.peak_learning_rate(self.config)[0]}
 
     def _check_same_run(self, saved: dict, path: str) -> None:
         now = dataclasses.asdict(self.config)
@@ -242,6 +304,12 @@ class Loop:
         if ckpt is None:
             return self._new_state()
         self._check_same_run(ckpt.state["config"], ckpt.path)
+        rate, source = optim.peak_learning_rate(self.config)
+        if ckpt.state.get("learning_rate", rate) != rate:
+            then = optim.format_rate(ckpt.state["learning_rate"])
+            raise FlagError(f"{ckpt.path} was trained at learning rate {then}, but this run's is "
+                            f"{optim.format_rate(rate)} ({source}): kft's default changed since. Give "
+                            f"--learning_rate={then} to resume it.")
         checkpoints.restore(ckpt, self.model.variables, self.optimizer.variables)
         state = {k: v for k, v in ckpt.state.items() if k not in ("model_variables", "optimizer_variables")}
         logging.info("resumed from %s: step %d, epoch %d, batch %d of %d", ckpt.path, state["step"],
@@ -255,11 +323,13 @@ class Loop:
         c = self.config
         log_every = c.log_every_steps or max(1, self.steps_per_epoch // 10)
         curve_every = max(1, self.total_steps // 200)
-        with _SigtermFlag() as sigterm:
+        progress = progress_lib.Progress(self.total_steps, state["step"])
+        with _SigtermFlag() as sigterm, progress:
             while state["epoch"] < c.epochs and not state["stopped_early"]:
                 plan = self._plan(state["epoch"]).slice(state["batch"])
+                examples, tokens = progress_lib.batch_counts(plan.indices, self.train.lengths)
                 iterator = iter(distributed_dataset(self.strategy, plan, self.train))
-                remaining, t_start, s_start = len(plan), time.time(), state["step"]
+                remaining = len(plan)
                 while remaining:
                     to_ckpt = c.checkpoint_every_steps - state["step"] % c.checkpoint_every_steps \
                         if c.checkpoint_every_steps > 0 else remaining
@@ -272,11 +342,13 @@ class Loop:
                     bad = np.flatnonzero(~np.isfinite(losses))
                     if bad.size:
                         self._diverged(state["step"] + int(bad[0]) + 1, float(losses[bad[0]]))
-                    for loss in losses:
+                    for i, loss in enumerate(losses):
                         self._record(state, float(loss), curve_every)
+                        b, epoch = len(plan) - remaining + i, f"{state['epoch'] + 1}/{c.epochs}"
+                        progress.update(state["step"], epoch, float(loss), int(examples[b]), int(tokens[b]))
                         if state["step"] % log_every == 0:
-                            rate = (state["step"] - s_start) / max(time.time() - t_start, 1e-9)
-                            self._log_step(state, float(loss), rate, summary_writer)
+                            self._log_step(state, float(loss), progress.line(epoch, float(loss)),
+                                           summary_writer)
                     remaining -= n
                     stop = sigterm.raised
                     if self.worker.count > 1:
@@ -287,7 +359,14 @@ class Loop:
                             and state["step"] % c.checkpoint_every_steps == 0:
                         self._save(state)
                 self._end_epoch(state, summary_writer)
-                self._save(state)
+                path = self._save(state)
+                # A SIGTERM during the epoch-end evaluation or checkpoint: stop here, all saved (after
+                # the last epoch too, or it would go unanswered through the final evaluation).
+                stop = sigterm.raised
+                if self.worker.count > 1:
+                    stop = int(self._any_worker(tf.constant(int(stop))).numpy()) > 0
+                if stop:
+                    raise Preempted(state["step"], path)
         if c.early_stopping_patience > 0 and state["best_accuracy"] is not None:
             best = checkpoints.latest(self.best_dir)
             if best is not None:
@@ -311,9 +390,8 @@ class Loop:
             state["curve_losses"].append(state["window"][0] / state["window"][1])
             state["window"] = [0.0, 0]
 
-    def _log_step(self, state: dict, loss: float, rate: float, summary_writer) -> None:
-        logging.info("step %d/%d (epoch %d): loss %.4f, %.2f steps/s", state["step"], self.total_steps,
-                     state["epoch"] + 1, loss, rate)
+    def _log_step(self, state: dict, loss: float, line: str, summary_writer) -> None:
+        logging.info("%s", line)
         if summary_writer is not None:
             with summary_writer.as_default(step=state["step"]):
                 tf.summary.scalar("train/loss", loss)
@@ -329,6 +407,8 @@ class Loop:
     def _end_epoch(self, state: dict, summary_writer) -> None:
         c = self.config
         t0 = time.time()
+        logging.info("epoch %d/%d: evaluating %s eval examples ...", state["epoch"] + 1, c.epochs,
+                     f"{len(self.eval.lengths):,}")
         probabilities = self.eval_probabilities = self.predict(self.eval)
         self.seconds["eval"] += time.time() - t0
         result = self.evaluate_fn(probabilities)
@@ -336,15 +416,16 @@ class Loop:
                  "loss": state["epoch_loss_sum"] / max(1, state["epoch_loss_count"]),
                  "val_loss": result["loss"], "val_accuracy": result["accuracy"]}
         state["history"].append(entry)
-        logging.info("epoch %d/%d done at step %d: train loss %.4f, eval loss %.4f, eval accuracy %.4f",
-                     entry["epoch"], c.epochs, entry["step"], entry["loss"], entry["val_loss"],
-                     entry["val_accuracy"])
+        logging.info("epoch %d/%d done at step %d: train loss %.4f, eval loss %.4f, eval accuracy %.4f "
+                     "(evaluated in %s)", entry["epoch"], c.epochs, entry["step"], entry["loss"],
+                     entry["val_loss"], entry["val_accuracy"], progress_lib.duration(time.time() - t0))
         if summary_writer is not None:
             with summary_writer.as_default(step=state["step"]):
                 tf.summary.scalar("eval/loss", entry["val_loss"])
                 tf.summary.scalar("eval/accuracy", entry["val_accuracy"])
-        if state["best_accuracy"] is None or entry["val_accuracy"] > state["best_accuracy"]:
-            state.update(best_accuracy=entry["val_accuracy"], best_epoch=entry["epoch"],
+        score = result.get("score", entry["val_accuracy"])  # e.g. minus the eval loss for language models
+        if state["best_accuracy"] is None or score > state["best_accuracy"]:
+            state.update(best_accuracy=score, best_epoch=entry["epoch"],
                          epochs_without_gain=0)
             if self.worker.is_chief:
                 checkpoints.save(self.best_dir, state["step"], self.model.variables, [],

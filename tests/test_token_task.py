@@ -261,7 +261,7 @@ def test_train_cli_runs_a_token_task_and_prints_entity_scores(tiny_preset, tmp_p
 
 @pytest.mark.parametrize("overrides,message", [
     ({"crf": True}, "--crf applies to --task=token_classification"),
-    ({"stride": 8}, "--stride applies to --task=token_classification"),
+    ({"stride": 8}, "--stride=8 applies to --task=token_classification"),
     ({"task": "token_classification", "pooling": "mean"}, "--pooling=mean applies to --task=classification"),
 ])
 def test_flags_of_the_other_task_are_refused_not_ignored(tiny_preset, tmp_path, overrides, message):

@@ -26,6 +26,10 @@ TARGETS = {
     "attention_output": ("_self_attention_layer", "_output_dense"),
     "ffn_in": (None, "_feedforward_intermediate_dense"),
     "ffn_out": (None, "_feedforward_output_dense"),
+    # Decoder names (llama-family MLP: down(silu(gate(x)) * up(x))); up and down alias ffn_in/ffn_out.
+    "gate": (None, "_feedforward_gate_dense"),
+    "up": (None, "_feedforward_intermediate_dense"),
+    "down": (None, "_feedforward_output_dense"),
 }
 
 
@@ -75,7 +79,7 @@ def _slots(backbone, targets: list[str]) -> list[tuple]:
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown or not targets:
         raise FlagError(f"--lora_targets: unknown {unknown or 'empty list'}; choose from {sorted(TARGETS)}")
-    slots = []
+    slots, seen = [], set()
     for block in backbones.transformer_layers(backbone):
         for name in targets:
             owner_name, attribute = TARGETS[name]
@@ -83,8 +87,11 @@ def _slots(backbone, targets: list[str]) -> list[tuple]:
             layer = getattr(owner, attribute, None) if owner is not None else None
             if layer is None or not hasattr(layer, "kernel"):
                 raise FlagError(f"--lora_targets={name}: {block.name} has no {attribute} projection; "
-                                "LoRA supports keras-hub TransformerEncoder blocks")
-            slots.append((owner, attribute))
+                                "LoRA supports keras-hub's encoder blocks and "
+                                 "llama/gpt2-style decoder blocks")
+            if (id(owner), attribute) not in seen:  # up = ffn_in, down = ffn_out
+                seen.add((id(owner), attribute))
+                slots.append((owner, attribute))
     return slots
 
 

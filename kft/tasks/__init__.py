@@ -1,6 +1,7 @@
 """Tasks: each module prepares its data, builds its head, and says how to train, score and serve it.
 
-A task module exposes `load_data(config)`, `prepare(config, data, loaded, model_dir, is_chief) ->
+A task module exposes `load_data(config)`, optionally `load_backbone(config)` (default: an encoder
+through `backbones.load`) and `check_method(backbone, config)`,, `prepare(config, data, loaded, model_dir, is_chief) ->
 Prepared`, `build(backbone, names, config)`, `loss_function(model)` and `export(...)`. The trainer,
 loop, tuning methods, strategies and checkpoints are shared by every task.
 """
@@ -12,9 +13,10 @@ from typing import Callable
 
 import numpy as np
 
-from kft.tasks import classification, token_classification
+from kft.tasks import causal_lm, classification, token_classification
 
-TASKS = {"classification": classification, "token_classification": token_classification}
+TASKS = {"classification": classification, "token_classification": token_classification,
+         "causal_lm": causal_lm}
 
 
 def get(name: str):
@@ -39,3 +41,5 @@ class Prepared:
     headline: tuple = ("accuracy", "macro_f1")  # report entries copied into export metadata
     class_weight: dict | None = None
     model: object = None  # set by the trainer once built (token tasks decode with its CRF)
+    # model -> fn(features, labels) -> what evaluation keeps per example (default: the model's outputs)
+    predict_function: Callable | None = None

@@ -14,7 +14,6 @@ from absl import logging
 
 from kft import backbones, data as data_lib, export as export_lib, inputs, metrics, plots, token_cache
 from kft import loop as loop_lib
-from kft import config as config_lib
 from kft.config import Config, FlagError
 
 
@@ -154,10 +153,6 @@ def _leakage(data: data_lib.Data) -> dict:
 
 
 def load_data(config: Config) -> data_lib.Data:
-    # Token-task flags would be silently ignored here: refuse them instead.
-    for name in ("crf", "tag_column", "stride"):
-        if getattr(config, name) != config_lib.default(config_lib.Config.__dataclass_fields__[name]):
-            raise FlagError(f"--{name} applies to --task=token_classification, not --task=classification")
     return data_lib.load(config)
 
 

@@ -154,9 +154,13 @@ def load_data(config: Config) -> TokenData:
         raise DataError("no training data: give --train_file (CoNLL or JSONL) or --dataset=conll2003")
     train = train.head(config.max_train_examples)
     if eval_ is None:
+        if len(train) < 2:
+            raise DataError(f"{train.source}: {len(train)} sentence(s); --validation_fraction="
+                            f"{config.validation_fraction:g} needs at least 2 to hold one out for evaluation. "
+                            "Give --eval_file or more sentences")
         rng = np.random.default_rng(config.seed)
-        held = set(rng.permutation(len(train))[:max(1, int(round(config.validation_fraction * len(train))))]
-                   .tolist())
+        k = min(len(train) - 1, max(1, int(round(config.validation_fraction * len(train)))))
+        held = set(rng.permutation(len(train))[:k].tolist())
         keep = [i for i in range(len(train)) if i not in held]
         order = sorted(held)
         eval_ = token_data.Sentences("eval", train.source, [train.words[i] for i in order],

@@ -1,0 +1,5 @@
+"""Decoder LLMs (GPT-style): supervised fine-tuning on chats or prompt/completion pairs (loss on the
+completion), continued pretraining on plain text, evaluation by perplexity and by generation."""
+
+from kft.tasks.causal_lm.task import (build, check_method, export, load_backbone, load_data,  # noqa: F401
+                                      loss_function, prepare)

@@ -1,0 +1,223 @@
+"""Supervised fine-tuning of decoder LLMs: chats or prompt/completion pairs, loss on completions.
+
+Evaluation: teacher-forced loss, perplexity and next-token accuracy on the eval split at every
+epoch end (early stopping and the best epoch use the loss); after training, greedy generation for
+the eval prompts scored by ROUGE-1/2/L, sacreBLEU and exact match, with every prediction written
+to predictions.jsonl. `--epochs=0` scores the untouched model: the zero-shot row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from kft import backbones, token_cache
+from kft import loop as loop_lib
+from kft.config import BUNDLED_BACKBONE, Config, FlagError
+from kft.data import DataError
+from kft.tasks.causal_lm import data as data_lib, inputs as lm_inputs, model as lm_model, scoring
+
+HEADLINE = ("perplexity", "rougeL", "bleu")
+
+
+@dataclasses.dataclass
+class LMData:
+    train: data_lib.Split
+    eval: data_lib.Split
+    test: data_lib.Split | None
+    description: str
+
+
+def load_backbone(config: Config) -> backbones.LoadedDecoder:
+    spec = "" if config.backbone == BUNDLED_BACKBONE else config.backbone
+    return backbones.load_decoder(spec, config.cache_dir)
+
+
+def load_data(config: Config) -> LMData:
+    if config.method in ("prefix", "prompt"):
+        raise FlagError(f"--method={config.method} is not available for --task=causal_lm: generation runs "
+                        "through keras-hub's KV cache, which has no place for learned vectors; use "
+                        "--method=lora, full or freeze")
+    if config.dataset:
+        raise FlagError("--dataset (TFDS) is not read by --task=causal_lm; give JSONL files with "
+                        "--train_file / --eval_file")
+    if not config.train_file:
+        raise DataError("no training data: give --train_file (JSONL: messages, prompt/completion, fields "
+                        "for --prompt_template, or plain text)")
+    train = data_lib.read_file(config.train_file, "train", config, "--train_file")
+    eval_ = (data_lib.read_file(config.eval_file, "eval", config, "--eval_file", train.format)
+             if config.eval_file else None)
+    test = (data_lib.read_file(config.test_file, "test", config, "--test_file", train.format)
+            if config.test_file else None)
+    description = f"{config.train_file} ({train.format})"
+    train = train.head(config.max_train_examples)
+    if eval_ is None:
+        held = max(1, int(round(config.validation_fraction * len(train))))
+        if len(train) - held < 1:
+            raise DataError(f"{config.train_file}: {len(train)} record(s) cannot be split into train and "
+                            f"eval (--validation_fraction={config.validation_fraction} holds out {held}); "
+                            "give --eval_file or more records")
+        order = np.random.default_rng(config.seed).permutation(len(train))
+        eval_, train = train.select(sorted(order[:held]), "eval"), train.select(sorted(order[held:]), "train")
+        description += f" (eval = {held} held-out records)"
+    eval_ = eval_.head(config.max_eval_examples)
+    return LMData(train, eval_, test, description)
+
+
+def _chat_template(config: Config, loaded, split: data_lib.Split) -> str | None:
+    if split.plain_text or config.chat_template == "none":
+        return None
+    return loaded.chat_template  # None when the checkpoint has none: prompts are used as written
+
+
+def _choose_length(config: Config, lengths: np.ndarray, limit: int) -> int:
+    if config.sequence_length:
+        if config.sequence_length > limit:
+            raise FlagError(f"--sequence_length={config.sequence_length} exceeds the backbone's limit of "
+                            f"{limit} positions")
+        return config.sequence_length
+    return int(min(limit, max(16, math.ceil(np.percentile(lengths, 99) / 8) * 8)))
+
+
+def prepare(config: Config, data: LMData, loaded, model_dir: str, is_chief: bool = True):
+    from kft.tasks import Prepared
+
+    t0 = time.time()
+    template = _chat_template(config, loaded, data.train)
+    splits = {"train": data.train, "eval": data.eval}
+    if data.test is not None:
+        splits["test"] = data.test
+    cache_dir = os.path.join(model_dir, "token_cache") if config.cache_tokens else None
+    fingerprint = token_cache.tokenizer_fingerprint(loaded.tokenizer) if cache_dir else None
+    pieces = {k: lm_inputs.tokenize(s, loaded, template, cache_dir, fingerprint, is_chief)
+              for k, s in splits.items()}
+    bos = 1 if loaded.bos_id is not None else 0
+    full = np.asarray([len(p) + len(c) + 1 + bos for p, c in zip(*pieces["train"][:2])])
+    sequence_length = _choose_length(config, full, loaded.max_sequence_length)
+    encoded = {k: lm_inputs.encode(s, loaded, template, sequence_length, config.train_on_prompt, cache_dir,
+                                   fingerprint, is_chief, pieces[k]) for k, s in splits.items()}
+    train_on_prompt = config.train_on_prompt or data.train.plain_text
+    sources, stats = {}, {}
+    for k, enc in encoded.items():
+        ids, lengths, labels, sizes = lm_inputs.matrices(enc, loaded.pad_id, train_on_prompt)
+        sources[k] = loop_lib.Split(tf.constant(ids), lengths, labels, np.ones(len(enc), np.float32), sizes)
+        stats[k] = {"source": splits[k].source, "examples": len(enc), "format": splits[k].format,
+                    "mean_tokens": round(float(lengths.mean()), 2), "max_tokens": int(lengths.max()),
+                    "trained_tokens": int(sizes.sum()), "prompts_cut": enc.prompts_cut,
+                    "completions_cut": enc.completions_cut, "token_cache": enc.cache}
+    seconds = time.time() - t0
+    logging.info("data: %s; sequence_length=%d (%s); chat template: %s; tokenized in %.1fs", data.description,
+                 sequence_length, "given" if config.sequence_length else "99th percentile of train",
+                 "the model's" if template else "none", seconds)
+    for k, st in stats.items():
+        logging.info("  %s: %d examples, mean %.1f tokens, %d trained tokens; %d prompt(s) cut from the "
+                     "start, %d completion(s) cut at the end (token cache: %s)", k, st["examples"],
+                     st["mean_tokens"], st["trained_tokens"], st["prompts_cut"], st["completions_cut"],
+                     st["token_cache"])
+        if st["completions_cut"]:
+            logging.warning("  %s: %d completion(s) longer than --sequence_length=%d lost their end (and "
+                            "EOS); raise --sequence_length to keep them", k, st["completions_cut"],
+                            sequence_length)
+    eval_sizes = sources["eval"].sizes
+    predictions = {}
+    state = {}
+
+    def epoch_eval(outputs):
+        loss = float(outputs[..., 0].sum() / max(1, eval_sizes.sum()))
+        return {"loss": loss, "accuracy": float(outputs[..., 1].sum() / max(1, eval_sizes.sum())),
+                "score": -loss}
+
+    def evaluate(k, outputs, model):
+        sizes = sources[k].sizes
+        loss = float(outputs[..., 0].sum() / max(1, sizes.sum()))
+        report = {"loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 50.0)), 4),
+                  "token_accuracy": round(float(outputs[..., 1].sum() / max(1, sizes.sum())), 5),
+                  "trained_tokens": int(sizes.sum())}
+        if splits[k].plain_text or config.max_new_tokens <= 0:
+            return report
+        n = len(splits[k]) if not config.max_generate_examples else min(len(splits[k]),
+                                                                          config.max_generate_examples)
+        if "generator" not in state:
+            state["generator"] = lm_model.Generator(lm_model.find_backbone(model), loaded.causal_lm_class,
+                                                    loaded.stop_ids, loaded.pad_id,
+                                                    loop_lib.eval_batch_size(config))
+        t = time.time()
+        logging.info("generating up to %d tokens for %d %s prompts ...", config.max_new_tokens, n, k)
+        ids, stopped = state["generator"](encoded[k].prompts[:n], config.max_new_tokens)
+        texts = [loaded.tokenizer.detokenize(np.asarray(x, np.int32)) if len(x) else "" for x in ids]
+        texts = [t_.numpy().decode("utf-8", "replace") if hasattr(t_, "numpy") else str(t_) for t_ in texts]
+        seconds = time.time() - t
+        references = [e.completion for e in splits[k].examples[:n]]
+        report.update(scoring.generation_scores(texts, references))
+        report.update(generated_examples=n, generation_seconds=round(seconds, 2),
+                      mean_generated_tokens=round(float(np.mean([len(x) for x in ids])), 2),
+                      stopped_at_eos=round(float(np.mean(stopped)), 4),
+                      generated_tokens_per_second=round(sum(len(x) for x in ids) / max(seconds, 1e-9), 2))
+        predictions[k] = [{"line": e.line, "input": e.messages[-1]["content"] if e.messages else "",
+                           "prompt": p, "reference": e.completion, "prediction": t_,
+                           "stopped": s} for e, p, t_, s in zip(splits[k].examples, encoded[k].prompt_texts,
+                                                                 texts, stopped)]
+        return report
+
+    def write_outputs(results, model_dir):
+        for k, rows in predictions.items():
+            name = "predictions.jsonl" if k == "eval" else f"predictions_{k}.jsonl"
+            with tf.io.gfile.GFile(os.path.join(model_dir, name), "w") as f:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    train_lengths = sources["train"].lengths
+    return Prepared(names=[], sequence_length=sequence_length, sources=sources, stats=stats,
+                    description=data.description, seconds=seconds, train_lengths=train_lengths,
+                    evaluate=evaluate, epoch_eval=epoch_eval, format=scoring.format_report,
+                    write_outputs=write_outputs, headline=HEADLINE, predict_function=lm_model.predict_function)
+
+
+def build(backbone: keras.Model, names: list[str], config: Config) -> keras.Model:
+    return lm_model.build_model(backbone)
+
+
+def loss_function(model: keras.Model, class_weight: dict | None = None):
+    return lm_model.loss_function(model)
+
+
+def check_method(backbone: keras.Model, config: Config) -> None:
+    """BitFit needs biases; llama-family decoders have none."""
+    if config.method == "bitfit" and not any(v.path.endswith("bias") for v in backbone.weights):
+        raise FlagError(f"--method=bitfit trains biases, and {type(backbone).__name__} has no bias "
+                        "weights (llama-family decoders use none); use --method=lora")
+
+
+def export(model, loaded, prep, config: Config, run_name: str, metadata: dict) -> str:
+    """Writes the fine-tuned decoder (LoRA merged) with its tokenizer as a keras-hub preset folder.
+
+    `<export_dir>/<run_name>/<version>/` loads back with --backbone=<that folder> (to evaluate, to
+    continue training) or keras_hub.models.CausalLM.from_preset; kft_metadata.json records the run.
+    """
+    from kft import export as export_lib
+
+    run_dir = os.path.join(config.export_dir, run_name)
+    path = os.path.join(run_dir, str(export_lib.next_version(run_dir)))
+    staging = path + ".partial"
+    lm = loaded.causal_lm_class(backbone=lm_model.find_backbone(model), preprocessor=None)
+    lm.backbone.save_to_preset(staging)
+    loaded.tokenizer.save_to_preset(staging)
+    extra = {**metadata, "sequence_length": prep.sequence_length, "chat_template": loaded.chat_template,
+             "special_tokens": loaded.special_tokens, "eos_id": loaded.eos_id, "bos_id": loaded.bos_id}
+    with tf.io.gfile.GFile(os.path.join(staging, "kft_metadata.json"), "w") as f:
+        json.dump(extra, f, indent=2, default=str)
+    if loaded.chat_template:  # so that --backbone=<export> finds the template again
+        with tf.io.gfile.GFile(os.path.join(staging, "tokenizer_config.json"), "w") as f:
+            json.dump({**loaded.special_tokens, "chat_template": loaded.chat_template,
+                       "add_bos_token": loaded.bos_id is not None}, f, indent=2)
+    tf.io.gfile.rename(staging, path)
+    logging.info("exported the decoder (keras-hub preset) to %s", path)
+    return path
