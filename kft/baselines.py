@@ -12,6 +12,7 @@ length sums (for FLOPs), padded positions computed, dev accuracy, peak memory.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import tempfile
 import time
@@ -20,6 +21,13 @@ import numpy as np
 
 from kft import data as data_lib, perf
 from kft.config import Config
+
+
+def full_fine_tuning_rate(config: Config) -> float:
+    """Both baselines fine-tune the whole model: --learning_rate, or kft's default for full."""
+    from kft import optim
+
+    return optim.peak_learning_rate(dataclasses.replace(config, method="full", freeze_layers=0))[0]
 
 
 def _lengths_row(lengths: np.ndarray, epochs: int) -> dict:
@@ -48,7 +56,8 @@ def keras_hub_recipe(config: Config, max_steps: int, started: float) -> dict:
             location, num_classes=len(data.vocab),
             preprocessor=keras_hub.models.TextClassifierPreprocessor.from_preset(
                 location, sequence_length=limit))
-    classifier.compile(optimizer=keras.optimizers.Adam(config.learning_rate))  # loss, metrics: defaults
+    # loss and metrics: keras-hub's defaults
+    classifier.compile(optimizer=keras.optimizers.Adam(full_fine_tuning_rate(config)))
     train_y = data.vocab.encode(data.train, config.label_field)
     eval_y = data.vocab.encode(data.eval, config.label_field)
     steps_per_epoch = -(-len(train_y) // config.batch_size)
@@ -151,7 +160,7 @@ def hf_trainer(config: Config, started: float) -> dict:
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=config.batch_size,
-            per_device_eval_batch_size=config.batch_size, learning_rate=config.learning_rate,
+            per_device_eval_batch_size=config.batch_size, learning_rate=full_fine_tuning_rate(config),
             num_train_epochs=config.epochs, weight_decay=config.weight_decay,
             warmup_steps=int(round(config.warmup_ratio * total_steps)), lr_scheduler_type="linear",
             max_grad_norm=config.clipnorm or 1e9, seed=config.seed, save_strategy="no",

@@ -14,8 +14,10 @@ import sys
 import time
 
 STARTED = time.time()
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from kft import startup  # noqa: E402
+
+startup.quiet_environment()  # before anything imports TensorFlow
 
 from absl import app, flags  # noqa: E402
 
@@ -50,6 +52,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
+    startup.import_tensorflow()
     from kft import benchmark
 
     config = config_lib.from_flags(FLAGS)
@@ -79,7 +82,7 @@ def main(argv):
 
 def run():
     define_flags()  # here, not at import: tests import this module beside kft.train
-    flags.adopt_module_key_flags(config_lib)
+    config_lib.declare_key_flags()
     app.run(main)
 
 

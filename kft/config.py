@@ -214,6 +214,18 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
             flags.DEFINE_string(f.name, value, help_text, **where)
 
 
+def declare_key_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Makes every kft flag a key flag of the calling entry point, so that --help lists them (the
+    flags are registered under their group names for --helpfull, not under this module)."""
+    import sys
+
+    caller = sys._getframe(1).f_globals.get("__name__")
+    if caller == "__main__":
+        caller = sys.argv[0]
+    for f in fields():
+        flag_values.register_key_flag_for_module(caller, flag_values[f.name])
+
+
 def from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Config:
     return Config(**{f.name: flag_values[f.name].value for f in fields()})
 

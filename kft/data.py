@@ -10,10 +10,15 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import inspect
 import io
 import json
 import os
 import re
+import socket
+import threading
+import time
+import urllib.parse
 
 import numpy as np
 import tensorflow as tf
@@ -262,10 +267,84 @@ def check_same_label_type(train: Split, other: Split, label_field: str) -> None:
                         f"different type than the training labels (e.g. {train.labels[0]!r})")
 
 
+# Seconds to wait for the download hosts' names to resolve before calling the machine offline.
+RESOLVE_TIMEOUT = 5.0
+
+
+def download_hosts(builder) -> list[str]:
+    """The hosts TFDS downloads `builder`'s files from (its registered URLs; else those in its code)."""
+    urls = list(getattr(builder, "url_infos", None) or {})
+    if not urls:
+        try:
+            urls = re.findall(r"https?://[^\s'\"]+", inspect.getsource(inspect.getmodule(type(builder))))
+        except (OSError, TypeError):
+            urls = []
+    return sorted({urllib.parse.urlparse(u).hostname for u in urls} - {None})
+
+
+def unresolved_hosts(hosts: list[str], timeout: float = RESOLVE_TIMEOUT) -> dict[str, str]:
+    """{host: why} for the hosts whose names do not resolve within `timeout` seconds (in parallel)."""
+    failed = {host: f"no answer within {timeout:g} s" for host in hosts}
+
+    def resolve(host):
+        try:
+            socket.getaddrinfo(host, 443, proto=socket.IPPROTO_TCP)
+            failed.pop(host, None)
+        except OSError as e:  # socket.gaierror, or a refused/unreachable resolver
+            failed[host] = f"{type(e).__name__}: {e}"
+
+    # Daemon threads: getaddrinfo has no timeout, and a stuck lookup must not hold the process.
+    threads = [threading.Thread(target=resolve, args=(h,), daemon=True) for h in hosts]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return dict(failed)
+
+
+def _check_network(builder, name: str) -> None:
+    """Runs when TFDS is about to download: says so and from where, and fails at once offline
+    (TFDS would retry every file for minutes before giving up)."""
+    hosts = download_hosts(builder)
+    if not hosts:
+        logging.info("tfds:%s: not prepared in %s; downloading it (TFDS names no hosts to check first)",
+                     name, builder.data_dir)
+        return
+    logging.info("tfds:%s: not prepared in %s; downloading it from %s", name, builder.data_dir,
+                 ", ".join(hosts))
+    failed = unresolved_hosts(hosts)
+    if len(failed) == len(hosts):
+        detail = "; ".join(f"{host} ({why})" for host, why in failed.items())
+        raise DataError(f"tfds:{name}: not prepared in {builder.data_dir}, and its download host(s) cannot "
+                        f"be resolved: {detail}. This machine seems to have no network access: prepare the "
+                        "dataset where there is (tfds.builder(...).download_and_prepare()) and point "
+                        "--data_dir at a copy of that data directory")
+    if failed:
+        logging.warning("tfds:%s: some download hosts do not resolve: %s", name,
+                        "; ".join(f"{host} ({why})" for host, why in failed.items()))
+
+
 def download_and_prepare(builder, name: str) -> None:
-    """TFDS download + preparation, any failure reported as a DataError naming the dataset."""
+    """TFDS download + preparation, any failure reported as a DataError naming the dataset.
+
+    The network check runs only when TFDS decides to download: it is hooked into the builder's
+    download manager (created only when the data is not prepared in data_dir yet).
+    """
+    make_manager = getattr(builder, "_make_download_manager", None)
+    if make_manager is not None:
+        def checked(*args, **kwargs):
+            _check_network(builder, name)
+            return make_manager(*args, **kwargs)
+
+        builder._make_download_manager = checked
+    else:  # a TFDS without that hook: no check first
+        logging.info("tfds:%s: preparing it in %s (downloading it unless it is there)", name,
+                     builder.data_dir)
     try:
         builder.download_and_prepare()
+    except DataError:
+        raise
     except Exception as e:  # TFDS raises network, checksum and filesystem errors of many types.
         raise DataError(f"tfds:{name}: could not download and prepare it in {builder.data_dir} "
                         f"({type(e).__name__}: {str(e)[:300]}). Without network access, prepare it "
@@ -299,17 +378,37 @@ def read_tfds(name: str, split: str, data_dir: str, text_field: str, label_field
 
 
 def stratified_holdout(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """Splits off `fraction` of each class (seeded) as an evaluation set."""
+    """Splits off `fraction` of each class (seeded) as an evaluation set.
+
+    Every class keeps at least one training row; a class too small to give one to evaluation is
+    trained on only, and named in the log. If nothing at all is held out, the file is too small for
+    this fraction: a DataError with the numbers, not an empty evaluation set.
+    """
     if not 0 < fraction < 1:
         raise DataError(f"--validation_fraction must be in (0, 1) when no eval data is given, got {fraction}")
     rng = np.random.default_rng(seed)
     by_label = collections.defaultdict(list)
     for i, label in enumerate(split.labels):
         by_label[label].append(i)
-    held = set()
-    for idx in by_label.values():
-        k = int(round(len(idx) * fraction))
+    held, not_held = set(), {}
+    for label, idx in by_label.items():
+        k = min(int(round(len(idx) * fraction)), len(idx) - 1)
+        if k == 0:
+            not_held[label] = len(idx)
         held.update(rng.permutation(idx)[:k].tolist())
+    counts = ", ".join(f"{label!r}: {len(idx)}" for label, idx in sorted(by_label.items(), key=str))
+    if not held:
+        # Smallest class size from which round(n * fraction) >= 1 and a row remains for training.
+        needed = max(2, int(0.5 / fraction) + 1)
+        raise DataError(
+            f"{split.source}: {len(split)} rows in {len(by_label)} classes ({counts}); "
+            f"--validation_fraction={fraction:g} holds out no row for evaluation (a class needs at least "
+            f"{needed} rows at this fraction). Give --eval_file, more rows, or a larger "
+            "--validation_fraction")
+    if not_held:
+        logging.warning("%s: --validation_fraction=%g holds out no row of %d class(es) with too few rows "
+                        "(%s); they are trained on but not evaluated", split.source, fraction,
+                        len(not_held), ", ".join(f"{k!r}: {n}" for k, n in sorted(not_held.items(), key=str)))
 
     def take(name, keep):
         return split.select([i for i in range(len(split)) if (i in held) == keep], name)
@@ -397,6 +496,9 @@ def load(config) -> Data:
                             train.source, k, short)
         description += f" ({k} per class, seed {config.seed})"
     eval_ = eval_.head(config.max_eval_examples)
+    for split in (train, eval_, test):  # e.g. an empty TFDS split; files were checked when read
+        if split is not None and not len(split):
+            raise DataError(f"{split.source}: the {split.name} split has no examples")
     for other in (eval_, test):
         if other is not None:
             check_same_label_type(train, other, label_field)

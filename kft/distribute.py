@@ -53,8 +53,18 @@ def get_strategy(name: str = "auto", tpu: str = "") -> tf.distribute.Strategy:
     else:
         raise FlagError(f"unknown --strategy={name}; use auto, cpu, one_device, mirrored, "
                          "multi_worker_mirrored or tpu")
-    logging.info("strategy: %s with %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync)
+    logging.info("devices: %s; strategy: %s with %d replica(s)", describe_devices(), type(strategy).__name__,
+                 strategy.num_replicas_in_sync)
     return strategy
+
+
+def describe_devices() -> str:
+    """'1 CPU, no GPU/TPU', '1 CPU, 2 GPU, no TPU': what TensorFlow found, in one phrase."""
+    found = {kind: len(tf.config.list_physical_devices(kind)) for kind in ("CPU", "GPU")}
+    found["TPU"] = len(tf.config.list_logical_devices("TPU"))  # visible once a TPU system is initialised
+    text = ", ".join(f"{n} {kind}" for kind, n in found.items() if n)
+    missing = [kind for kind, n in found.items() if not n]
+    return text + (f", no {'/'.join(missing)}" if missing else "")
 
 
 def uses_static_shapes(strategy: tf.distribute.Strategy) -> bool:

@@ -60,14 +60,18 @@ def write(model: keras.Model, tokenizer, endpoints: dict, label_names: list[str]
     """Writes `endpoints` ({name: (function, input signature)}) as a new SavedModel version.
 
     The version is written under a temporary name and renamed when complete, so a server watching
-    the folder never sees a half-written version.
+    the folder never sees a half-written version; what an interrupted export left is removed here.
     """
     run_dir = os.path.join(export_dir, run_name)
+    if tf.io.gfile.isdir(run_dir):
+        for name in tf.io.gfile.listdir(run_dir):
+            if re.fullmatch(r"\.tmp-\d+/?", name):
+                tf.io.gfile.rmtree(os.path.join(run_dir, name.rstrip("/")))
+                logging.warning("removed %s: an export an interrupted run left incomplete",
+                                os.path.join(run_dir, name.rstrip("/")))
     version = next_version(run_dir)
     final = os.path.join(run_dir, str(version))
     tmp = os.path.join(run_dir, f".tmp-{version}")
-    if tf.io.gfile.exists(tmp):
-        tf.io.gfile.rmtree(tmp)
     tf.io.gfile.makedirs(run_dir)
     if not tokenizer.built:
         tokenizer.build(None)  # ExportArchive tracks built layers only; a tokenizer has no weights

@@ -1,4 +1,4 @@
-"""AdamW with decoupled weight decay and a warmup-then-decay learning-rate schedule."""
+"""AdamW with decoupled weight decay, a warmup-then-decay schedule, and each method's learning rate."""
 
 from __future__ import annotations
 
@@ -7,8 +7,77 @@ import math
 import keras
 import tensorflow as tf
 
+from kft.config import FlagError
+
 # Variable names never decayed: biases, LayerNorm scale/offset.
 NO_DECAY = ["bias", "gamma", "beta"]
+
+# Peak learning rates used when --learning_rate is 0 (its default), by (task, method); task None is
+# the fallback for tasks without their own entry. One rate cannot serve every method: the
+# parameter-efficient ones train few weights, most of them new, and need steps 60 to 600 times
+# larger than full fine-tuning (at 5e-5, LoRA scores at chance on SST-2). The classification
+# values were measured on SST-2 with the bundled MiniLM (README, "Tuning methods on SST-2").
+# "head_only" is --freeze_layers=-1: only the new, randomly initialised head trains.
+# kft/config.py's --learning_rate help lists these values; tests/test_training.py keeps them equal.
+LEARNING_RATES = {
+    (None, "full"): 5e-5,
+    (None, "freeze"): 5e-5,
+    (None, "head_only"): 1e-2,
+    (None, "lora"): 3e-3,
+    (None, "prompt"): 3e-2,
+    (None, "prefix"): 2e-2,
+    (None, "bitfit"): 3e-3,
+    ("causal_lm", "full"): 2e-5,
+    ("causal_lm", "freeze"): 2e-5,
+    ("causal_lm", "lora"): 2e-4,
+    ("causal_lm", "prompt"): 3e-2,
+}
+
+
+def format_rate(rate: float) -> str:
+    """3e-3, 5e-5, 2.5e-4: how rates are written in flags and the README."""
+    if rate == 0 or rate >= 0.1:
+        return f"{rate:g}"
+    mantissa, exponent = f"{rate:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
+def default_learning_rate(config) -> tuple[float, str]:
+    """The table's peak learning rate for the run's task and method, and a reason for the log."""
+    method = config.method
+    variant = method
+    if method in ("full", "freeze") and config.freeze_layers:
+        # A nonzero --freeze_layers selects freeze even under --method=full (kft/methods/freeze.py).
+        method = variant = "freeze"
+        if config.freeze_layers == -1:
+            variant = "head_only"
+    task = config.task
+    for key in ((task, variant), (task, method), (None, variant), (None, method)):
+        if key in LEARNING_RATES:
+            break
+    else:
+        raise FlagError(f"--learning_rate=0 (the method's default) but kft has no default for "
+                        f"--method={config.method}; give --learning_rate")
+    reason = f"--method={config.method}"
+    if variant == "head_only":
+        reason += " --freeze_layers=-1"
+    if key[0] is not None:
+        reason = f"--task={task} {reason}"
+    return LEARNING_RATES[key], f"default for {reason}"
+
+
+def peak_learning_rate(config) -> tuple[float, str]:
+    """The peak learning rate the run trains with, and where it comes from.
+
+    An explicit --learning_rate always wins; 0 (the default) means the method's default from
+    LEARNING_RATES. Negative values are refused.
+    """
+    rate = config.learning_rate
+    if not rate >= 0:  # also NaN
+        raise FlagError(f"--learning_rate={rate}: must be positive, or 0 for the method's default")
+    if rate > 0:
+        return float(rate), "--learning_rate"
+    return default_learning_rate(config)
 
 
 @keras.saving.register_keras_serializable(package="kft")
@@ -126,7 +195,7 @@ def _rows_once(gradient: tf.IndexedSlices) -> tf.IndexedSlices:
 
 def build_optimizer(config, total_steps: int) -> keras.optimizers.Optimizer:
     """AdamW from the run's flags; `total_steps` is the planned number of optimizer updates."""
-    schedule = WarmupDecay(config.learning_rate, total_steps,
+    schedule = WarmupDecay(peak_learning_rate(config)[0], total_steps,
                            int(round(config.warmup_ratio * total_steps)), config.lr_schedule)
     optimizer = AdamW(
         learning_rate=schedule, weight_decay=config.weight_decay, beta_1=0.9, beta_2=0.999,

@@ -10,10 +10,11 @@ and its words with their tags.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from kft import startup
+
+startup.quiet_environment()  # before anything imports TensorFlow
 
 from absl import app, flags  # noqa: E402
 
@@ -59,6 +60,7 @@ def tag(model, texts: list[str], batch_size: int = 64):
 
 
 def main(argv):
+    startup.import_tensorflow()
     import tensorflow as tf
 
     from kft import export

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from kft import startup
+
+startup.quiet_environment()  # before anything imports TensorFlow
 
 from absl import app, flags, logging  # noqa: E402
 
 from kft import config as config_lib  # noqa: E402
 
 config_lib.define_flags()
-flags.adopt_module_key_flags(config_lib)  # so --help lists them, not only --helpfull
+config_lib.declare_key_flags()  # so --help lists them, not only --helpfull
 FLAGS = flags.FLAGS
 
 # Exit statuses: 0 done; 2 bad data, flags, backbone or checkpoint (nothing to retry);
@@ -36,6 +36,7 @@ SUMMARY = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "entity_pr
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
+    startup.import_tensorflow()
     from kft import backbones, checkpoints, data, loop, trainer
 
     config = config_lib.from_flags(FLAGS)

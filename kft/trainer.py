@@ -13,9 +13,10 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from kft import adapters, backbones, distribute, inputs, methods, optim, plots
+from kft import adapters, backbones, distribute, inputs, methods, optim, plots, progress
 from kft import tasks
 from kft import loop as loop_lib
+from kft import config as config_lib
 from kft.config import Config, FlagError, to_dict
 
 
@@ -71,13 +72,17 @@ def fit_model(config: Config, model_dir: str) -> Trained:
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(config.precision)
     try:
-        return _fit_model(config, model_dir)
+        with loop_lib.sigterm_scope():  # _fit_model replaces the SIGTERM handler once training is saved
+            return _fit_model(config, model_dir)
     finally:
         keras.mixed_precision.set_global_policy(previous)
 
 
 def _fit_model(config: Config, model_dir: str) -> Trained:
     started = time.time()
+    config_lib.check_task_flags(config)  # before the strategy: a mistyped run fails at once
+    rate, rate_source = optim.peak_learning_rate(config)  # a negative --learning_rate fails here
+    logging.info("learning rate %s (%s)", optim.format_rate(rate), rate_source)
     # The strategy first: multi-worker and TPU strategies must configure TF before it runs anything.
     strategy = distribute.get_strategy(config.strategy, config.tpu)
     tf.io.gfile.makedirs(model_dir)
@@ -97,12 +102,15 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
 
     data = task.load_data(config)
     with strategy.scope():
-        loaded = backbones.load(config.backbone)
+        loaded = (task.load_backbone(config) if hasattr(task, "load_backbone")
+                  else backbones.load(config.backbone))
     logging.info("backbone: %s (%s), %d transformer layers", loaded.source, loaded.kind,
                  loaded.num_layers)
     prep = task.prepare(config, data, loaded, model_dir, worker.is_chief)
     sources = prep.sources
 
+    if hasattr(task, "check_method"):
+        task.check_method(loaded.backbone, config)
     with strategy.scope():
         backbone, method_info = methods.apply(loaded.backbone, config, _vocabulary(loaded.tokenizer))
         model = task.build(backbone, prep.names, config)
@@ -118,14 +126,15 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
         optimizer = optim.build_optimizer(config, steps_per_epoch * config.epochs)
         loss_fn = task.loss_function(model, prep.class_weight)
         loop = loop_lib.Loop(model, optimizer, loss_fn, strategy, config, model_dir,
-                             sources["train"], sources["eval"], prep.epoch_eval, static, jit)
+                             sources["train"], sources["eval"], prep.epoch_eval, static, jit,
+                             prep.predict_function(model) if prep.predict_function else None)
     trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
     total = int(model.count_params())
     logging.info("parameters: %d total, %d trainable (%.3g%%); method %s", total, trainable,
                  100.0 * trainable / total, method_info)
-    logging.info("batch size %d global = %d per replica x %d replicas (learning rate %g, independent "
+    logging.info("batch size %d global = %d per replica x %d replicas (learning rate %s, independent "
                  "of the replica count); %d steps/epoch, %d epochs; worker %d of %d",
-                 config.batch_size, config.batch_size // replicas, replicas, config.learning_rate,
+                 config.batch_size, config.batch_size // replicas, replicas, optim.format_rate(rate),
                  loop.steps_per_epoch, config.epochs, worker.index, worker.count)
 
     state = loop.restore_or_start()
@@ -135,17 +144,28 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
     train_seconds = time.time() - t0
     if writer is not None:
         writer.flush()
+    # The loop has checkpointed the finished training: from here a SIGTERM stops the run at once
+    # (exit 75), and rerunning the command evaluates and exports without training again.
+    stop = loop_lib.StopOnSigterm(loop.ckpt_dir, state["step"])
 
     t0 = time.time()
     results = {}
     for k, source in sources.items():
         if k == "train":
             continue
+        t_split = time.time()
         reuse = k == "eval" and loop.eval_probabilities is not None
+        if reuse:
+            logging.info("eval: scoring the last epoch-end predictions (the same weights; not recomputed)")
+        else:
+            stop.phase = f"the final evaluation ({k})"
+            logging.info("evaluating %s %s examples ...", f"{len(source.lengths):,}", k)
         outputs = loop.eval_probabilities if reuse else loop.predict(source)
         results[k] = prep.evaluate(k, outputs, model)
-        logging.info("%s metrics:\n%s", k, prep.format(results[k]))
+        logging.info("%s metrics (%s):\n%s", k, progress.duration(time.time() - t_split),
+                     prep.format(results[k]))
     eval_seconds = time.time() - t0
+    stop.phase = "the writing of charts and the adapter"
 
     epochs_now = len(state["history"])
     metrics = {
@@ -169,6 +189,7 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
             "train_seconds_split": {k: round(v, 2) for k, v in loop.seconds.items()},
             "first_call_seconds": loop.first_call_seconds and round(loop.first_call_seconds, 2),
             "eval_seconds": round(eval_seconds, 2), "class_weights": prep.class_weight,
+            "learning_rate": rate, "learning_rate_source": rate_source,
             "examples_per_second": round(
                 loop.steps_per_epoch * config.batch_size * epochs_now / max(train_seconds, 1e-9), 2),
             "history": state["history"],
@@ -189,16 +210,22 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
                      metrics["adapter"]["bytes"] / 1e6, metrics["adapter"]["path"])
     if config.export and worker.is_chief:
         metadata = {k: metrics[k] for k in ("run_name", "task", "backbone", "method", "parameters")}
-        metadata.update(data=prep.description, flags=to_dict(config),
-                        metrics={k: {m: results[k][m] for m in prep.headline} for k in results})
+        metadata.update(data=prep.description, flags=to_dict(config), learning_rate=rate,
+                        metrics={k: {m: results[k][m] for m in prep.headline if m in results[k]} for k in results})
         t0 = time.time()
+        stop.phase = "the export"
+        logging.info("exporting SavedModel to %s ...", os.path.join(config.export_dir, run_name))
         methods.prepare_export(loaded.backbone, config)
         metrics["export"] = task.export(model, loaded, prep, config, run_name, metadata)
         metrics["training"]["export_seconds"] = round(time.time() - t0, 2)
+        logging.info("export done in %s: %s", progress.duration(time.time() - t0), metrics["export"])
+    stop.phase = "the writing of metrics.json"
     metrics["training"]["total_seconds"] = round(time.time() - started, 2)
     if worker.is_chief:
-        with tf.io.gfile.GFile(os.path.join(model_dir, "metrics.json"), "w") as f:
+        path = os.path.join(model_dir, "metrics.json")
+        with tf.io.gfile.GFile(path + ".tmp", "w") as f:  # renamed when complete: never half-written
             json.dump(metrics, f, indent=2, default=str)
+        tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
     padded = sum(int(np.sum(plan.widths)) * config.batch_size
                  for plan in (loop._plan(e) for e in range(epochs_now)))
     return Trained(model, metrics, prep.train_lengths, padded)

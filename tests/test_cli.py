@@ -2,6 +2,9 @@
 
 import glob
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 from absl import flags
@@ -82,3 +85,49 @@ def test_train_cli_reports_contradictory_flags_without_a_traceback(tmp_path):
     assert proc.returncode == 2
     assert "error: --freeze_layers=9 but the backbone has 6 transformer layers" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_train_cli_on_a_two_row_csv_says_why_instead_of_a_traceback(tmp_path):
+    train = tmp_path / "t.csv"
+    train.write_text("text,stars\ngreat film,5\nawful film,1\n")
+    proc = run_python(["-m", "kft.train", f"--train_file={train}", "--text_field=text", "--label_field=stars",
+                       f"--model_dir={tmp_path / 'm'}"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (f"error: {train}: 2 rows in 2 classes (1: 1, 5: 1); --validation_fraction=0.1 holds out no row "
+            "for evaluation") in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_preset, tmp_path_factory):
+    """A four-step `kft.train` run as a user starts it: TF_CPP_MIN_LOG_LEVEL not set."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    model_dir = tmp_path_factory.mktemp("tiny_run") / "m"
+    proc = subprocess.run(
+        [sys.executable, "-m", "kft.train", "--dataset=sample_reviews", f"--backbone={tiny_preset}",
+         "--max_train_examples=64", "--num_buckets=1", "--batch_size=16", "--epochs=1", "--log_every_steps=1",
+         "--noexport", f"--model_dir={model_dir}"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_tensorflow_start_up_chatter_stays_out_and_kft_names_the_devices_once(tiny_run):
+    lines = (tiny_run.stderr + tiny_run.stdout).splitlines()
+    noise = [line for line in lines if line.startswith("E0000") or "cuInit" in line
+             or "absl::InitializeLog" in line or "oneDNN custom operations" in line
+             or "cudart_stub" in line]
+    assert noise == []
+    devices = [line for line in lines if "] devices: " in line]
+    assert len(devices) == 1 and "CPU" in devices[0] and "; strategy: " in devices[0], devices
+
+
+def test_a_short_runs_log_has_throughput_and_eta_and_times_its_evaluation(tiny_run):
+    steps = re.findall(r"\] (step \d+/4 \(epoch 1/1\): loss [\d.]+, .*)", tiny_run.stderr)
+    assert len(steps) == 4, tiny_run.stderr[-3000:]
+    for line in steps:
+        assert re.fullmatch(r"step \d/4 \(epoch 1/1\): loss \d\.\d{4}, [\d.,]+ steps/s, [\d.,]+ examples/s, "
+                            r"[\d.,]+ tokens/s, elapsed [\dhm.]+s, eta [\dhm.]+s", line), line
+    assert re.search(r"epoch 1/1: evaluating 60 eval examples \.\.\.", tiny_run.stderr)
+    assert re.search(r"epoch 1/1 done at step 4: .* \(evaluated in [\d.]+s\)", tiny_run.stderr)
+    assert re.search(r"learning rate 5e-5 \(default for --method=full\)", tiny_run.stderr)

@@ -191,3 +191,104 @@ def test_tfds_download_code_path_has_its_imports():
     import tensorflow_datasets as tfds
 
     assert tfds.builder("imdb_reviews").code_path.exists()
+
+
+# -- files too small for the hold-out, through the path kft.train takes (trainer -> task -> data) --
+
+def _train(tmp_path, **overrides):
+    from kft import trainer
+
+    return trainer.train_and_evaluate(tiny_config(dataset="", text_field="text", label_field="stars",
+                                                  **overrides), str(tmp_path / "model"))
+
+
+def test_a_two_row_csv_fails_with_a_message_naming_the_file_and_the_numbers(tmp_path):
+    train = write(tmp_path, "t.csv", "text,stars\ngreat film,5\nawful film,1\n")
+    with pytest.raises(DataError) as e:
+        _train(tmp_path, train_file=train)
+    assert str(e.value) == (
+        f"{train}: 2 rows in 2 classes (1: 1, 5: 1); --validation_fraction=0.1 holds out no row for "
+        "evaluation (a class needs at least 6 rows at this fraction). Give --eval_file, more rows, or a "
+        "larger --validation_fraction")
+
+
+def test_a_class_too_small_to_hold_out_is_trained_on_and_named_in_the_log(tmp_path, caplog):
+    train = write(tmp_path, "t.csv", "text,stars\ngreat,5\nfine,5\nawful,1\n")
+    with pytest.raises(DataError, match=r"3 rows in 2 classes \(1: 1, 5: 2\); --validation_fraction=0.1 "
+                                        r"holds out no row"):
+        _train(tmp_path, train_file=train)
+    with caplog.at_level("WARNING"):
+        loaded = data.load(tiny_config(dataset="", train_file=train, text_field="text", label_field="stars",
+                                       validation_fraction=0.5))
+    assert loaded.eval.labels == [5] and sorted(loaded.train.labels) == [1, 5]
+    assert (f"{train}: --validation_fraction=0.5 holds out no row of 1 class(es) with too few rows (1: 1); "
+            "they are trained on but not evaluated") in caplog.text
+
+
+def test_a_singleton_class_run_trains_and_evaluates_without_it(tmp_path, tiny_preset):
+    train = write(tmp_path, "t.csv", "text,stars\ngreat,5\nfine,5\nawful,1\n")
+    result = _train(tmp_path, train_file=train, validation_fraction=0.5, backbone=tiny_preset)
+    assert result["eval"]["examples"] == 1 and result["data"]["train"]["examples"] == 2
+
+
+@pytest.mark.parametrize("content,message", [("", "file is empty"),
+                                             ("text,stars\n", "no examples after the header")])
+def test_an_empty_eval_file_is_an_error_naming_it(tmp_path, content, message):
+    train = write(tmp_path, "t.csv", "text,stars\ngreat film,5\nawful film,1\n")
+    evals = write(tmp_path, "dev.csv", content)
+    with pytest.raises(DataError, match=f"{evals}: {message}"):
+        _train(tmp_path, train_file=train, eval_file=evals)
+
+
+def test_an_empty_tfds_split_is_an_error_naming_it():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=0):
+        with pytest.raises(DataError, match=r"tfds:imdb_reviews/train: the train split has no examples"):
+            data.load(tiny_config(dataset="imdb_reviews"))
+
+
+# -- TFDS without network: fail at once, naming the host --
+
+def test_an_offline_tfds_download_fails_at_once_naming_the_host(monkeypatch, tmp_path, caplog):
+    import socket
+
+    import tensorflow_datasets as tfds
+
+    asked, downloads = [], []
+
+    def no_dns(host, *args, **kwargs):
+        asked.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(tfds.download.DownloadManager, "download",
+                        lambda self, *a, **k: downloads.append(a))  # must never be reached
+    with caplog.at_level("INFO"), pytest.raises(DataError) as e:
+        data.load(tiny_config(dataset="imdb_reviews", data_dir=str(tmp_path)))
+    message = str(e.value)
+    assert message.startswith(f"tfds:imdb_reviews: not prepared in {tmp_path}")
+    assert "ai.stanford.edu (gaierror: [Errno -2] Name or service not known)" in message
+    assert "--data_dir" in message
+    assert asked == ["ai.stanford.edu"] and downloads == []
+    assert f"tfds:imdb_reviews: not prepared in {tmp_path}" in caplog.text
+    assert "downloading it from ai.stanford.edu" in caplog.text
+
+
+def test_a_resolver_that_hangs_counts_as_unresolved_after_the_timeout(monkeypatch):
+    import socket
+    import time
+
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: time.sleep(3))
+    assert data.unresolved_hosts(["ai.stanford.edu"], timeout=0.2) == {
+        "ai.stanford.edu": "no answer within 0.2 s"}
+
+
+def test_a_one_sentence_token_file_without_eval_data_is_an_error_naming_it(tmp_path):
+    from kft import trainer
+
+    train = write(tmp_path, "train.txt", "EU B-ORG\nrejects O\n")
+    message = rf"{train}: 1 sentence\(s\); --validation_fraction=0.1 needs at least 2"
+    with pytest.raises(DataError, match=message):
+        trainer.train_and_evaluate(tiny_config(dataset="", task="token_classification", train_file=train),
+                                   str(tmp_path / "model"))

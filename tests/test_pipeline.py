@@ -58,9 +58,10 @@ def test_same_seed_same_data_same_result(tiny_preset, tmp_path):
 
 
 def test_early_stopping_stops_when_eval_accuracy_stalls(tiny_preset, tmp_path):
-    # With a zero learning rate eval accuracy never improves: patience 1 stops after epoch 2.
+    # Steps of 1e-30 leave the weights unchanged, so eval accuracy never improves: patience 1 stops
+    # after epoch 2. (A learning rate of 0 means the method's default.)
     result = trainer.train_and_evaluate(
-        tiny_config(backbone=tiny_preset, epochs=6, learning_rate=0.0, early_stopping_patience=1),
+        tiny_config(backbone=tiny_preset, epochs=6, learning_rate=1e-30, early_stopping_patience=1),
         str(tmp_path / "m"))
     assert result["training"]["epochs_run"] == 2
 

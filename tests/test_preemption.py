@@ -239,3 +239,49 @@ def test_sigterm_to_one_worker_stops_both_at_the_same_step_and_the_job_resumes(t
     assert _wait_all(procs) == [0, 0], [e.read_text()[-2000:] for e in errs]
     assert _history(model_dir)["steps"] == total and _history(model_dir)["workers"] == 2
     print(f"\nmulti-worker SIGTERM: both workers stopped at step {stopped[0]}; the rerun ended at {total}")
+
+
+def test_after_training_sigterm_raises_at_once_naming_the_phase_and_the_saved_step(tmp_path):
+    from kft import loop
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(loop.PreemptedAfterTraining) as e:
+        with loop.sigterm_scope():
+            stop = loop.StopOnSigterm(str(tmp_path / "checkpoints"), 12)
+            stop.phase = "the export"
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # interrupted by the handler
+    assert signal.getsignal(signal.SIGTERM) is before  # put back when the run ends
+    assert isinstance(e.value, loop.Preempted)  # kft.train exits with loop.EXIT_PREEMPTED
+    assert str(e.value).startswith("stopped by SIGTERM during the export, after training had finished at "
+                                   "step 12 (no training to save)")
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_export_exits_75_leaves_no_version_and_the_rerun_exports_without_training(
+        tiny_preset, tmp_path):
+    model_dir, export_dir = str(tmp_path / "model"), tmp_path / "exports"
+    args = _args(tiny_preset, model_dir, "--epochs=1", "--export", f"--export_dir={export_dir}",
+                 "--run_name=r")
+    run = _Process(args)
+    deadline = time.time() + 300
+    while not any("exporting SavedModel to" in line for line in run.lines) and run.proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.005)
+    assert run.proc.poll() is None, "the run ended before its export could be interrupted:\n" + run.text()
+    trained = run.step
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait() == 75, run.text()
+    assert re.search(rf"preempted: stopped by SIGTERM during the export, after training had finished at step "
+                     rf"{trained} \(saved in \S+ckpt-0+{trained}\.safetensors\)", run.text()), run.text()
+    assert "Traceback" not in run.text()
+    assert [n for n in os.listdir(export_dir / "r") if n.isdigit()] == []  # no half-written version
+    assert checkpoints.latest(os.path.join(model_dir, "checkpoints")).step == trained
+
+    rerun = run_python(args, env={"KFT_QUIET": "1"})
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from" in rerun.stderr and not re.search(r"step \d+/\d+ \(epoch", rerun.stderr)
+    assert "evaluating 60 eval examples" in rerun.stderr  # evaluated again
+    assert sorted(os.listdir(export_dir / "r")) == ["1"]  # leftovers of the interrupted export removed
+    assert os.path.exists(export_dir / "r" / "1" / "saved_model.pb")
+    assert _history(model_dir)["steps"] == trained

@@ -6,8 +6,9 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_config
-from kft import backbones, data, distribute, metrics, optim
-from kft.config import FlagError
+from kft import backbones, data, distribute, metrics, optim, trainer
+from kft import config as config_lib
+from kft.config import Config, FlagError
 from kft.methods import freeze
 from kft.tasks import classification
 
@@ -165,3 +166,55 @@ def test_tpu_strategy_uses_the_resolver_and_initialises_the_system(monkeypatch):
     assert calls["tpu"] == "my-tpu"
     assert calls["connect"] is calls["init"] is calls["strategy_resolver"]
     assert distribute.uses_static_shapes(strategy)
+
+
+@pytest.mark.parametrize("overrides,rate,why", [
+    (dict(method="full"), 5e-5, "default for --method=full"),
+    (dict(method="freeze", freeze_layers=3), 5e-5, "default for --method=freeze"),
+    (dict(method="freeze", freeze_layers=-1), 1e-2, "default for --method=freeze --freeze_layers=-1"),
+    (dict(method="full", freeze_layers=-1), 1e-2, "default for --method=full --freeze_layers=-1"),
+    (dict(method="lora"), 3e-3, "default for --method=lora"),
+    (dict(method="prompt"), 3e-2, "default for --method=prompt"),
+    (dict(method="prefix"), 2e-2, "default for --method=prefix"),
+    (dict(method="bitfit"), 3e-3, "default for --method=bitfit"),
+    (dict(task="token_classification", method="lora"), 3e-3, "default for --method=lora"),
+    (dict(task="causal_lm", method="full"), 2e-5, "default for --task=causal_lm --method=full"),
+    (dict(task="causal_lm", method="lora"), 2e-4, "default for --task=causal_lm --method=lora"),
+    (dict(task="causal_lm", method="prompt"), 3e-2, "default for --task=causal_lm --method=prompt"),
+    (dict(task="causal_lm", method="bitfit"), 3e-3, "default for --method=bitfit"),  # no entry: the method's
+])
+def test_learning_rate_zero_means_the_methods_default(overrides, rate, why):
+    assert Config().learning_rate == 0.0
+    assert optim.peak_learning_rate(Config(**overrides)) == (rate, why)
+
+
+def test_an_explicit_learning_rate_always_wins_and_a_negative_one_is_refused():
+    assert optim.peak_learning_rate(Config(method="lora", learning_rate=1e-3)) == (1e-3, "--learning_rate")
+
+    def peak(**overrides):  # with no warmup, step 0 trains at the peak rate
+        return float(optim.build_optimizer(Config(warmup_ratio=0.0, **overrides), 10).learning_rate)
+
+    assert peak(method="lora", learning_rate=1e-3) == pytest.approx(1e-3)
+    assert peak(method="prefix") == pytest.approx(2e-2)
+    with pytest.raises(FlagError, match=r"--learning_rate=-0.001: must be positive, or 0 for the method's"):
+        optim.peak_learning_rate(Config(learning_rate=-1e-3))
+
+
+def test_the_learning_rate_help_states_every_default_in_the_table():
+    help_text = next(f for f in config_lib.fields() if f.name == "learning_rate").metadata["help"]
+    generic, causal = help_text.split("--task=causal_lm:")
+    for (task, method), rate in optim.LEARNING_RATES.items():
+        text = "--freeze_layers=-1: " if method == "head_only" else f"{method} "
+        assert text + optim.format_rate(rate) in (causal if task == "causal_lm" else generic), (task, method)
+
+
+@pytest.mark.parametrize("overrides,line", [
+    (dict(method="lora", learning_rate=0.0), "learning rate 3e-3 (default for --method=lora)"),
+    (dict(learning_rate=1e-3), "learning rate 1e-3 (--learning_rate)"),
+])
+def test_the_run_logs_the_learning_rate_it_uses_and_why(overrides, line, tmp_path, caplog):
+    missing = str(tmp_path / "missing.csv")  # the run stops at the data, after the learning-rate line
+    with caplog.at_level("INFO"), pytest.raises(data.DataError, match="file not found"):
+        trainer.train_and_evaluate(tiny_config(dataset="", train_file=missing, **overrides),
+                                   str(tmp_path / "m"))
+    assert line in caplog.text
