@@ -233,6 +233,7 @@ def _one_step(loaded, config):
     ("lora", {"lora_targets": ["query", "key", "value", "attention_output", "gate", "up", "down"]}),
     ("freeze", {"freeze_layers": 1}),
     ("full", {}),
+    ("prompt", {"num_prompt_tokens": 3}),
 ])
 def test_one_step_changes_only_the_methods_variables(llama_folder, method, overrides):
     from kft import backbones
@@ -244,6 +245,36 @@ def test_one_step_changes_only_the_methods_variables(llama_folder, method, overr
         names = [v.path for v in model.weights if id(v) in changed]
         # B starts at zero, so the first step moves every B (and no A yet): 7 projections per block
         assert all(n.endswith("lora_b") for n in names) and len(names) == 7 * fx.LLAMA["layers"]
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_cached_generation_equals_decoding_the_training_graph_token_by_token(llama_folder, method):
+    """The KV-cached greedy loop (with prompt vectors placed in the cache for prompt tuning) picks the
+    tokens that argmax over the training model's full forward pass picks, one token at a time."""
+    import keras
+
+    from kft import backbones, methods
+    from kft.methods.prompt import prompt_layer
+    from kft.tasks.causal_lm import model as lm_model
+
+    keras.utils.set_random_seed(1)
+    loaded = backbones.load_decoder(llama_folder)
+    backbone, _ = methods.apply(loaded.backbone, _config(method=method, num_prompt_tokens=3,
+                                                         lora_targets=["query", "value"]))
+    model = lm_model.build_model(backbone)
+    for v in model.trainable_weights:  # away from the identity start (LoRA B = 0)
+        v.assign(np.random.default_rng(0).normal(0, 0.5, v.shape).astype("float32"))
+    embedding = lm_model.token_embedding(model)
+    prompts = [np.asarray([1, 40, 70, 9], np.int32), np.asarray([1, 300, 5, 120, 9, 70, 40], np.int32)]
+    generated, _ = lm_model.Generator(loaded.backbone, loaded.causal_lm_class, [10 ** 6], loaded.pad_id, 2,
+                                      prompt=prompt_layer(model))(prompts, 5)
+    for prompt, got in zip(prompts, generated):
+        seq = list(prompt)
+        for _ in range(5):
+            ids = np.asarray([seq], np.int32)
+            hidden = model({"token_ids": ids, "padding_mask": np.ones_like(ids)})
+            seq.append(int(np.argmax(np.asarray(embedding(hidden[:, -1], reverse=True))[0])))
+        assert got.tolist() == seq[len(prompt):]
 
 
 def test_bitfit_is_refused_for_a_decoder_without_biases(llama_folder):
@@ -324,9 +355,9 @@ def test_export_is_a_merged_preset_that_loads_back_as_a_backbone(llama_folder, t
     from kft.tasks.causal_lm import model as lm_model
 
     ids = np.asarray([[1, 40, 70, 300, 5]], np.int32)
-    trained = lm_model.find_backbone(fitted.model)
-    np.testing.assert_allclose(_logits(reloaded, ids), np.asarray(trained.token_embedding(
-        trained({"token_ids": ids, "padding_mask": np.ones_like(ids)}), reverse=True)), atol=1e-4)
+    hidden = fitted.model({"token_ids": ids, "padding_mask": np.ones_like(ids)})
+    np.testing.assert_allclose(_logits(reloaded, ids), np.asarray(
+        lm_model.token_embedding(fitted.model)(hidden, reverse=True)), atol=1e-4)
     base = backbones.load_decoder(llama_folder)
     assert np.abs(_logits(reloaded, ids) - _logits(base, ids)).max() > 1e-4  # the update was merged in
 
@@ -400,3 +431,44 @@ def test_keras_hub_tokenizer_matches_the_gguf_tokenizer_on_dialogsum():
     texts = [json.loads(line)["summary"] for line in open(path)][:200]
     same = sum(np.asarray(loaded.tokenizer(t)).tolist() == reference.encode(t).ids for t in texts)
     assert same == len(texts)
+
+
+def test_every_flag_is_in_one_helpfull_group_and_the_groups_are_shown(tmp_path):
+    from conftest import run_python
+    from kft import config
+
+    grouped = [name for names in config.GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(f.name for f in config.fields())
+    proc = run_python(["-m", "kft.train", "--helpfull"])
+    for group in ("kft: data:", "kft: decoder LLMs (causal_lm):", "kft: token classification:",
+                  "kft: tuning methods:", "kft: optimisation:"):
+        assert group in proc.stdout
+    decoder = proc.stdout.split("kft: decoder LLMs (causal_lm):")[1].split("\nkft: ")[0]
+    assert "--prompt_template" in decoder and "--crf" not in decoder
+
+
+def test_the_demo_data_reads_and_teaches_one_format():
+    import re
+
+    from conftest import ROOT
+    from kft.tasks.causal_lm import data
+
+    config = _config()
+    pattern = re.compile(r"^category: (billing|shipping|account|technical|refund|other) \| urgency: "
+                         r"(low|medium|high) \| reply: .+\.$")
+    for name, n in (("support_train.jsonl", 96), ("support_eval.jsonl", 8)):
+        split = data.read_file(os.path.join(ROOT, "kft", "sample_data", name), "x", config, "--train_file")
+        assert len(split) == n and split.format == "messages"
+        assert all(pattern.match(e.completion) for e in split.examples)
+
+
+def test_compare_prints_both_answers_per_input(tmp_path, capsys):
+    from kft import compare
+
+    row = {"line": 1, "input": "where is my parcel", "prompt": "p", "reference": "category: shipping"}
+    before = _write_jsonl(tmp_path / "a.jsonl", [{**row, "prediction": "I am an AI"}])
+    after = _write_jsonl(tmp_path / "b.jsonl", [{**row, "prediction": "category: shipping"}])
+    assert compare.main(["compare", before, after]) == 0
+    out = capsys.readouterr().out
+    assert "where is my parcel" in out and "before: I am an AI" in out
+    assert "answers equal to the reference: before 0, after 1" in out

@@ -1,7 +1,8 @@
 """Prompt tuning (Lester et al., 2021): learned vectors prepended to the input; the backbone is frozen.
 
 `--num_prompt_tokens` vectors are inserted right after the first position (the start token, which a
-pooled output reads) of the first transformer block's input, so every layer attends to them; the
+pooled output reads; for a decoder, the first token of the prompt) of the first transformer block's
+input, so every layer attends to them; the
 padding mask grows by as many ones, and the prompt positions are removed again from the sequence
 output, so the task head sees the usual [batch, length, hidden]. Real tokens keep their own position
 embeddings. The vectors start as the embedded forms of real vocabulary words (random whole words,
@@ -65,13 +66,15 @@ def apply(backbone, config, vocabulary=None):
     state = {}
 
     def call_function(layer, *args, **kwargs):
+        # Encoder blocks take `padding_mask`, keras-hub's decoder blocks `decoder_padding_mask`.
+        key = "decoder_padding_mask" if "decoder_padding_mask" in kwargs else "padding_mask"
         if layer is first:
             state["block_input"] = args[0]
             state["tokens"] = PromptTokens(n, int(args[0].shape[-1]), name="prompt_tokens")
-            x, state["mask"] = state["tokens"](args[0], kwargs["padding_mask"])
+            x, state["mask"] = state["tokens"](args[0], kwargs[key])
             args = (x, *args[1:])
         if any(layer is block for block in blocks):
-            kwargs["padding_mask"] = state["mask"]
+            kwargs[key] = state["mask"]
         out = layer(*args, **kwargs)
         return PromptStrip(n, name="prompt_strip")(out) if layer is last else out
 
@@ -85,3 +88,15 @@ def apply(backbone, config, vocabulary=None):
             for name in rebuilt.input}
     state["tokens"].prompts.assign(keras.ops.convert_to_numpy(embed(feed, training=False))[0, 1:])
     return rebuilt, {"method": "prompt", "num_prompt_tokens": n}
+
+
+def prompt_layer(model):
+    """The model's PromptTokens layer (searched through nested models), or None."""
+    for layer in model.layers:
+        if isinstance(layer, PromptTokens):
+            return layer
+        if isinstance(layer, keras.Model):
+            found = prompt_layer(layer)
+            if found is not None:
+                return found
+    return None

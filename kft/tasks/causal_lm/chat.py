@@ -11,10 +11,12 @@ from __future__ import annotations
 import functools
 import json
 
+from kft.data import DataError
+
 ROLES = ("system", "user", "assistant")
 
 
-class TemplateError(ValueError):
+class TemplateError(DataError):
     """The chat template refused the messages or failed; the message says which and why."""
 
 

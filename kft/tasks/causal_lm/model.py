@@ -21,11 +21,16 @@ def build_model(backbone: keras.Model) -> keras.Model:
     return keras.Model({"token_ids": token_ids, "padding_mask": padding_mask}, hidden, name="causal_lm")
 
 
-def find_backbone(model: keras.Model) -> keras.Model:
+def token_embedding(model: keras.Model):
+    """The (reversible) token embedding, also inside a backbone rebuilt by prompt tuning."""
     for layer in model.layers:
-        if isinstance(layer, keras_hub.models.Backbone) or hasattr(layer, "token_embedding"):
+        if layer.name == "token_embedding":
             return layer
-    raise ValueError(f"{model.name} holds no keras-hub backbone")
+        if isinstance(layer, keras.Model):
+            found = token_embedding(layer)
+            if found is not None:
+                return found
+    return None
 
 
 def _token_scores(embedding, hidden, labels):
@@ -42,7 +47,7 @@ def _token_scores(embedding, hidden, labels):
 def loss_function(model: keras.Model):
     """fn(labels [b, t], hidden [b, t, h]) -> summed cross-entropy of each example's trained tokens [b];
     the loop divides by the global batch's trained tokens (a per-token mean)."""
-    embedding = find_backbone(model).token_embedding
+    embedding = token_embedding(model)
 
     def loss(labels, hidden):
         ce, _, where = _token_scores(embedding, hidden, labels)
@@ -53,7 +58,7 @@ def loss_function(model: keras.Model):
 
 def predict_function(model: keras.Model):
     """fn(features, labels) -> [b, t, 2]: each trained position's cross-entropy and argmax hit."""
-    embedding = find_backbone(model).token_embedding
+    embedding = token_embedding(model)
 
     def predict(features, labels):
         hidden = model(features, training=False)
@@ -78,17 +83,28 @@ class Generator:
     """
 
     def __init__(self, backbone: keras.Model, causal_lm_class: type, stop_ids: list[int], pad_id: int,
-                 batch_size: int, width_step: int = 64):
+                 batch_size: int, width_step: int = 64, prompt=None):
         self.lm = causal_lm_class(backbone=backbone, preprocessor=None)
         self.stop_ids = list(stop_ids)
         self.pad_id = int(pad_id)
         self.batch_size, self.width_step = batch_size, width_step
+        # Prompt tuning: the learned vectors sit after position 0, so every real token from position
+        # 1 on is `shift` places further along the cache (and the rotary positions) than its index.
+        self.prompt, self.shift = prompt, (prompt.num_tokens if prompt is not None else 0)
         lm = self.lm
-        self._prefill = tf.function(lambda ids: lm._build_cache(ids)[1])
+        # reduce_retracing: after the second batch width, one shape-generic graph serves every width
+        # (a 30-layer trace costs seconds; one per width was most of a DialogSum evaluation).
+        if prompt is None:
+            self._prefill = tf.function(lambda ids: lm._build_cache(ids)[1], reduce_retracing=True)
+        else:
+            check_prompt_generation(lm)
+            self._prefill = tf.function(lambda ids: _prefill_with_prompt(lm, prompt, ids),
+                                        reduce_retracing=True)
+        shift = self.shift
 
-        @tf.function
+        @tf.function(reduce_retracing=True)
         def step(token, cache, index):
-            logits, _, cache = lm.call_with_cache(token, cache, index)
+            logits, _, cache = lm.call_with_cache(token, cache, index + shift)
             return tf.argmax(logits[:, -1, :], axis=-1, output_type=tf.int32), cache
 
         self._step = step
@@ -115,7 +131,8 @@ class Generator:
             done[len(rows):] = True
             hit = np.zeros(self.batch_size, bool)
             cache = self._prefill(tf.constant(ids))
-            for t in range(int(lengths.min()), int(ends.max())):
+            # A first prompt token must come before the learned vectors: start at position >= 1.
+            for t in range(max(int(lengths.min()), 1 if self.shift else 0), int(ends.max())):
                 token, cache = self._step(tf.constant(ids[:, t - 1:t]), cache, tf.constant(t - 1))
                 token = token.numpy()
                 free = (t >= lengths) & ~done
@@ -131,3 +148,29 @@ class Generator:
                 stopped[i] = bool(hit[r])
                 out[i] = new[:cut[0]] if hit[r] and cut.size else new[:max(0, ends[r] - lengths[r])]
         return out, stopped
+
+
+def check_prompt_generation(lm) -> None:
+    """Generation with prompt vectors replays keras-hub's llama-family cache pass (below)."""
+    if not isinstance(lm, keras_hub.models.LlamaCausalLM):
+        raise ValueError(f"--method=prompt generates with llama-family decoders (Llama, Llama 3, SmolLM2); "
+                         f"{type(lm).__name__} is not one")
+
+
+def _prefill_with_prompt(lm, prompt, token_ids):
+    """keras-hub's LlamaCausalLM._build_cache + call_with_cache(..., 0), with the learned prompt
+    vectors inserted after position 0 of the embedded tokens: the cache then holds them as the
+    training graph saw them."""
+    backbone = lm.backbone
+    x = backbone.token_embedding(token_ids)
+    batch, width = tf.shape(x)[0], tf.shape(x)[1]
+    vectors = tf.broadcast_to(tf.cast(prompt.prompts, x.dtype)[None], [batch, prompt.num_tokens, x.shape[-1]])
+    x = tf.concat([x[:, :1], vectors, x[:, 1:]], axis=1)
+    head_dim = backbone.hidden_dim // backbone.num_query_heads
+    cache = tf.zeros([batch, backbone.num_layers, 2, width + prompt.num_tokens,
+                      backbone.num_key_value_heads, head_dim], x.dtype)
+    layers = []
+    for i, layer in enumerate(backbone.transformer_layers):
+        x, layer_cache = layer(x, self_attention_cache=cache[:, i], self_attention_cache_update_index=0)
+        layers.append(layer_cache)
+    return tf.stack(layers, axis=1)

@@ -19,10 +19,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from kft import backbones, token_cache
+from kft import backbones, inputs as inputs_lib, token_cache
 from kft import loop as loop_lib
 from kft.config import BUNDLED_BACKBONE, Config, FlagError
 from kft.data import DataError
+from kft.methods import prompt as prompt_lib
 from kft.tasks.causal_lm import data as data_lib, inputs as lm_inputs, model as lm_model, scoring
 
 HEADLINE = ("perplexity", "rougeL", "bleu")
@@ -42,10 +43,12 @@ def load_backbone(config: Config) -> backbones.LoadedDecoder:
 
 
 def load_data(config: Config) -> LMData:
-    if config.method in ("prefix", "prompt"):
-        raise FlagError(f"--method={config.method} is not available for --task=causal_lm: generation runs "
-                        "through keras-hub's KV cache, which has no place for learned vectors; use "
-                        "--method=lora, full or freeze")
+    if config.method == "prefix":
+        raise FlagError("--method=prefix is not available for --task=causal_lm: keras-hub's decoder "
+                        "attention has no hook for extra keys and values; use --method=prompt or lora")
+    if config.method == "prompt" and config.export:
+        raise FlagError("--method=prompt with --task=causal_lm: the export (a keras-hub preset) cannot "
+                        "hold the prompt vectors; add --noexport (they are saved in adapter.safetensors)")
     if config.dataset:
         raise FlagError("--dataset (TFDS) is not read by --task=causal_lm; give JSONL files with "
                         "--train_file / --eval_file")
@@ -113,10 +116,15 @@ def prepare(config: Config, data: LMData, loaded, model_dir: str, is_chief: bool
                     "mean_tokens": round(float(lengths.mean()), 2), "max_tokens": int(lengths.max()),
                     "trained_tokens": int(sizes.sum()), "prompts_cut": enc.prompts_cut,
                     "completions_cut": enc.completions_cut, "token_cache": enc.cache}
+    plan = inputs_lib.train_plan(sources["train"].lengths, config.batch_size, config.num_buckets, config.seed, 0)
+    computed = int(plan.widths.sum()) * config.batch_size
+    stats["train"]["padding_share"] = round(computed / max(1, int(sources["train"].lengths.sum())) - 1, 4)
     seconds = time.time() - t0
     logging.info("data: %s; sequence_length=%d (%s); chat template: %s; tokenized in %.1fs", data.description,
                  sequence_length, "given" if config.sequence_length else "99th percentile of train",
                  "the model's" if template else "none", seconds)
+    logging.info("  length-grouped batches: %.1f%% of the positions computed in an epoch are padding",
+                 100 * stats["train"]["padding_share"])
     for k, st in stats.items():
         logging.info("  %s: %d examples, mean %.1f tokens, %d trained tokens; %d prompt(s) cut from the "
                      "start, %d completion(s) cut at the end (token cache: %s)", k, st["examples"],
@@ -146,9 +154,11 @@ def prepare(config: Config, data: LMData, loaded, model_dir: str, is_chief: bool
         n = len(splits[k]) if not config.max_generate_examples else min(len(splits[k]),
                                                                           config.max_generate_examples)
         if "generator" not in state:
-            state["generator"] = lm_model.Generator(lm_model.find_backbone(model), loaded.causal_lm_class,
+            # loaded.backbone shares every layer (and LoRA wrapper) with the trained model
+            state["generator"] = lm_model.Generator(loaded.backbone, loaded.causal_lm_class,
                                                     loaded.stop_ids, loaded.pad_id,
-                                                    loop_lib.eval_batch_size(config))
+                                                    loop_lib.eval_batch_size(config),
+                                                    prompt=prompt_lib.prompt_layer(model))
         t = time.time()
         logging.info("generating up to %d tokens for %d %s prompts ...", config.max_new_tokens, n, k)
         ids, stopped = state["generator"](encoded[k].prompts[:n], config.max_new_tokens)
@@ -190,7 +200,13 @@ def loss_function(model: keras.Model, class_weight: dict | None = None):
 
 
 def check_method(backbone: keras.Model, config: Config) -> None:
-    """BitFit needs biases; llama-family decoders have none."""
+    """BitFit needs biases (llama-family decoders have none); prompt tuning generates with the
+    llama-family cache pass."""
+    import keras_hub
+
+    if config.method == "prompt" and not isinstance(backbone, keras_hub.models.LlamaBackbone):
+        raise FlagError(f"--method=prompt with --task=causal_lm supports llama-family decoders (Llama, "
+                        f"Llama 3, SmolLM2); {type(backbone).__name__} is not one: use --method=lora")
     if config.method == "bitfit" and not any(v.path.endswith("bias") for v in backbone.weights):
         raise FlagError(f"--method=bitfit trains biases, and {type(backbone).__name__} has no bias "
                         "weights (llama-family decoders use none); use --method=lora")
@@ -207,7 +223,7 @@ def export(model, loaded, prep, config: Config, run_name: str, metadata: dict) -
     run_dir = os.path.join(config.export_dir, run_name)
     path = os.path.join(run_dir, str(export_lib.next_version(run_dir)))
     staging = path + ".partial"
-    lm = loaded.causal_lm_class(backbone=lm_model.find_backbone(model), preprocessor=None)
+    lm = loaded.causal_lm_class(backbone=loaded.backbone, preprocessor=None)
     lm.backbone.save_to_preset(staging)
     loaded.tokenizer.save_to_preset(staging)
     extra = {**metadata, "sequence_length": prep.sequence_length, "chat_template": loaded.chat_template,
