@@ -20,7 +20,7 @@ from absl import logging
 from kft import inputs
 
 # Bump when what is cached (word pieces, MAX_TEXT_CHARS cut) changes meaning.
-FORMAT = 1
+FORMAT = 2  # 2: byte-level BPE ids tokenized eagerly (see inputs._needs_eager)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -416,21 +416,53 @@ def test_bundled_smollm2_answers_with_its_chat_template():
     assert "Paris" in answer and stopped[0], answer
 
 
-@pytest.mark.slow
-def test_keras_hub_tokenizer_matches_the_gguf_tokenizer_on_dialogsum():
-    """Documented difference: keras-hub's byte-level BPE splits runs of spaces and newlines
-    differently from the reference (tokenizers) implementation; everything else agrees."""
+def _dialogsum_dev(n):
     path = os.path.join(SHARED_DATA, "dialogsum", "dev.jsonl")
     if not os.path.exists(path):
         pytest.skip(f"{path} not present")
+    return [json.loads(line) for line in open(path)][:n]
+
+
+@pytest.mark.slow
+def test_keras_hub_tokenizer_against_the_reference_on_dialogsum_and_its_two_known_differences():
+    """keras-hub's byte-level BPE against the reference implementation (Hugging Face `tokenizers` on the
+    tokenizer.json converted from the GGUF file, the pre-tokenizer llama.cpp names 'smollm'). They
+    differ in two ways (README): keras-hub keeps a run of newlines before a non-space as one piece
+    ("\n\n" -> one token, the reference "\n", "\n"), and it splits an apostrophe after punctuation
+    off as a contraction ("#'s" -> "#", "'s"; the reference "#'", "s")."""
     tokenizers = pytest.importorskip("tokenizers")
     from kft import backbones
 
+    rows = _dialogsum_dev(200)
     loaded = backbones.load_decoder("")
     reference = tokenizers.Tokenizer.from_file(os.path.join(loaded.source, "tokenizer.json"))
-    texts = [json.loads(line)["summary"] for line in open(path)][:200]
-    same = sum(np.asarray(loaded.tokenizer(t)).tolist() == reference.encode(t).ids for t in texts)
-    assert same == len(texts)
+
+    def ours(text):
+        return np.asarray(loaded.tokenizer(text)).tolist()
+
+    summaries = [r["summary"] for r in rows]
+    same = sum(ours(t) == reference.encode(t).ids for t in summaries)
+    print(f"\nidentical token ids: {same} of {len(summaries)} DialogSum dev summaries")
+    assert same >= 0.7 * len(summaries)
+    plain = [t for t in summaries if "'" not in t and "  " not in t and "\n" not in t]
+    assert all(ours(t) == reference.encode(t).ids for t in plain)
+    assert len(ours("Done.\n\nNext")) == len(reference.encode("Done.\n\nNext").ids) - 1
+    assert ours("#Person1#'s key") != reference.encode("#Person1#'s key").ids
+
+
+@pytest.mark.slow
+def test_tokenizing_a_split_gives_the_ids_of_one_text_at_a_time():
+    """keras-hub's BPE tokenizer traced in a tf.function gave other ids from run to run (a cache race);
+    kft calls it eagerly, so a split's ids equal each text tokenized on its own."""
+    from kft import backbones, inputs
+    from kft.tasks.causal_lm import chat
+
+    loaded = backbones.load_decoder("")
+    texts = [chat.render(loaded.chat_template, [{"role": "user", "content": "Summarize:\n\n" + r["dialogue"]}],
+                         True, loaded.special_tokens) for r in _dialogsum_dev(150)]
+    together = inputs.word_pieces(loaded.tokenizer, texts)
+    for i, text in enumerate(texts):
+        assert together[i].numpy().tolist() == np.asarray(loaded.tokenizer(text)).tolist(), i
 
 
 def test_every_flag_is_in_one_helpfull_group_and_the_groups_are_shown(tmp_path):

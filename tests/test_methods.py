@@ -107,7 +107,8 @@ def _backbone(model):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"method": "lora", "lora_targets": ["query", "gate"]}, r"unknown \['gate'\]"),
+    ({"method": "lora", "lora_targets": ["query", "mlp"]}, r"unknown \['mlp'\]"),
+    ({"method": "lora", "lora_targets": ["gate"]}, r"has no _feedforward_gate_dense projection"),
     ({"method": "lora", "lora_rank": 0}, "at least 1"),
     ({"method": "bitfit", "freeze_layers": 1}, "--freeze_layers=1 applies to --method=freeze"),
     ({"method": "prompt", "num_prompt_tokens": 0}, "--num_prompt_tokens=0: must be at least 1"),

@@ -214,7 +214,8 @@ def test_the_learning_rate_help_states_every_default_in_the_table():
 ])
 def test_the_run_logs_the_learning_rate_it_uses_and_why(overrides, line, tmp_path, caplog):
     missing = str(tmp_path / "missing.csv")  # the run stops at the data, after the learning-rate line
-    with caplog.at_level("INFO"), pytest.raises(data.DataError, match="file not found"):
+    # absl's logger carries its own level, which an earlier test may have raised: set it here
+    with caplog.at_level("INFO", logger="absl"), pytest.raises(data.DataError, match="file not found"):
         trainer.train_and_evaluate(tiny_config(dataset="", train_file=missing, **overrides),
                                    str(tmp_path / "m"))
     assert line in caplog.text

@@ -212,6 +212,19 @@ def check_method(backbone: keras.Model, config: Config) -> None:
                         "weights (llama-family decoders use none); use --method=lora")
 
 
+def _keep_tied_embeddings(backbone, folder: str) -> None:
+    """keras-hub 0.32's LlamaBackbone.get_config leaves out tie_word_embeddings, so a tied model (SmolLM2)
+    saved as a preset reloads untied and fails for want of an output matrix: write the flag back."""
+    path = os.path.join(folder, "config.json")
+    with tf.io.gfile.GFile(path) as f:
+        saved = json.load(f)
+    tied = getattr(backbone, "tie_word_embeddings", None)
+    if tied is not None and "tie_word_embeddings" not in saved.get("config", {}):
+        saved["config"]["tie_word_embeddings"] = bool(tied)
+        with tf.io.gfile.GFile(path, "w") as f:
+            json.dump(saved, f, indent=4)
+
+
 def export(model, loaded, prep, config: Config, run_name: str, metadata: dict) -> str:
     """Writes the fine-tuned decoder (LoRA merged) with its tokenizer as a keras-hub preset folder.
 
@@ -226,6 +239,7 @@ def export(model, loaded, prep, config: Config, run_name: str, metadata: dict) -
     lm = loaded.causal_lm_class(backbone=loaded.backbone, preprocessor=None)
     lm.backbone.save_to_preset(staging)
     loaded.tokenizer.save_to_preset(staging)
+    _keep_tied_embeddings(lm.backbone, staging)
     extra = {**metadata, "sequence_length": prep.sequence_length, "chat_template": loaded.chat_template,
              "special_tokens": loaded.special_tokens, "eos_id": loaded.eos_id, "bos_id": loaded.bos_id}
     with tf.io.gfile.GFile(os.path.join(staging, "kft_metadata.json"), "w") as f:
