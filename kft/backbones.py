@@ -307,7 +307,7 @@ def load_decoder(spec: str, cache_dir: str = "~/.cache/kft", load_weights: bool 
             notes.append(f"layer_norm_epsilon: keras-hub's converter leaves the default {dropped}; the "
                          f"checkpoint's rms_norm_eps {hf_config['rms_norm_eps']} is used")
         backbone = keras_hub.models.Backbone.from_preset(location, load_weights=load_weights, **kwargs)
-        tokenizer = keras_hub.models.Tokenizer.from_preset(location)
+        tokenizer = keras_hub.models.Tokenizer.from_preset(location, **_saved_tokenizer_kwargs(location))
     except Exception as e:  # keras-hub raises a variety of errors for unsupported checkpoints.
         raise BackboneError(f"--backbone={spec} ({location}): keras-hub could not load it as a decoder: "
                             f"{type(e).__name__}: {e}") from e
@@ -373,6 +373,36 @@ def _dropped_epsilon(location: str, hf_config: dict) -> float | None:
     if parameter is None or parameter.default is inspect.Parameter.empty:
         return None
     return parameter.default if abs(float(parameter.default) - float(eps)) > 1e-12 else None
+
+
+def tokenizer_special_kwargs(tokenizer) -> dict:
+    """The special-token arguments a keras-hub tokenizer was built with, for kft's exports.
+
+    keras-hub 0.32's Llama3Tokenizer does not save bos_token, eos_token and misc_special_tokens in its
+    config, so a saved SmolLM2 tokenizer reloads with Llama 3's token names, which its vocabulary
+    lacks. kft records them in kft_metadata.json and passes them back when loading.
+    """
+    import inspect
+
+    params = inspect.signature(type(tokenizer).__init__).parameters
+    out = {}
+    if "bos_token" in params and getattr(tokenizer, "start_token", None):
+        out["bos_token"] = tokenizer.start_token
+    if "eos_token" in params and getattr(tokenizer, "end_token", None):
+        out["eos_token"] = tokenizer.end_token
+    if "misc_special_tokens" in params:
+        out["misc_special_tokens"] = sorted(getattr(tokenizer, name) for name in
+                                            getattr(tokenizer, "_special_token_attrs", [])
+                                            if name.startswith("special_token_"))
+    return out
+
+
+def _saved_tokenizer_kwargs(location: str) -> dict:
+    kwargs = _read_json(os.path.join(location, "kft_metadata.json")).get("tokenizer_kwargs", {}) \
+        if tf.io.gfile.isdir(location) else {}
+    if "misc_special_tokens" in kwargs:
+        kwargs["misc_special_tokens"] = set(kwargs["misc_special_tokens"])  # the tokenizer subtracts sets
+    return kwargs
 
 
 def _read_json(path: str) -> dict:

@@ -241,6 +241,7 @@ def export(model, loaded, prep, config: Config, run_name: str, metadata: dict) -
     loaded.tokenizer.save_to_preset(staging)
     _keep_tied_embeddings(lm.backbone, staging)
     extra = {**metadata, "sequence_length": prep.sequence_length, "chat_template": loaded.chat_template,
+             "tokenizer_kwargs": backbones.tokenizer_special_kwargs(loaded.tokenizer),
              "special_tokens": loaded.special_tokens, "eos_id": loaded.eos_id, "bos_id": loaded.bos_id}
     with tf.io.gfile.GFile(os.path.join(staging, "kft_metadata.json"), "w") as f:
         json.dump(extra, f, indent=2, default=str)
