@@ -95,12 +95,13 @@ class Generator:
         lm = self.lm
         # reduce_retracing: after the second batch width, one shape-generic graph serves every width
         # (a 30-layer trace costs seconds; one per width was most of a DialogSum evaluation).
-        if prompt is None:
-            self._prefill = tf.function(lambda ids: lm._build_cache(ids)[1], reduce_retracing=True)
-        else:
+        if prompt is not None:
             check_prompt_generation(lm)
-            self._prefill = tf.function(lambda ids: _prefill_with_prompt(lm, prompt, ids),
-                                        reduce_retracing=True)
+
+        def prefill(ids):
+            return lm._build_cache(ids)[1] if prompt is None else _prefill_with_prompt(lm, prompt, ids)
+
+        self._prefill = tf.function(prefill, reduce_retracing=True)
         shift = self.shift
 
         @tf.function(reduce_retracing=True)
