@@ -137,6 +137,8 @@ def load(spec: str, load_weights: bool = True) -> Loaded:
     packer = preprocessor.packer
     packing = Packing(start=_as_list(packer.start_value), end=_as_list(packer.end_value),
                       pad=int(packer.pad_value))
+    if kind in ("bundled", "hf_folder"):
+        _match_hf_accent_stripping(preprocessor.tokenizer, location)
     loaded = Loaded(backbone, preprocessor.tokenizer, packing, location, kind)
     if load_weights:
         check_weights(loaded, spec)
@@ -144,6 +146,20 @@ def load(spec: str, load_weights: bool = True) -> Loaded:
         raise BackboneError(f"--backbone={spec}: {type(backbone).__name__} has no transformer layers "
                             "kft can freeze; it is not a supported text encoder")
     return loaded
+
+
+def _match_hf_accent_stripping(tokenizer, folder: str) -> None:
+    """Strips accents where the checkpoint's own tokenizer does.
+
+    A Hugging Face BERT tokenizer with do_lower_case and strip_accents unset (null) removes accents
+    ("café" -> "cafe"); keras-hub's converter keeps them, so with an uncased vocabulary every
+    accented word became [UNK] (e.g. MiniLM: "café naïve émigrés Zürich" -> four [UNK]s).
+    """
+    config = _read_json(os.path.join(folder, "tokenizer_config.json"))
+    if not hasattr(tokenizer, "strip_accents") or not config.get("do_lower_case", False):
+        return
+    strip = config.get("strip_accents")
+    tokenizer.strip_accents = True if strip is None else bool(strip)
 
 
 def _safetensors_header(path: str) -> dict:

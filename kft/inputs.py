@@ -257,3 +257,14 @@ def plan_dataset(plan: BatchPlan, matrix: tf.Tensor, lengths: np.ndarray, labels
     options = tf.data.Options()
     options.autotune.enabled = False
     return ds.map(make, num_parallel_calls=2, deterministic=True).prefetch(2).with_options(options)
+
+
+def char_offsets(text: tf.Tensor, byte_start: tf.RaggedTensor, byte_end: tf.RaggedTensor):
+    """Byte offsets of words in their texts -> character offsets (UTF-8 aware)."""
+    repeated = tf.gather(text, byte_start.value_rowids())
+
+    def chars(offsets):
+        prefix = tf.strings.substr(repeated, tf.zeros_like(offsets.flat_values), offsets.flat_values)
+        return offsets.with_flat_values(tf.strings.length(prefix, unit="UTF8_CHAR"))
+
+    return chars(byte_start), chars(byte_end)

@@ -20,7 +20,8 @@ from absl import logging
 from kft import inputs
 
 # Bump when what is cached (word pieces, MAX_TEXT_CHARS cut) changes meaning.
-FORMAT = 2  # 2: byte-level BPE ids tokenized eagerly (see inputs._needs_eager)
+FORMAT = 3  # 2: byte-level BPE ids tokenized eagerly (see inputs._needs_eager); 3: accents stripped as
+# Hugging Face BERT tokenizers do (backbones._match_hf_accent_stripping)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -153,3 +153,19 @@ def test_kft_never_turns_off_safe_deserialization():
                 text = open(os.path.join(folder, name)).read()
                 assert "safe_mode=False" not in text and "enable_unsafe_deserialization" not in text, name
                 assert "import pickle" not in text and "torch.load" not in text, name
+
+
+def test_bundled_tokenizer_matches_the_checkpoints_own_on_accented_and_cjk_text():
+    """The checkpoint's tokenizer lower-cases and strips accents; keras-hub's converter kept them,
+    turning every accented word into [UNK]."""
+    tokenizers = pytest.importorskip("tokenizers", reason="the reference needs the `tokenizers` package")
+    loaded = backbones.load(backbones.BUNDLED_BACKBONE)
+    reference = tokenizers.Tokenizer.from_file(os.path.join(loaded.source, "tokenizer.json"))
+    reference.no_padding()
+    reference.no_truncation()
+    texts = ["Café au lait in Zürich, naïve émigrés", "Frédéric Chopin (1810–1849) était polonais.",
+             "北京 is the capital; São Paulo isn't.", "plain ascii text, nothing special"]
+    ours = [list(map(int, ids)) for ids in loaded.tokenizer(texts)]
+    theirs = [e.ids[1:-1] for e in reference.encode_batch(texts)]  # without [CLS] / [SEP]
+    assert ours == theirs
+    assert 100 not in ours[0]  # no [UNK]

@@ -121,17 +121,6 @@ def tag_words(model, crf, tokenizer, packing: Packing, max_length: int, names: l
             "truncated_words": total - kept, **found}
 
 
-def char_offsets(text: tf.Tensor, byte_start: tf.RaggedTensor, byte_end: tf.RaggedTensor):
-    """Byte offsets of words in their texts -> character offsets (UTF-8 aware)."""
-    repeated = tf.gather(text, byte_start.value_rowids())
-
-    def chars(offsets):
-        prefix = tf.strings.substr(repeated, tf.zeros_like(offsets.flat_values), offsets.flat_values)
-        return offsets.with_flat_values(tf.strings.length(prefix, unit="UTF8_CHAR"))
-
-    return chars(byte_start), chars(byte_end)
-
-
 def joined_offsets(words: tf.RaggedTensor):
     """Character offsets of words in their texts joined by single spaces."""
     lengths = tf.strings.length(words.flat_values, unit="UTF8_CHAR")

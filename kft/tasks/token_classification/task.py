@@ -309,7 +309,7 @@ def export(model, loaded: backbones.Loaded, prep, config: Config, run_name: str,
 
     def serve_text(text):
         words, byte_start, byte_end = whitespace.tokenize_with_offsets(text)
-        start, end = token_serving.char_offsets(text, byte_start, byte_end)
+        start, end = inputs.char_offsets(text, byte_start, byte_end)
         return tag(words, start, end)
 
     def serve_words(words):
