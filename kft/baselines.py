@@ -1,10 +1,13 @@
-"""The two recipes `kft.bench` measures kft against, run on kft's data, backbone and flags.
+"""The recipes `kft.bench` measures kft against, run on kft's data, backbone and flags.
 
 - keras-hub: `TextClassifier.from_preset` with its default preprocessor and `compile`, `fit` on a
   dataset of raw strings, as keras-hub's documentation shows it (every text padded to the
   preprocessor's fixed length, tokenized again every epoch).
 - Hugging Face Trainer: the same checkpoint in PyTorch, `DataCollatorWithPadding` (dynamic
   padding), run when `torch` and `transformers` are importable (`pip install -e .[bench]`).
+- For --task=question_answering, the Hugging Face `run_qa` recipe instead:
+  `AutoModelForQuestionAnswering` + Trainer on windows padded to --sequence_length (384), n-best
+  span decoding, scored by kft's SQuAD scorer.
 
 Each returns the same row dictionary as kft's own row: seconds per phase, examples, real token
 length sums (for FLOPs), padded positions computed, dev accuracy, peak memory.
@@ -189,6 +192,208 @@ def hf_trainer(config: Config, started: float) -> dict:
         "padded_tokens": float(padded),
         "dev_accuracy": float(np.mean(np.asarray(logits).argmax(-1) == eval_y)),
         "torch_matmul_rate": rate,
+        "software": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "torch_threads": torch.get_num_threads()},
+    }
+
+
+# -- extractive question answering: the Hugging Face `run_qa` recipe ---------------------------------
+
+QA_LABEL = "Hugging Face run_qa (Trainer)"
+
+
+@dataclasses.dataclass
+class Span:
+    """The best answer span of one question: its score, window, tokens and characters."""
+
+    score: float
+    window: int
+    start: int  # token index in the window
+    end: int  # inclusive
+    char_start: int
+    char_end: int  # exclusive
+
+
+def _best_span(start_logits, end_logits, offsets, context_mask, n_best: int = 20,
+               max_answer_length: int = 30) -> Span | None:
+    """run_qa's decoding of one question over all of its windows.
+
+    `start_logits`, `end_logits`, `context_mask`: [windows, positions] (the mask is True on the
+    tokens of the context); `offsets`: [windows, positions, 2] character (start, end) of each token.
+    In each window the `n_best` highest start and end logits are paired; a pair counts when both
+    tokens are in the context, end >= start and it spans at most `max_answer_length` tokens; its
+    score is start + end logit. The best pair over all windows wins (the first window on a tie);
+    None when no window has a valid pair.
+    """
+    start_logits, end_logits = np.atleast_2d(start_logits), np.atleast_2d(end_logits)
+    context_mask = np.atleast_2d(np.asarray(context_mask, bool))
+    offsets = np.asarray(offsets)
+    if offsets.ndim == 2:
+        offsets = offsets[None]
+    best = None
+    for w in range(start_logits.shape[0]):
+        # highest first; a stable sort keeps the lower index first among equal logits
+        starts = np.argsort(-start_logits[w], kind="stable")[:n_best]
+        ends = np.argsort(-end_logits[w], kind="stable")[:n_best]
+        s, e = starts[:, None], ends[None, :]
+        valid = (context_mask[w][s] & context_mask[w][e] & (e >= s) & (e - s + 1 <= max_answer_length))
+        if not valid.any():
+            continue
+        scores = np.where(valid, start_logits[w][s] + end_logits[w][e], -np.inf)
+        i, j = np.unravel_index(np.argmax(scores), scores.shape)  # start-major order, as run_qa's loops
+        if best is None or scores[i, j] > best.score:
+            a, b = int(starts[i]), int(ends[j])
+            best = Span(float(scores[i, j]), w, a, b, int(offsets[w][a][0]), int(offsets[w][b][1]))
+    return best
+
+
+def _qa_features(tokenizer, questions, max_length: int, stride: int) -> tuple[dict, np.ndarray, np.ndarray,
+                                                                             np.ndarray]:
+    """run_qa's windows: (model inputs, question index, offsets, context mask) per window."""
+    enc = tokenizer([q.question.lstrip() for q in questions.items], [q.context for q in questions.items],
+                    truncation="only_second", max_length=max_length, stride=stride,
+                    return_overflowing_tokens=True, return_offsets_mapping=True, padding="max_length")
+    question_of = np.asarray(enc["overflow_to_sample_mapping"], np.int64)
+    offsets = np.asarray(enc["offset_mapping"], np.int64)
+    context = np.asarray([[s == 1 for s in enc.sequence_ids(i)] for i in range(len(question_of))], bool)
+    names = [k for k in enc.keys() if k not in ("overflow_to_sample_mapping", "offset_mapping")]
+    return {k: np.asarray(enc[k], np.int64) for k in names}, question_of, offsets, context
+
+
+def _qa_labels(questions, question_of, offsets, context, input_ids,
+               cls_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end token of each window's answer (the question's first), or the CLS token when the
+    window does not contain the whole answer or the question has none (as run_qa labels them)."""
+    starts, ends = np.zeros(len(question_of), np.int64), np.zeros(len(question_of), np.int64)
+    for i, q in enumerate(question_of):
+        ids = input_ids[i]
+        cls = int(np.flatnonzero(ids == cls_id)[0]) if (ids == cls_id).any() else 0
+        starts[i] = ends[i] = cls
+        answers = questions.items[q].answers
+        tokens = np.flatnonzero(context[i])
+        if not answers or not len(tokens):
+            continue
+        text, start_char = answers[0]
+        end_char = start_char + len(text)
+        if not (offsets[i, tokens[0], 0] <= start_char and offsets[i, tokens[-1], 1] >= end_char):
+            continue
+        starts[i] = tokens[offsets[i, tokens, 0] <= start_char][-1]
+        ends[i] = tokens[offsets[i, tokens, 1] >= end_char][0]
+    return starts, ends
+
+
+def _qa_predictions(questions, question_of, offsets, context, start_logits, end_logits, n_best: int,
+                    max_answer_length: int, null_threshold: float | None) -> dict[str, str]:
+    """Each question's answer text from its windows' logits; with `null_threshold` (SQuAD 2.0) the
+    empty answer when the lowest window null score (start + end logit at position 0) beats the best
+    span's score by more than it, as run_qa decides."""
+    windows: dict[int, list[int]] = {}
+    for i, q in enumerate(question_of):
+        windows.setdefault(int(q), []).append(i)
+    predictions = {}
+    for q, rows in windows.items():
+        question = questions.items[q]
+        span = _best_span(start_logits[rows], end_logits[rows], offsets[rows], context[rows], n_best,
+                          max_answer_length)
+        text = question.context[span.char_start:span.char_end] if span is not None else ""
+        if null_threshold is not None:
+            null = float(np.min(start_logits[rows, 0] + end_logits[rows, 0]))
+            if span is None or null - span.score > null_threshold:
+                text = ""
+        predictions[question.id] = text
+    return predictions
+
+
+def hf_question_answering(config: Config, started: float) -> dict:
+    """The Hugging Face `run_qa` recipe (AutoModelForQuestionAnswering + Trainer, windows padded to
+    max_length, n-best span decoding) on kft's backbone folder, data and hyperparameters."""
+    import torch
+    import transformers
+    from transformers import (AutoModelForQuestionAnswering, AutoTokenizer, Trainer, TrainingArguments,
+                              default_data_collator)
+
+    from kft import backbones, optim
+    from kft.tasks.question_answering import data as qa_data, scoring
+
+    precision = hf_precision(config.precision)
+    location, kind = backbones.resolve(config.backbone)
+    if kind not in ("bundled", "hf_folder"):
+        raise ValueError(f"the Hugging Face row needs a Hugging Face folder as --backbone, not {location}")
+    transformers.set_seed(config.seed)
+    train_q = qa_data.read_file(config.train_file, "train", "--train_file",
+                                config.fix_answer_offsets).head(config.max_train_examples)
+    eval_q = qa_data.read_file(config.eval_file, "eval", "--eval_file",
+                               config.fix_answer_offsets).head(config.max_eval_examples)
+    tokenizer = AutoTokenizer.from_pretrained(location, use_fast=True)
+    if not tokenizer.is_fast:
+        raise ValueError(f"{location}: run_qa needs a fast tokenizer (offsets), this one is not")
+    model = AutoModelForQuestionAnswering.from_pretrained(location)
+    rate = perf.torch_matmul_rate()
+    # kft's windows: --sequence_length, else 384 (run_qa's default) or the backbone's limit if shorter
+    max_length = config.sequence_length or min(384, int(model.config.max_position_embeddings))
+    stride = config.doc_stride
+    setup = time.time() - started
+
+    t0 = time.time()
+    train_enc, train_of, train_offsets, train_context = _qa_features(tokenizer, train_q, max_length, stride)
+    train_enc["start_positions"], train_enc["end_positions"] = _qa_labels(
+        train_q, train_of, train_offsets, train_context, train_enc["input_ids"], tokenizer.cls_token_id)
+    eval_enc, eval_of, eval_offsets, eval_context = _qa_features(tokenizer, eval_q, max_length, stride)
+    tokenize_seconds = time.time() - t0
+
+    def rows(enc):
+        return [{k: v[i] for k, v in enc.items()} for i in range(len(enc["input_ids"]))]
+
+    train_rows, eval_rows = rows(train_enc), rows(eval_enc)
+    windows = len(train_rows)
+    total_steps = -(-windows // config.batch_size) * config.epochs
+    learning_rate = optim.peak_learning_rate(config)[0]  # the rate kft's row trains with
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=config.batch_size,
+            per_device_eval_batch_size=config.batch_size, learning_rate=learning_rate,
+            num_train_epochs=config.epochs, weight_decay=config.weight_decay,
+            # = warmup_ratio (transformers 5 takes the ratio as warmup_steps < 1; this works in 4 and 5)
+            warmup_steps=int(round(config.warmup_ratio * total_steps)), lr_scheduler_type="linear",
+            max_grad_norm=config.clipnorm or 1e9, seed=config.seed, save_strategy="no",
+            eval_strategy="no", report_to=[], logging_steps=max(1, total_steps // 10), use_cpu=True,
+            disable_tqdm=True, **precision)
+        trainer = Trainer(model=model, args=args, train_dataset=train_rows,
+                          data_collator=default_data_collator)
+        t0 = time.time()
+        trainer.train()
+        train_seconds = time.time() - t0
+        t0 = time.time()
+        start_logits, end_logits = trainer.predict(eval_rows).predictions[:2]
+        version_2 = train_q.unanswerable > 0  # null answers as kft decides them: trained on unanswerables
+        predictions = _qa_predictions(eval_q, eval_of, eval_offsets, eval_context, np.asarray(start_logits),
+                                      np.asarray(end_logits), config.n_best, config.max_answer_length,
+                                      config.null_score_threshold if version_2 else None)
+        scores = scoring.report(predictions, eval_q)
+        eval_seconds = time.time() - t0
+    lengths = train_enc["attention_mask"].sum(axis=1)
+    padded = float(windows * max_length * config.epochs)  # every window padded to max_length
+    real = float(lengths.sum()) * config.epochs
+    return {
+        "label": QA_LABEL,
+        "status": "full",
+        "note": f"{config.precision}; PyTorch, run_qa's windows ({max_length} tokens, stride {stride}, "
+                f"padded to {max_length}), n-best {config.n_best} span decoding"
+                + ("; SQuAD 2.0 null answers" if version_2 else ""),
+        "seconds": {"setup": setup, "tokenize": tokenize_seconds, "train": train_seconds,
+                    "eval": eval_seconds},
+        "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+        "steps_run": total_steps, "steps_full": total_steps, "learning_rate": learning_rate,
+        "questions": {"train": len(train_q), "eval": len(eval_q)},
+        "windows": windows, "eval_windows": len(eval_rows), "sequence_length": max_length,
+        "train_examples": windows * config.epochs,  # windows trained on, all epochs
+        "windows_per_second": windows * config.epochs / train_seconds,
+        **_lengths_row(lengths, config.epochs),
+        "padded_tokens": padded, "padding_share": 1.0 - real / padded,
+        "exact_match": float(scores["exact_match"]), "f1": float(scores["f1"]), "dev_accuracy": None,
+        "scores": scores,
+        "torch_matmul_rate": rate,
+        "peak_rss_bytes": perf.peak_rss_bytes(),
         "software": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "torch_threads": torch.get_num_threads()},
     }

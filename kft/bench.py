@@ -2,7 +2,9 @@
 
 Training mode runs kft's training path, keras-hub's documented recipe and the Hugging Face
 Trainer on the same data and flags, each in a fresh process, then measures serving of kft's
-export; it prints a table and writes bench.json and bench.png to --bench_dir. Serve mode measures
+export; it prints a table and writes bench.json and bench.png to --bench_dir. With
+--task=question_answering (`--flagfile=flags/bench_squad.cfg`) the rows are kft and the Hugging
+Face `run_qa` recipe, scored by SQuAD exact match and F1. Serve mode measures
 an existing export (--saved_model) alone. All kft.train flags apply.
 """
 
@@ -32,7 +34,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_enum("mode", "train", ["train", "serve", "row"],
                       "train: all rows then serving; serve: --saved_model only; row: one row (internal).",
                       flag_values=fv)
-    flags.DEFINE_list("rows", ["kft", "keras_hub", "hf_trainer"], "Training rows to run, in this order.",
+    flags.DEFINE_list("rows", ["kft", "keras_hub", "hf_trainer"], "Training rows to run, in this order "
+                      "(--task=question_answering: kft, hf_trainer).",
                       flag_values=fv)
     flags.DEFINE_integer("baseline_max_steps", 40, "keras-hub recipe: train at most N steps, report the "
                          "time a full run implies; 0 = all.", flag_values=fv)
@@ -59,8 +62,12 @@ def main(argv):
     unknown = set(FLAGS.rows) - set(benchmark.ROWS)
     if unknown:
         raise app.UsageError(f"--rows: unknown {sorted(unknown)}; choose from {list(benchmark.ROWS)}")
+    try:
+        rows = benchmark.choose_rows(config.task, list(FLAGS.rows), FLAGS["rows"].present)
+    except config_lib.FlagError as e:
+        raise app.UsageError(str(e)) from None
     passed = [a for a in sys.argv[1:] if not a.startswith(("--mode=", "--row=", "--row_output="))]
-    options = benchmark.Options(list(FLAGS.rows), FLAGS.baseline_max_steps, os.path.abspath(FLAGS.bench_dir),
+    options = benchmark.Options(rows, FLAGS.baseline_max_steps, os.path.abspath(FLAGS.bench_dir),
                                 FLAGS.saved_model, FLAGS.serve_requests, passed)
     if FLAGS.mode == "row":
         result = benchmark.run_row(FLAGS.row, config, options, STARTED)

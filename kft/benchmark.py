@@ -5,6 +5,9 @@ PyTorch never share threads), one after the other on the same data, backbone, ba
 learning rate, epochs and seed; ratios between rows are computed from the same invocation so
 that machine noise largely cancels. A "machine" process first measures the fp32 matmul rate
 that compute efficiency is relative to.
+
+For --task=question_answering the rows are kft and the Hugging Face `run_qa` recipe (keras-hub has
+no documented recipe for it), scored by SQuAD exact match and F1, and no serving is measured.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ import time
 import numpy as np
 
 from kft import baselines, perf
-from kft.config import Config
+from kft.config import Config, FlagError
 
 ROWS = ("kft", "keras_hub", "hf_trainer")
 LABELS = {"kft": "kft", "keras_hub": "keras-hub TextClassifier.fit", "hf_trainer": "Hugging Face Trainer"}
 SERVE_MAX_WORDS = 30  # batch-1 latency is measured on texts of at most this many words
+QA = "question_answering"
+QA_ROWS = ("kft", "hf_trainer")
 TARGETS = {"kft_over_hf_train_time": 0.5, "kft_over_keras_hub_train_time": 0.1,
            "accuracy_points_below_hf": 0.5, "kft_compute_efficiency": 0.6, "serve_p50_ms_batch_1": 15.0}
 
@@ -40,6 +45,25 @@ class Options:
     argv: list  # the command line, handed on to each row's process
 
 
+def choose_rows(task: str, requested: list, explicit: bool) -> list:
+    """The training rows to run: --rows, except that --task=question_answering has no keras_hub row
+    (dropped from the default, refused when asked for)."""
+    if task != QA:
+        return list(requested)
+    refused = [r for r in requested if r not in QA_ROWS]
+    if refused and explicit:
+        raise FlagError(f"--rows={','.join(requested)}: --task={QA} has no {', '.join(refused)} row "
+                        "(keras-hub documents no question-answering fine-tuning recipe); choose from "
+                        f"{', '.join(QA_ROWS)}")
+    return [r for r in requested if r in QA_ROWS]
+
+
+def label(name: str, task: str) -> str:
+    if task == QA and name == "hf_trainer":
+        return baselines.QA_LABEL
+    return LABELS.get(name, name)
+
+
 # -- rows (each runs in its own process: python -m kft.bench --mode=row --row=NAME) ------------------
 
 def machine_row(config: Config, options: Options, started: float) -> dict:
@@ -47,7 +71,15 @@ def machine_row(config: Config, options: Options, started: float) -> dict:
     from kft import backbones, tasks
 
     loaded = backbones.load(config.backbone)
-    model = tasks.get(config.task).build_model(loaded.backbone, 2, 0.0, config.pooling)
+    hidden = int(loaded.backbone.hidden_dim)
+    if config.task == QA:  # the encoder without its pooler, plus the span head (hidden -> start, end)
+        model = loaded.backbone
+        change = 2 * hidden + 2 - int(sum(np.prod(w.shape) for w in model.weights
+                                          if w.path.startswith("pooled_dense")))
+    else:
+        model = tasks.get(config.task).build_model(loaded.backbone, 2, 0.0, config.pooling)
+        change = 0
+    parameters = perf.non_embedding_parameters(model) + change
     cpu = ""
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
@@ -56,9 +88,8 @@ def machine_row(config: Config, options: Options, started: float) -> dict:
     compute_rate = {} if dtype == "float32" else {
         "compute_dtype": dtype, "compute_dtype_matmul_rate": perf.tensorflow_matmul_rate(dtype=dtype)}
     return {"tensorflow_matmul_rate": perf.tensorflow_matmul_rate(), **compute_rate,
-            "non_embedding_parameters": perf.non_embedding_parameters(model),
-            "layers": loaded.num_layers, "hidden": int(loaded.backbone.hidden_dim),
-            "total_parameters": int(model.count_params()),
+            "non_embedding_parameters": parameters, "layers": loaded.num_layers, "hidden": hidden,
+            "total_parameters": int(model.count_params()) + change,
             "cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version()}
 
 
@@ -71,7 +102,8 @@ def kft_row(config: Config, options: Options, started: float) -> dict:
 
     model_dir = os.path.join(options.bench_dir, "kft_run")
     shutil.rmtree(model_dir, ignore_errors=True)  # a cold run: no checkpoint, no token cache
-    config = dataclasses.replace(config, model_dir=model_dir, run_name="bench", export=True,
+    qa = config.task == QA  # no serving measurement for question answering: no export needed
+    config = dataclasses.replace(config, model_dir=model_dir, run_name="bench", export=not qa,
                                  export_dir=os.path.join(options.bench_dir, "export"))
     trained = trainer.fit_model(config, model_dir)
     m, t = trained.metrics, trained.metrics["training"]
@@ -82,17 +114,31 @@ def kft_row(config: Config, options: Options, started: float) -> dict:
     seconds["setup"] = time.time() - started - sum(seconds.values()) - t.get("export_seconds", 0.0)
     epochs = t["epochs_run"]
     lengths = trained.train_lengths.astype(np.float64)
-    floor = _training_floor(trained, config, t)
+    floor = None if qa else _training_floor(trained, config, t)  # not measured for question answering
+    if qa:
+        windows = len(lengths)
+        answers = {"train_examples": windows * epochs, "windows": windows,
+                   "windows_per_second": windows * epochs / train,
+                   "questions": {k: v.get("questions", v.get("examples")) for k, v in m["data"].items()
+                                 if isinstance(v, dict) and k in ("train", "eval")},
+                   "padding_share": 1.0 - float(lengths.sum()) * epochs / max(float(trained.padded_tokens),
+                                                                              1.0),
+                   "exact_match": float(m["eval"]["exact_match"]), "f1": float(m["eval"]["f1"]),
+                   "dev_accuracy": None}
+    else:
+        answers = {"train_examples": m["data"]["train"]["examples"] * epochs,
+                   "dev_accuracy": m["eval"]["accuracy"]}
     return {
         "label": LABELS["kft"], "status": "full",
         "note": f"{config.precision}; length-grouped batches padded per batch, token ids computed once; "
-                "checkpoints included in train time",
+                "checkpoints included in train time"
+                + (f"; windows of {m['sequence_length']} word pieces, stride {config.doc_stride}"
+                   if qa else ""),
         "seconds": seconds, "export_seconds": t.get("export_seconds"),
         "checkpoint_seconds": split["checkpoints"], "steps_run": t["steps"], "steps_full": t["steps"],
-        "train_examples": m["data"]["train"]["examples"] * epochs,
         "real_tokens": float(lengths.sum()) * epochs,
         "real_tokens_squared": float((lengths ** 2).sum()) * epochs,
-        "padded_tokens": float(trained.padded_tokens), "dev_accuracy": m["eval"]["accuracy"],
+        "padded_tokens": float(trained.padded_tokens), **answers,
         "train_function_traces": t["train_function_traces"], "num_buckets": config.num_buckets,
         "sequence_length": m["sequence_length"], "export": m.get("export"),
         "first_call_seconds": t["first_call_seconds"], "precision": config.precision, "floor": floor,
@@ -124,6 +170,8 @@ def keras_hub_row(config: Config, options: Options, started: float) -> dict:
 
 
 def hf_trainer_row(config: Config, options: Options, started: float) -> dict:
+    if config.task == QA:
+        return baselines.hf_question_answering(config, started)
     return baselines.hf_trainer(config, started)
 
 
@@ -203,7 +251,7 @@ def run_row(name: str, config: Config, options: Options, started: float) -> dict
 
 # -- the orchestrating process --------------------------------------------------------------------
 
-def _child(name: str, options: Options, extra: tuple = ()) -> dict:
+def _child(name: str, options: Options, extra: tuple = (), row_label: str = "") -> dict:
     """Runs one row in a fresh interpreter; a failure becomes a row that says so."""
     out = os.path.join(options.bench_dir, f"{name}.json")
     log = os.path.join(options.bench_dir, f"{name}.log")
@@ -216,7 +264,7 @@ def _child(name: str, options: Options, extra: tuple = ()) -> dict:
     if status != 0 or not os.path.exists(out):
         with open(log) as f:
             lines = [line.strip() for line in f if line.strip()]
-        return {"label": LABELS.get(name, name), "status": "failed",
+        return {"label": row_label or LABELS.get(name, name), "status": "failed",
                 "note": f"exit status {status}: {lines[-1] if lines else ''} (see {log})"}
     with open(out) as f:
         result = json.load(f)
@@ -249,6 +297,9 @@ def summarize(machine: dict, rows: dict, serve: dict | None, config: Config) -> 
                 row["efficiency_ceiling_in_compute_dtype"] = row["efficiency_ceiling"] * peak / dtype_peak
         # token counts are the full run's, also for subset rows (whose times are implied)
         row["padding_overhead"] = row["padded_tokens"] / row["real_tokens"] - 1.0
+        if config.task == QA:  # examples are windows; padding as the share of positions computed
+            row["windows_per_second"] = row["examples_per_second"]
+            row["padding_share"] = 1.0 - row["real_tokens"] / row["padded_tokens"]
         row["seconds"]["total"] = sum(s[k] for k in ("setup", "tokenize", "train", "eval"))
     ratios = {}
     kft = rows.get("kft", {})
@@ -259,6 +310,9 @@ def summarize(machine: dict, rows: dict, serve: dict | None, config: Config) -> 
     hf = rows.get("hf_trainer", {})
     if kft.get("dev_accuracy") is not None and hf.get("dev_accuracy") is not None:
         ratios["accuracy_points_below_hf"] = 100.0 * (hf["dev_accuracy"] - kft["dev_accuracy"])
+    for measure in ("exact_match", "f1"):  # question answering, in percent already
+        if kft.get(measure) is not None and hf.get(measure) is not None:
+            ratios[f"{measure}_points_below_hf"] = hf[measure] - kft[measure]
     if "compute_efficiency" in kft:
         ratios["kft_compute_efficiency"] = kft["compute_efficiency"]
     if serve and "batch_1" in serve:
@@ -275,6 +329,8 @@ def _fmt(value, spec: str, none: str = "n/a") -> str:
 
 def table(report: dict) -> str:
     """The report as a fixed-width text table (subset rows' implied numbers marked with *)."""
+    if report["config"].get("task") == QA:
+        return _qa_table(report)
     head = ("system", "status", "setup s", "tokenize s", "train s", "eval s", "ex/s", "real tok/s",
             "padding", "efficiency", "peak RSS", "dev acc")
     lines = []
@@ -288,9 +344,7 @@ def table(report: dict) -> str:
                       f"{row['examples_per_second']:.1f}", f"{row['real_tokens_per_second']:.0f}",
                       f"{100 * row['padding_overhead']:.0f}%", f"{100 * row['compute_efficiency']:.1f}%",
                       f"{row['peak_rss_bytes'] / 1e9:.2f} GB", _fmt(row.get("dev_accuracy"), ".4f")))
-    widths = [max(len(str(x[i])) for x in [head] + lines) for i in range(len(head))]
-    out = ["  ".join(str(x[i]).ljust(widths[i]) for i in range(len(head))) for x in [head] + lines]
-    out.insert(1, "  ".join("-" * w for w in widths))
+    out = _columns(head, lines)
     m = report["machine"]
     out.append(f"fp32 matmul rate (TensorFlow, best square matmul): "
                f"{m['tensorflow_matmul_rate']['flops_per_second'] / 1e9:.0f} GFLOP/s on {m['cpus']} CPUs "
@@ -313,9 +367,7 @@ def table(report: dict) -> str:
                        f"fused Adam {floor['adam_seconds']:.1f} s, all else zero: efficiency at most "
                        f"{100 * row['efficiency_ceiling']:.1f}% of the fp32 rate{other}; the first call "
                        f"(tracing) took {row.get('first_call_seconds') or 0:.1f} s")
-    for k, v in report["targets"].items():
-        out.append(f"target {k}: {v['value']:.3f} (target {'>=' if k == 'kft_compute_efficiency' else '<='} "
-                   f"{v['target']}) {'met' if v['met'] else 'NOT met'}")
+    out.extend(_target_lines(report))
     serve = report.get("serve")
     if serve and "batch_1" in serve:
         out.append(f"serving_default ({serve['texts']}): batch 1 p50 {serve['batch_1']['p50_ms']:.1f} ms, "
@@ -326,15 +378,75 @@ def table(report: dict) -> str:
     return "\n".join(out)
 
 
+def _target_lines(report: dict) -> list[str]:
+    out = []
+    for k, v in report["targets"].items():
+        out.append(f"target {k}: {v['value']:.3f} (target {'>=' if k == 'kft_compute_efficiency' else '<='} "
+                   f"{v['target']}) {'met' if v['met'] else 'NOT met'}")
+    return out
+
+
+def _columns(head: tuple, lines: list) -> list[str]:
+    widths = [max(len(str(x[i])) for x in [head] + lines) for i in range(len(head))]
+    out = ["  ".join(str(x[i]).ljust(widths[i]) for i in range(len(head))) for x in [head] + lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return out
+
+
+def _qa_table(report: dict) -> str:
+    """Question answering: SQuAD exact match and F1 in place of accuracy, windows in place of
+    examples, padding as the share of positions computed; no floor or serving."""
+    head = ("system", "status", "setup s", "tokenize s", "train s", "eval s", "windows/s", "real tok/s",
+            "padding", "efficiency", "peak RSS", "dev EM", "dev F1")
+    lines = []
+    for row in report["rows"].values():
+        if "seconds" not in row:
+            lines.append((row["label"], row["status"]) + ("",) * (len(head) - 2))
+            continue
+        s = row["seconds"]
+        lines.append((row["label"], row["status"], f"{s['setup']:.1f}", f"{s['tokenize']:.1f}",
+                      f"{s['train']:.1f}", f"{s['eval']:.1f}", f"{row['windows_per_second']:.1f}",
+                      f"{row['real_tokens_per_second']:.0f}", f"{100 * row['padding_share']:.0f}%",
+                      f"{100 * row['compute_efficiency']:.1f}%", f"{row['peak_rss_bytes'] / 1e9:.2f} GB",
+                      _fmt(row.get("exact_match"), ".2f"), _fmt(row.get("f1"), ".2f")))
+    out = _columns(head, lines)
+    m = report["machine"]
+    out.append(f"fp32 matmul rate (TensorFlow, best square matmul): "
+               f"{m['tensorflow_matmul_rate']['flops_per_second'] / 1e9:.0f} GFLOP/s on {m['cpus']} CPUs "
+               f"({m['cpu']}); efficiency = model FLOPs on real tokens / train time / that rate; "
+               "padding = padded positions / all positions trained on")
+    for row in report["rows"].values():
+        questions = row.get("questions")
+        about = (f" [{questions.get('train')} train / {questions.get('eval')} eval questions, "
+                 f"{row.get('windows')} train windows]" if isinstance(questions, dict) else "")
+        out.append(f"  {row['label']}: {row.get('note', '')}{about}")
+    ratios = report["ratios"]
+    out.append("kft train time / Hugging Face train time: "
+               f"{_fmt(ratios.get('kft_over_hf_train_time'), '.3f')}; "
+               f"EM points below HF: {_fmt(ratios.get('exact_match_points_below_hf'), '+.2f')}, "
+               f"F1 points below HF: {_fmt(ratios.get('f1_points_below_hf'), '+.2f')}")
+    out.extend(_target_lines(report))
+    out.append("training floor: n/a for question answering; serving: not measured for question answering")
+    return "\n".join(out)
+
+
 def chart(report: dict, path: str) -> None:
     from kft import plots
 
     rows = [r for r in report["rows"].values() if "seconds" in r]
     labels = [r["label"] + (" (implied)" if r["status"] == "subset" else "") for r in rows]
-    panels = [("training time, s (lower is better)", [r["seconds"]["train"] for r in rows]),
-              ("training examples/s", [r["examples_per_second"] for r in rows]),
-              ("compute efficiency, % of fp32 matmul rate", [100 * r["compute_efficiency"] for r in rows]),
-              ("dev accuracy", [r.get("dev_accuracy") for r in rows])]
+    if report["config"].get("task") == QA:
+        panels = [("training time, s (lower is better)", [r["seconds"]["train"] for r in rows]),
+                  ("training windows/s", [r["windows_per_second"] for r in rows]),
+                  ("peak memory, GB", [r["peak_rss_bytes"] / 1e9 for r in rows]),
+                  ("dev exact match, %", [r.get("exact_match") for r in rows]),
+                  ("dev F1, %", [r.get("f1") for r in rows])]
+    else:
+        panels = [("training time, s (lower is better)", [r["seconds"]["train"] for r in rows]),
+                  ("training examples/s", [r["examples_per_second"] for r in rows]),
+                  ("compute efficiency, % of fp32 matmul rate",
+                   [100 * r["compute_efficiency"] for r in rows]),
+                  ("dev accuracy", [r.get("dev_accuracy") for r in rows])]
     plots.benchmark_bars(labels, panels, [r["status"] == "subset" for r in rows], path,
                          f"{report['config']['train_file'] or report['config']['dataset']}, batch "
                          f"{report['config']['batch_size']}, {report['config']['epochs']} epoch(s)")
@@ -349,11 +461,11 @@ def run_training(config: Config, options: Options) -> dict:
     rows = {}
     for name in options.rows:
         if name == "hf_trainer" and not baselines.hf_trainer_available():
-            rows[name] = {"label": LABELS[name], "status": "not run",
+            rows[name] = {"label": label(name, config.task), "status": "not run",
                           "note": "torch, transformers or accelerate is not installed "
                                   "(pip install -e '.[bench]')"}
             continue
-        rows[name] = _child(name, options)
+        rows[name] = _child(name, options, row_label=label(name, config.task))
     serve = None
     if rows.get("kft", {}).get("export"):
         serve = _child("serve", options, (f"--saved_model={rows['kft']['export']}",))

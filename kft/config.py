@@ -35,8 +35,9 @@ class Config:
     """Everything that defines a fine-tuning run."""
 
     # Task and tuning method: new tasks and methods are sibling modules selected here.
-    task: str = _field("classification", "What to fine-tune for: a label per text, a tag per word, or a "
-                       "decoder LLM's completions.", ("classification", "token_classification", "causal_lm"))
+    task: str = _field("classification", "What to fine-tune for: a label per text, a tag per word, an answer span in a "
+                       "context, or a decoder LLM's completions.",
+                       ("classification", "token_classification", "question_answering", "causal_lm"))
     method: str = _field("full", "How the backbone is tuned; a nonzero --freeze_layers selects freeze.",
                          ("full", "freeze", "lora", "prompt", "prefix", "bitfit"))
     adapter: str = _field("", "Start from this adapter.safetensors (a run's trainable part; same backbone "
@@ -62,6 +63,20 @@ class Config:
     max_train_examples_per_class: int = _field(0, "Few-shot: keep K training examples per class (seeded "
                                                "stratified sample; 0 = all).")
     max_eval_examples: int = _field(0, "Use only the first N evaluation examples (0 = all).")
+
+    # Extractive question answering (--task=question_answering).
+    doc_stride: int = _field(128, "Question answering: word pieces shared by consecutive windows of a context "
+                             "longer than one window (--sequence_length, default 384).")
+    max_query_length: int = _field(64, "Question answering: word pieces kept of a question (its start; cuts "
+                                   "are counted).")
+    n_best: int = _field(20, "Question answering: start and end candidates per window when decoding.")
+    max_answer_length: int = _field(30, "Question answering: longest answer, in word pieces.")
+    null_score_threshold: float = _field(0.0, "Question answering with unanswerable questions (SQuAD "
+                                         "2.0): answer nothing when the null score beats the best span's "
+                                         "by more than this.")
+    fix_answer_offsets: bool = _field(False, "Question answering: an answer_start that does not point at "
+                                      "the answer text is repaired by searching the context (counted) "
+                                      "instead of failing.")
 
     # Decoder LLMs (--task=causal_lm).
     prompt_field: str = _field("prompt", "Key holding the prompt in prompt/completion JSONL records.")
@@ -148,6 +163,8 @@ GROUPS = {
     "classification": ["label_field", "label_names", "num_classes", "max_train_examples_per_class",
                        "pooling", "class_weights"],
     "token classification": ["tag_column", "stride", "crf"],
+    "question answering": ["doc_stride", "max_query_length", "n_best", "max_answer_length",
+                           "null_score_threshold", "fix_answer_offsets"],
     "decoder LLMs (causal_lm)": ["prompt_field", "completion_field", "messages_field", "prompt_template",
                                  "chat_template", "train_on_prompt", "max_new_tokens",
                                  "max_generate_examples", "cache_dir"],
@@ -167,7 +184,8 @@ TASK_ONLY = {
     "label_field": ("classification",), "label_names": ("classification",),
     "num_classes": ("classification",), "max_train_examples_per_class": ("classification",),
     "pooling": ("classification",), "class_weights": ("classification", "token_classification"),
-    "dropout": ("classification", "token_classification"),
+    "dropout": ("classification", "token_classification", "question_answering"),
+    **{name: ("question_answering",) for name in GROUPS["question answering"]},
     "tag_column": ("token_classification",), "stride": ("token_classification",),
     "crf": ("token_classification",),
     **{name: ("causal_lm",) for name in GROUPS["decoder LLMs (causal_lm)"] if name != "cache_dir"},

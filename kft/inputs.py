@@ -10,6 +10,7 @@ padded only to its own longest example (or to its bucket's edge when shapes must
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import tensorflow as tf
@@ -35,6 +36,7 @@ class Encoded:
         return int(self.lengths.shape[0])
 
 
+@functools.lru_cache(maxsize=8)  # one traced function per tokenizer, however many calls
 def _graph_tokenizer(tokenizer):
     """The tokenizer as a graph function: returns ragged ids (eager calls would give Python lists)."""
     if _needs_eager(tokenizer):

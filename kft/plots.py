@@ -99,3 +99,19 @@ def per_type_scores(per_type: dict, path: str, title: str = "") -> None:
     ax.legend(loc="lower right")
     fig.tight_layout()
     _save(fig, path)
+
+
+def f1_by_context_length(rows: list[dict], path: str, title: str = "") -> None:
+    """Bars of F1 and exact match per context-length bin (question answering)."""
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(rows) + 1.5), 3.6))
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r["f1"] for r in rows], width=0.4, label="F1")
+    ax.bar(x + 0.2, [r["exact_match"] for r in rows], width=0.4, label="exact match")
+    ax.set_xticks(x, [f"{r['words_from']}-{r['words_to']}\n({r['questions']})" for r in rows])
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("context length in words (questions)")
+    ax.set_ylabel("score")
+    ax.set_title(title or "F1 by context length")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    _save(fig, path)

@@ -31,7 +31,7 @@ def _fail(error: Exception, status: int, prefix: str = "error") -> int:
 # What the final JSON line reports per split: classification, token-classification, then decoder scores.
 SUMMARY = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "entity_precision", "entity_recall",
            "entity_f1", "token_accuracy", "loss", "perplexity", "rouge1", "rouge2", "rougeL", "bleu",
-           "exact_match")
+           "exact_match", "f1")
 
 
 def main(argv):

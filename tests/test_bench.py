@@ -148,3 +148,116 @@ def test_serve_mode_without_an_export_says_which_flag_is_missing(tmp_path):
 def test_an_unknown_row_is_refused():
     done = run_python(["-m", "kft.bench", "--rows=kft,trainer"], timeout=120)
     assert done.returncode != 0 and "unknown ['trainer']" in done.stderr
+
+
+def _qa_window(start, end, context):
+    """One window's logits (start, end at the given tokens = 5.0, else 0) and its tokens' offsets."""
+    n = len(context)
+    s, e = np.zeros(n), np.zeros(n)
+    for i, v in start.items():
+        s[i] = v
+    for i, v in end.items():
+        e[i] = v
+    offsets = np.array([[10 * i, 10 * i + 5] for i in range(n)])
+    return s, e, offsets, np.asarray(context, bool)
+
+
+def test_the_hf_qa_decoding_never_picks_end_before_start_nor_outside_the_context():
+    ctx = [False, False, False, True, True, True, True, False]  # [CLS] q q | c c c c | [SEP]
+    # the highest start (6) lies after the highest end (4); the question tokens score higher still
+    s, e, offsets, mask = _qa_window({1: 9.0, 6: 5.0, 3: 1.0}, {2: 9.0, 4: 5.0, 6: 2.0}, ctx)
+    span = baselines._best_span(s, e, offsets, mask, n_best=20, max_answer_length=30)
+    assert (span.window, span.start, span.end) == (0, 6, 6)  # 5 + 2 beats start 3 + end 4 (1 + 5)
+    assert (span.char_start, span.char_end) == (60, 65) and span.score == pytest.approx(7.0)
+    s[6] = 0.0  # now start 3 + end 4 is the best valid pair
+    span = baselines._best_span(s, e, offsets, mask, n_best=20, max_answer_length=30)
+    assert (span.start, span.end, span.char_start, span.char_end) == (3, 4, 30, 45)
+    for n_best in (1, 2, 3, 8):
+        span = baselines._best_span(s, e, offsets, mask, n_best=n_best, max_answer_length=30)
+        assert span is None or (span.end >= span.start and mask[span.start] and mask[span.end])
+    # n_best=1: only start 1 and end 2 are candidates, both in the question: no answer
+    assert baselines._best_span(s, e, offsets, mask, n_best=1, max_answer_length=30) is None
+
+
+def test_the_hf_qa_decoding_limits_the_answer_length_and_takes_the_best_window():
+    ctx = [False, True, True, True, True, True, False]
+    s, e, offsets, mask = _qa_window({1: 5.0, 4: 0.2}, {5: 5.0, 4: 0.5}, ctx)
+    long = baselines._best_span(s, e, offsets, mask, n_best=20, max_answer_length=5)
+    assert (long.start, long.end) == (1, 5)  # 5 tokens: allowed
+    short = baselines._best_span(s, e, offsets, mask, n_best=20, max_answer_length=4)
+    assert (short.start, short.end) == (1, 4)  # 1..5 is 5 tokens: 1..4 (5.5) beats 4..5 (5.2)
+    # two windows of one question: the second holds the better pair; its offsets give the characters
+    s2, e2, offsets2, _ = _qa_window({2: 7.0}, {3: 7.0}, ctx)
+    offsets2 = offsets2 + 100
+    span = baselines._best_span(np.stack([s, s2]), np.stack([e, e2]), np.stack([offsets, offsets2]),
+                                np.stack([mask, mask]), n_best=20, max_answer_length=30)
+    assert (span.window, span.start, span.end, span.char_start, span.char_end) == (1, 2, 3, 120, 135)
+    # a tie keeps the first window
+    span = baselines._best_span(np.stack([s2, s2]), np.stack([e2, e2]), np.stack([offsets, offsets2]),
+                                np.stack([mask, mask]), n_best=20, max_answer_length=30)
+    assert span.window == 0
+    # a window whose context is all masked out never answers
+    span = baselines._best_span(np.stack([s2, s]), np.stack([e2, e]), np.stack([offsets, offsets]),
+                                np.stack([np.zeros_like(mask), mask]), n_best=20, max_answer_length=30)
+    assert span.window == 1 and (span.start, span.end) == (1, 5)
+
+
+def test_the_hf_qa_labels_point_at_the_answer_tokens_or_at_cls_outside_the_window():
+    from kft.tasks.question_answering.data import Question, Questions
+
+    context = "aaaa bbbb cccc dddd"  # four words; two windows: words 0-2 and words 2-3
+    questions = Questions("t", "t", [Question("q", "?", context, [("cccc dddd", 10)]),
+                                     Question("n", "?", context, [])])
+    # [CLS] ? [SEP] ctx... [SEP]; offsets of the context tokens, question tokens masked out
+    offsets = np.array([[[0, 0], [0, 1], [0, 0], [0, 4], [5, 9], [10, 14], [0, 0]],
+                        [[0, 0], [0, 1], [0, 0], [10, 14], [15, 19], [0, 0], [0, 0]],
+                        [[0, 0], [0, 1], [0, 0], [0, 4], [5, 9], [10, 14], [0, 0]]])
+    mask = np.array([[0, 0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1, 0]], bool)
+    ids = np.full((3, 7), 7)
+    ids[:, 0] = 101
+    starts, ends = baselines._qa_labels(questions, np.array([0, 0, 1]), offsets, mask, ids, cls_id=101)
+    assert list(starts) == [0, 3, 0] and list(ends) == [0, 4, 0]  # window 0 lacks "dddd": CLS
+    peak_at = lambda i: np.where(np.arange(7) == i, 4.0, 0.0)[None].repeat(3, 0)  # noqa: E731
+    predictions = baselines._qa_predictions(questions, np.array([0, 0, 1]), offsets, mask, peak_at(3),
+                                            peak_at(4), n_best=20, max_answer_length=30, null_threshold=None)
+    assert predictions == {"q": "aaaa bbbb", "n": "aaaa bbbb"}  # window 0 first on the tie
+    predictions = baselines._qa_predictions(
+        questions, np.array([0, 0, 1]), offsets, mask, np.full((3, 7), 1.0), np.full((3, 7), 1.0),
+        n_best=20, max_answer_length=30, null_threshold=0.0)
+    assert predictions == {"q": "aaaa", "n": "aaaa"}  # null score 2 does not beat the span's 2
+
+
+def test_question_answering_runs_kft_and_run_qa_and_refuses_keras_hub():
+    every = list(benchmark.ROWS)
+    assert benchmark.choose_rows("question_answering", every, explicit=False) == ["kft", "hf_trainer"]
+    assert benchmark.choose_rows("classification", every, explicit=False) == every
+    with pytest.raises(benchmark.FlagError, match="no keras_hub row.*choose from kft, hf_trainer"):
+        benchmark.choose_rows("question_answering", ["kft", "keras_hub"], explicit=True)
+    assert benchmark.label("hf_trainer", "question_answering") == "Hugging Face run_qa (Trainer)"
+
+
+def test_the_question_answering_summary_shows_exact_match_f1_windows_and_the_time_ratio():
+    machine = {"tensorflow_matmul_rate": {"flops_per_second": 1e9}, "non_embedding_parameters": 100,
+               "layers": 1, "hidden": 4, "cpus": 2, "cpu": "x"}
+
+    def row(label, train, em, f1):
+        return {"label": label, "status": "full",
+                "seconds": {"setup": 1, "tokenize": 1, "train": train, "eval": 1},
+                "train_examples": 200, "real_tokens": 600.0, "real_tokens_squared": 2000.0,
+                "padded_tokens": 800.0, "exact_match": em, "f1": f1, "dev_accuracy": None,
+                "questions": {"train": 90, "eval": 30}, "windows": 100, "peak_rss_bytes": 2e9}
+
+    rows = {"kft": row("kft", 4.0, 70.0, 80.0),
+            "hf_trainer": row("Hugging Face run_qa (Trainer)", 10.0, 71.0, 80.5)}
+    config = benchmark.Config(task="question_answering")
+    report = benchmark.summarize(machine, rows, None, config)
+    kft = report["rows"]["kft"]
+    assert kft["windows_per_second"] == 50 and kft["padding_share"] == pytest.approx(0.25)
+    assert report["ratios"]["kft_over_hf_train_time"] == pytest.approx(0.4)
+    assert report["ratios"]["exact_match_points_below_hf"] == pytest.approx(1.0)
+    assert report["ratios"]["f1_points_below_hf"] == pytest.approx(0.5)
+    assert "accuracy_points_below_hf" not in report["ratios"]
+    text = benchmark.table(report)
+    assert "dev EM" in text and "dev F1" in text and "windows/s" in text and "dev acc" not in text
+    assert "70.00" in text and "80.50" in text and "25%" in text and "2.00 GB" in text
+    assert "kft train time / Hugging Face train time: 0.400" in text and "floor: n/a" in text

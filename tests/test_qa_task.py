@@ -1,0 +1,219 @@
+"""Extractive question answering: windows, character offsets, decoding, training, export, methods."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import SAMPLE_DIR, run_python
+from kft import backbones, inputs
+from kft.config import Config, FlagError
+from kft.tasks.question_answering import data as qa_data, features
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return backbones.load(backbones.BUNDLED_BACKBONE)
+
+
+def _pieces(loaded, texts):
+    lengths = tf.constant(features.piece_lengths(loaded.tokenizer.get_vocabulary()))
+    return features.context_pieces(inputs._graph_tokenizer(loaded.tokenizer), tf.constant(texts), lengths,
+                                   100)
+
+
+def _review_sentences():
+    with open(os.path.join(SAMPLE_DIR, "reviews_train.tsv")) as f:
+        return [line.split("\t")[0] for line in f.readlines()[1:]]
+
+
+def test_windows_cover_every_context_piece_and_every_answer_is_whole_in_some_window(minilm):
+    sentences = _review_sentences()
+    contexts = [" ".join(sentences[i:i + n]) for i, n in ((0, 2), (10, 9), (40, 25))]
+    ids, start, end = _pieces(minilm, contexts)
+    question = inputs.word_pieces(minilm.tokenizer, ["what is it about?", "who liked it?", "why?"])
+    w = features.windows(question, ids, minilm.packing, 64, 16, 12)
+    example, first, offset, length = (x.numpy() for x in (w.example, w.first_piece, w.offset, w.context_length))
+    window_ids = w.ids.to_list()
+    assert max(len(x) for x in window_ids) <= 64
+    for q, context_ids in enumerate(ids.to_list()):
+        mine = np.flatnonzero(example == q)
+        covered = set()
+        for a, b in zip(mine[:-1], mine[1:]):  # consecutive windows share exactly doc_stride pieces
+            assert first[a] + length[a] - first[b] == 12
+        for wi in mine:
+            covered.update(range(first[wi], first[wi] + length[wi]))
+            # the window holds [CLS] question [SEP] context-slice [SEP]
+            assert window_ids[wi][offset[wi]:offset[wi] + length[wi]] == \
+                context_ids[first[wi]:first[wi] + length[wi]]
+        assert covered == set(range(len(context_ids)))
+        # every span of up to doc_stride + 1 pieces is whole in some window
+        for s in range(0, len(context_ids)):
+            e = min(len(context_ids) - 1, s + 12)
+            assert any(features.window_labels((s, e), int(first[wi]), int(offset[wi]), int(length[wi]))[0] > 0
+                       for wi in mine), (q, s, e)
+    assert len(np.flatnonzero(example == 2)) >= 3
+
+
+def test_character_offsets_round_trip_for_accented_and_punctuated_text(minilm):
+    text = "Frédéric Chopin (1810–1849) était polonais; São Paulo's café — \"naïve\" 北京!"
+    ids, start, end = (x.to_list()[0] for x in _pieces(minilm, [text]))
+    vocabulary = minilm.tokenizer.get_vocabulary()
+    for i, s, e in zip(ids, start, end):
+        piece = vocabulary[i].removeprefix("##")
+        # the characters a piece spans spell the piece (lower-cased, accents stripped)
+        import unicodedata
+        plain = "".join(c for c in unicodedata.normalize("NFD", text[s:e].lower()) if not unicodedata.combining(c))
+        assert plain == piece, (text[s:e], piece)
+    for answer in ("Chopin", "1810–1849", "São Paulo", "café", "naïve", "北京"):
+        at = text.index(answer)
+        span, exact = features.answer_span(np.array(start), np.array(end), at, at + len(answer))
+        assert exact and text[start[span[0]]:end[span[1]]] == answer
+
+
+def test_graph_decoding_equals_numpy_decoding_and_spans_stay_inside_the_context():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(40, 30, 2)).astype(np.float32)
+    logits[5] = 0.0  # ties everywhere: both take the lowest index
+    offset = rng.integers(2, 10, size=40).astype(np.int32)
+    length = np.minimum(rng.integers(0, 25, size=40), 29 - offset).astype(np.int32)
+    ours = features.best_spans(logits, offset, length, 5, 4)
+    graph = features.graph_best_spans(tf.constant(logits), tf.constant(offset), tf.constant(length), 5, 4)
+    for a, b in zip(ours, graph):
+        np.testing.assert_allclose(a, b.numpy(), rtol=0, atol=1e-6)
+    score, s, e, _ = ours
+    has = np.isfinite(score)
+    assert (length[~has] == 0).all() and has[length > 0].all()
+    assert (e[has] >= s[has]).all() and (e[has] - s[has] < 4).all()
+    assert (s[has] >= offset[has]).all() and (e[has] < (offset + length)[has]).all()
+
+
+def _enc(items, offsets=(5,), lengths=(6,), example=(0,)):
+    from kft.tasks.question_answering.task import Encoded
+
+    n = len(example)
+    return Encoded(qa_data.Questions("eval", "t.jsonl", items), [np.zeros(12, np.int32)] * n, np.zeros((n, 2)),
+                   np.array(example), np.zeros(n, np.int64), np.array(offsets), np.array(lengths),
+                   [np.arange(6) * 2] * len(items), [np.arange(6) * 2 + 1] * len(items), {})
+
+
+def test_null_answer_wins_only_when_its_score_beats_the_best_span_by_the_threshold():
+    from kft.tasks.question_answering.task import decode
+
+    q = qa_data.Question("q1", "who?", "a b c d e f", [])
+    logits = np.full((1, 12, 2), -5.0, np.float32)
+    logits[0, 0] = [2.0, 2.0]  # null score 4
+    logits[0, 6] = [1.5, -5]
+    logits[0, 7] = [-5, 1.5]  # best span: positions 6..7, score 3
+    enc = _enc([q])
+    assert decode(enc, logits, 20, 30, True, 0.0)["q1"]["text"] == ""
+    assert decode(enc, logits, 20, 30, True, 1.5)["q1"] == {"text": "b c", "start": 2, "end": 5, "score": 3.0}
+    assert decode(enc, logits, 20, 30, False, 0.0)["q1"]["text"] == "b c"  # SQuAD 1.1: always a span
+
+
+def test_a_question_is_answered_from_its_best_window():
+    from kft.tasks.question_answering.task import decode
+
+    q = qa_data.Question("q1", "who?", "a b c d e f", [("e", 8)])
+    logits = np.full((2, 12, 2), -5.0, np.float32)
+    logits[0, 5] = [1.0, 1.0]  # window 0: piece 0, score 2
+    logits[1, 8] = [3.0, 3.0]  # window 1 (its context starts at piece 1): position 8 = piece 4, score 6
+    enc = _enc([q], offsets=(5, 5), lengths=(6, 5), example=(0, 0))
+    enc.first_piece = np.array([0, 1])
+    assert decode(enc, logits, 20, 30, False, 0.0)["q1"]["text"] == "e"
+
+
+def test_question_answering_flags_are_refused_for_other_tasks():
+    from kft import config as config_lib
+
+    with pytest.raises(FlagError, match="--doc_stride=64 applies to --task=question_answering"):
+        config_lib.check_task_flags(Config(doc_stride=64))
+
+
+# -- end to end on a tiny model --------------------------------------------------------------------
+
+def _write_questions(path, n, long_context=False, seed=0):
+    """Questions whose answer is a word of review sentences (words the tiny vocabulary knows)."""
+    sentences = _review_sentences()
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        k = 14 if long_context and i == 0 else 2
+        start = int(rng.integers(0, len(sentences) - k))
+        context = " ".join(sentences[start:start + k])
+        words = context.split()
+        j = int(rng.integers(0, len(words)))
+        at = len(" ".join(words[:j])) + (1 if j else 0)
+        rows.append({"id": f"q{seed}-{i}", "question": f"where is {words[0]} ?", "context": context,
+                     "answers": [{"text": words[j], "answer_start": at}]})
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def _qa_config(tiny_preset, tmp_path, **overrides):
+    base = dict(task="question_answering", backbone=tiny_preset,
+                train_file=_write_questions(tmp_path / "train.jsonl", 24),
+                eval_file=_write_questions(tmp_path / "dev.jsonl", 6, long_context=True, seed=1),
+                sequence_length=48, max_query_length=8, doc_stride=8, epochs=1, batch_size=8,
+                learning_rate=1e-3, warmup_ratio=0.0, export=False, seed=3,
+                export_dir=str(tmp_path / "exports"), run_name="qa")
+    base.update(overrides)
+    return Config(**base)
+
+
+def test_training_reduces_the_loss_and_the_export_answers_as_the_in_memory_model(tiny_preset, tmp_path):
+    from kft import trainer
+
+    config = _qa_config(tiny_preset, tmp_path, epochs=4, export=True)
+    metrics = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+    history = metrics["training"]["history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert metrics["data"]["eval"]["max_windows_per_question"] >= 3
+    assert set(json.load(open(tmp_path / "run" / "predictions.json"))) == {f"q1-{i}" for i in range(6)}
+    assert os.path.exists(tmp_path / "run" / "f1_by_context_length.png")
+    in_memory = [json.loads(line) for line in open(tmp_path / "run" / "answers.jsonl")]
+    script = tmp_path / "serve.py"
+    script.write_text(
+        "import json, sys\n"
+        "import tensorflow as tf, tensorflow_text  # noqa: F401\n"
+        "m = tf.saved_model.load(sys.argv[1]); f = m.signatures['serving_default']\n"
+        "rows = [json.loads(l) for l in open(sys.argv[2])]\n"
+        "out = f(question=tf.constant([r['question'] for r in rows]), context=tf.constant([r['context'] for r in rows]))\n"
+        "print(json.dumps([{'text': a.decode(), 'start': int(s), 'end': int(e), 'score': float(c)} for a, s, e, c in "
+        "zip(out['answer'].numpy(), out['start_char'].numpy(), out['end_char'].numpy(), out['score'].numpy())]))\n"
+        "empty = f(question=tf.constant([], tf.string), context=tf.constant([], tf.string))\n"
+        "blank = f(question=tf.constant(['']), context=tf.constant(['']))\n"
+        "print(json.dumps([int(empty['answer'].shape[0]), blank['answer'].numpy()[0].decode()]))\n")
+    done = run_python([str(script), metrics["export"], str(tmp_path / "dev.jsonl")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    served, edge = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
+    for mine, theirs in zip(in_memory, served):
+        assert (mine["text"], mine["start"], mine["end"]) == (theirs["text"], theirs["start"], theirs["end"])
+        assert abs(mine["score"] - theirs["score"]) < 1e-4 * max(1.0, abs(mine["score"]))
+    assert edge == [0, ""]
+
+
+@pytest.mark.parametrize("method", ["full", "freeze", "lora", "prompt", "prefix", "bitfit"])
+def test_each_tuning_method_trains_on_question_answering(tiny_preset, tmp_path, method):
+    from kft import trainer
+
+    overrides = {"freeze_layers": 1} if method == "freeze" else {"method": method}
+    if method in ("prompt", "prefix"):
+        overrides.update(num_prompt_tokens=4, prefix_length=4, sequence_length=40)
+    metrics = trainer.train_and_evaluate(_qa_config(tiny_preset, tmp_path, **overrides), str(tmp_path / "run"))
+    assert np.isfinite(metrics["training"]["history"][0]["loss"])
+    assert 0.0 <= metrics["eval"]["f1"] <= 100.0
+
+
+def test_bad_question_answering_data_exits_2_naming_the_file_and_the_question(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "q-7", "question": "who?", "context": "Ada wrote it.",
+                               "answers": [{"text": "Grace", "answer_start": 0}]}) + "\n")
+    done = run_python(["-m", "kft.train", "--task=question_answering", f"--train_file={bad}",
+                       f"--model_dir={tmp_path / 'run'}"])
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "bad.jsonl:1" in done.stderr and "q-7" in done.stderr
+    assert "Traceback" not in done.stderr
