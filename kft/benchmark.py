@@ -33,6 +33,9 @@ QA = "question_answering"
 QA_ROWS = ("kft", "hf_trainer")
 TARGETS = {"kft_over_hf_train_time": 0.5, "kft_over_keras_hub_train_time": 0.1,
            "accuracy_points_below_hf": 0.5, "kft_compute_efficiency": 0.6, "serve_p50_ms_batch_1": 15.0}
+# Question answering: half the Trainer's time at no lower dev F1 (the compute-efficiency target is
+# classification's, where the floor of a run is measured).
+QA_TARGETS = {"kft_over_hf_train_time": 0.5, "f1_points_below_hf": 0.0}
 
 
 @dataclasses.dataclass
@@ -318,7 +321,8 @@ def summarize(machine: dict, rows: dict, serve: dict | None, config: Config) -> 
     if serve and "batch_1" in serve:
         ratios["serve_p50_ms_batch_1"] = serve["batch_1"]["p50_ms"]
     targets = {k: {"value": ratios[k], "target": v, "met": ratios[k] <= v if k != "kft_compute_efficiency"
-                   else ratios[k] >= v} for k, v in TARGETS.items() if k in ratios}
+                   else ratios[k] >= v} for k, v in (QA_TARGETS if config.task == QA else TARGETS).items()
+               if k in ratios}
     return {"config": dataclasses.asdict(config), "machine": machine, "rows": rows, "serve": serve,
             "ratios": ratios, "targets": targets}
 

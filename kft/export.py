@@ -80,7 +80,15 @@ def write(model: keras.Model, tokenizer, endpoints: dict, label_names: list[str]
     archive.track(tokenizer)
     for name, (fn, signature) in endpoints.items():
         archive.add_endpoint(name, fn, input_signature=signature)
-    archive.write_out(tmp, verbose=False)
+    # TensorFlow logs its SavedModel internals at INFO ("Function `serve_text` contains input
+    # name(s) ... unsupported characters", sharding durations, fingerprints): kft says what matters.
+    tf_logger = tf.get_logger()
+    level = tf_logger.level
+    tf_logger.setLevel("WARNING")
+    try:
+        archive.write_out(tmp, verbose=False)
+    finally:
+        tf_logger.setLevel(level)
 
     extra = os.path.join(tmp, "assets.extra")
     tf.io.gfile.makedirs(extra)

@@ -194,6 +194,12 @@ def test_training_reduces_the_loss_and_the_export_answers_as_the_in_memory_model
         assert (mine["text"], mine["start"], mine["end"]) == (theirs["text"], theirs["start"], theirs["end"])
         assert abs(mine["score"] - theirs["score"]) < 1e-4 * max(1.0, abs(mine["score"]))
     assert edge == [0, ""]
+    predicted = run_python(["-m", "kft.predict", f"--model={metrics['export']}",
+                            f"--input_file={tmp_path / 'dev.jsonl'}"])
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    lines = [json.loads(line) for line in predicted.stdout.strip().splitlines()]
+    assert [(r["id"], r["answer"], r["start"]) for r in lines] == \
+        [(m["id"], m["text"], m["start"]) for m in in_memory]
 
 
 @pytest.mark.parametrize("method", ["full", "freeze", "lora", "prompt", "prefix", "bitfit"])
