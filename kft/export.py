@@ -82,13 +82,16 @@ def write(model: keras.Model, tokenizer, endpoints: dict, label_names: list[str]
         archive.add_endpoint(name, fn, input_signature=signature)
     # TensorFlow logs its SavedModel internals at INFO ("Function `serve_text` contains input
     # name(s) ... unsupported characters", sharding durations, fingerprints): kft says what matters.
-    tf_logger = tf.get_logger()
+    # Some of it goes through absl's logger, some through TensorFlow's.
+    tf_logger, verbosity = tf.get_logger(), logging.get_verbosity()
     level = tf_logger.level
     tf_logger.setLevel("WARNING")
+    logging.set_verbosity(logging.WARNING)
     try:
         archive.write_out(tmp, verbose=False)
     finally:
         tf_logger.setLevel(level)
+        logging.set_verbosity(verbosity)
 
     extra = os.path.join(tmp, "assets.extra")
     tf.io.gfile.makedirs(extra)

@@ -20,6 +20,11 @@ from kft import config as config_lib
 from kft.config import Config, FlagError, to_dict
 
 
+# Fewer training steps than this get a warning: 72 CSV rows at the default batch size and one epoch
+# (3 steps) scored at chance in a newcomer's first run.
+FEW_STEPS = 30
+
+
 def default_run_name(config: Config) -> str:
     if config.run_name:
         return config.run_name
@@ -136,6 +141,11 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
                  "of the replica count); %d steps/epoch, %d epochs; worker %d of %d",
                  config.batch_size, config.batch_size // replicas, replicas, optim.format_rate(rate),
                  loop.steps_per_epoch, config.epochs, worker.index, worker.count)
+    if 0 < loop.total_steps < FEW_STEPS:
+        logging.warning("only %d training steps (%d training examples, --batch_size=%d, --epochs=%d): a "
+                        "model fine-tuned this briefly often stays near chance; with little data, raise "
+                        "--epochs (or lower --batch_size)", loop.total_steps, len(sources["train"].lengths),
+                        config.batch_size, config.epochs)
 
     state = loop.restore_or_start()
     writer = tf.summary.create_file_writer(os.path.join(model_dir, "logs")) if worker.is_chief else None

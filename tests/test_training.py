@@ -219,3 +219,14 @@ def test_the_run_logs_the_learning_rate_it_uses_and_why(overrides, line, tmp_pat
         trainer.train_and_evaluate(tiny_config(dataset="", train_file=missing, **overrides),
                                    str(tmp_path / "m"))
     assert line in caplog.text
+
+
+def test_a_run_of_very_few_steps_warns_that_it_may_stay_near_chance(tiny_preset, tmp_path, caplog):
+    from conftest import tiny_config
+    from kft import trainer
+
+    config = tiny_config(backbone=tiny_preset, max_train_examples=40, batch_size=16, epochs=2)
+    with caplog.at_level("WARNING", logger="absl"):
+        trainer.train_and_evaluate(config, str(tmp_path / "run"))
+    assert "only 12 training steps (40 training examples, --batch_size=16, --epochs=2)" in caplog.text
+    assert "raise --epochs" in caplog.text
