@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import difflib
 import inspect
 import io
 import json
@@ -165,7 +166,9 @@ def _read_delimited(path: str, text: str, delimiter: str, text_field: str,
     wanted = [text_field] + ([label_field] if label_field else [])
     for field, flag in zip(wanted, ("--text_field", "--label_field")):
         if field not in header:
-            raise DataError(f"{path}:1: header has no field '{field}' ({flag}); fields are {header}")
+            close = difflib.get_close_matches(field, header, n=1)
+            hint = f"; did you mean {flag}={close[0]}?" if close else ""
+            raise DataError(f"{path}:1: header has no field '{field}' ({flag}); fields are {header}{hint}")
     ti = header.index(text_field)
     li = header.index(label_field) if label_field else None
     texts, labels, lines = [], [], []

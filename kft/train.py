@@ -23,7 +23,10 @@ EXIT_BAD_INPUT = 2
 
 
 def _fail(error: Exception, status: int, prefix: str = "error") -> int:
-    logging.error("%s", error)
+    """One line on stderr (absl's log goes there too: logging it as well printed it twice), and the
+    log file when absl writes one (--log_dir)."""
+    if logging.get_absl_handler().python_handler.stream is not sys.stderr:
+        logging.error("%s", error)
     print(f"{prefix}: {error}", file=sys.stderr)
     return status
 
