@@ -123,6 +123,21 @@ def hf_precision(precision: str) -> dict:
                      "float16 autocast; use float32 or mixed_bfloat16")
 
 
+def _training_arguments(config: Config, out: str, learning_rate: float, total_steps: int, precision: dict):
+    """The Trainer's arguments for kft's flags: same batch, rate, epochs, decay, warmup, clipping, seed."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=out, per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size, learning_rate=learning_rate,
+        num_train_epochs=config.epochs, weight_decay=config.weight_decay,
+        # = warmup_ratio (transformers 5 takes the ratio as warmup_steps < 1; this works in 4 and 5)
+        warmup_steps=int(round(config.warmup_ratio * total_steps)), lr_scheduler_type="linear",
+        max_grad_norm=config.clipnorm or 1e9, seed=config.seed, save_strategy="no",
+        eval_strategy="no", report_to=[], logging_steps=max(1, total_steps // 10), use_cpu=True,
+        disable_tqdm=True, **precision)
+
+
 def hf_trainer_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "accelerate"))
 
@@ -132,7 +147,7 @@ def hf_trainer(config: Config, started: float) -> dict:
     import torch
     import transformers
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                              Trainer, TrainingArguments)
+                              Trainer)
 
     from kft import backbones
 
@@ -161,14 +176,7 @@ def hf_trainer(config: Config, started: float) -> dict:
     train_rows, eval_rows = rows(train_enc, train_y), rows(eval_enc, eval_y)
     total_steps = -(-len(train_rows) // config.batch_size) * config.epochs
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=config.batch_size,
-            per_device_eval_batch_size=config.batch_size, learning_rate=full_fine_tuning_rate(config),
-            num_train_epochs=config.epochs, weight_decay=config.weight_decay,
-            warmup_steps=int(round(config.warmup_ratio * total_steps)), lr_scheduler_type="linear",
-            max_grad_norm=config.clipnorm or 1e9, seed=config.seed, save_strategy="no",
-            eval_strategy="no", report_to=[], logging_steps=max(1, total_steps // 10), use_cpu=True,
-            disable_tqdm=True, **precision)
+        args = _training_arguments(config, out, full_fine_tuning_rate(config), total_steps, precision)
         trainer = Trainer(model=model, args=args, train_dataset=train_rows,
                           data_collator=DataCollatorWithPadding(tokenizer))
         t0 = time.time()
@@ -309,7 +317,7 @@ def hf_question_answering(config: Config, started: float) -> dict:
     max_length, n-best span decoding) on kft's backbone folder, data and hyperparameters."""
     import torch
     import transformers
-    from transformers import (AutoModelForQuestionAnswering, AutoTokenizer, Trainer, TrainingArguments,
+    from transformers import (AutoModelForQuestionAnswering, AutoTokenizer, Trainer,
                               default_data_collator)
 
     from kft import backbones, optim
@@ -349,15 +357,7 @@ def hf_question_answering(config: Config, started: float) -> dict:
     total_steps = -(-windows // config.batch_size) * config.epochs
     learning_rate = optim.peak_learning_rate(config)[0]  # the rate kft's row trains with
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=config.batch_size,
-            per_device_eval_batch_size=config.batch_size, learning_rate=learning_rate,
-            num_train_epochs=config.epochs, weight_decay=config.weight_decay,
-            # = warmup_ratio (transformers 5 takes the ratio as warmup_steps < 1; this works in 4 and 5)
-            warmup_steps=int(round(config.warmup_ratio * total_steps)), lr_scheduler_type="linear",
-            max_grad_norm=config.clipnorm or 1e9, seed=config.seed, save_strategy="no",
-            eval_strategy="no", report_to=[], logging_steps=max(1, total_steps // 10), use_cpu=True,
-            disable_tqdm=True, **precision)
+        args = _training_arguments(config, out, learning_rate, total_steps, precision)
         trainer = Trainer(model=model, args=args, train_dataset=train_rows,
                           data_collator=default_data_collator)
         t0 = time.time()

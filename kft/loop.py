@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import math
 import signal
+import sys
 import threading
 import time
 
@@ -36,10 +37,10 @@ RESUMABLE_CHANGES = {"model_dir", "export", "export_dir", "run_name", "strategy"
 
 
 class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint of the current step was written (on the chief)."""
+    """SIGTERM (or a Ctrl-C) arrived; a checkpoint of the current step was written (on the chief)."""
 
-    def __init__(self, step: int, path: str | None):
-        super().__init__(f"stopped by SIGTERM at step {step}; checkpoint {path or '(written by chief)'}; "
+    def __init__(self, step: int, path: str | None, by: str = "SIGTERM"):
+        super().__init__(f"stopped by {by} at step {step}; checkpoint {path or '(written by chief)'}; "
                          "rerun the same command to continue")
         self.step, self.path = step, path
 
@@ -99,24 +100,37 @@ def distributed_dataset(strategy: tf.distribute.Strategy, plan: inputs.BatchPlan
 
 
 class _SigtermFlag:
-    """Set by SIGTERM while installed; the loop polls it between steps."""
+    """Set by SIGTERM or a first Ctrl-C (SIGINT) while installed; the loop polls it between steps.
+
+    A second Ctrl-C raises KeyboardInterrupt at once (kft.train reports it in one line)."""
 
     def __init__(self):
         self.raised = False
-        self._previous = None
+        self.by = "SIGTERM"
+        self._previous = self._previous_int = None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if ignored
+                self._previous_int = signal.signal(signal.SIGINT, self._handle_int)
         return self
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM received: saving a checkpoint after the current step")
         self.raised = True
 
+    def _handle_int(self, signum, frame):
+        print("\nCtrl-C: saving a checkpoint after the current step, then stopping (Ctrl-C again to stop "
+              "at once, without saving)", file=sys.stderr, flush=True)
+        self.raised, self.by = True, "Ctrl-C"
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+        if self._previous_int is not None:
+            signal.signal(signal.SIGINT, self._previous_int)
 
 
 class StopOnSigterm:
@@ -363,7 +377,7 @@ class Loop:
                     if self.worker.count > 1:
                         stop = int(self._any_worker(tf.constant(int(stop))).numpy()) > 0
                     if stop:
-                        raise Preempted(state["step"], self._save(state))
+                        raise Preempted(state["step"], self._save(state), sigterm.by)
                     if remaining and c.checkpoint_every_steps > 0 \
                             and state["step"] % c.checkpoint_every_steps == 0:
                         self._save(state)
@@ -375,7 +389,7 @@ class Loop:
                 if self.worker.count > 1:
                     stop = int(self._any_worker(tf.constant(int(stop))).numpy()) > 0
                 if stop:
-                    raise Preempted(state["step"], path)
+                    raise Preempted(state["step"], path, sigterm.by)
         if c.early_stopping_patience > 0 and state["best_accuracy"] is not None:
             best = checkpoints.latest(self.best_dir)
             if best is not None:

@@ -18,8 +18,10 @@ config_lib.declare_key_flags()  # so --help lists them, not only --helpfull
 FLAGS = flags.FLAGS
 
 # Exit statuses: 0 done; 2 bad data, flags, backbone or checkpoint (nothing to retry);
-# 3 the loss became NaN/Inf; 75 stopped by SIGTERM after saving (rerun the command to continue).
+# 3 the loss became NaN/Inf; 75 stopped by SIGTERM or a Ctrl-C after saving (rerun the command to
+# continue); 130 stopped at once by a second Ctrl-C (or one outside training).
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 def _fail(error: Exception, status: int, prefix: str = "error") -> int:
@@ -53,7 +55,13 @@ def main(argv):
     except loop.Diverged as e:
         return _fail(e, loop.EXIT_DIVERGED)
     except loop.Preempted as e:
-        return _fail(e, loop.EXIT_PREEMPTED, "preempted")
+        return _fail(e, loop.EXIT_PREEMPTED, "interrupted" if "Ctrl-C" in str(e) else "preempted")
+    except KeyboardInterrupt:  # a Ctrl-C outside training, or a second one during it
+        steps = checkpoints.list_steps(f"{model_dir}/checkpoints")
+        saved = f"the last checkpoint is step {max(steps)}" if steps else "no checkpoint was written"
+        print(f"interrupted: stopped at once; {saved} in {model_dir}/checkpoints; rerun the same command "
+              "to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
     summary = {"model_dir": model_dir, "export": result.get("export")}
     for split in ("eval", "test"):
         if split in result:

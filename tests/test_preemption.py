@@ -34,8 +34,11 @@ class _Process:
 
     def __init__(self, args):
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KFT_QUIET": "1"}
+        # Ctrl-C's SIGINT as a terminal delivers it, even when this suite runs in the background
+        # (a shell starts background jobs with SIGINT ignored, and the child would inherit that).
         self.proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.lines, self.step = [], 0
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -132,6 +135,36 @@ def test_sigterm_saves_the_current_step_exits_75_and_the_rerun_finishes_the_same
     print(f"\nSIGTERM: stopped and saved at step {stopped}; rerun ended at step {b.step} "
           f"(uninterrupted: {a.step}); max |A - B| = {diff}")
     assert diff == 0.0
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_current_step_exits_75_without_a_traceback_and_the_rerun_finishes(
+        tiny_preset, uninterrupted, tmp_path):
+    a = _final(uninterrupted)
+    model_dir = str(tmp_path / "model")
+    run = _Process(_args(tiny_preset, model_dir))
+    run.signal_after(a.step // 3, signal.SIGINT)
+    assert run.wait() == 75, run.text()
+    m = re.search(r"stopped by Ctrl-C at step (\d+)", run.text())
+    assert m and "Traceback" not in run.text(), run.text()
+    assert checkpoints.latest(os.path.join(model_dir, "checkpoints")).step == int(m.group(1))
+    rerun = run_python(_args(tiny_preset, model_dir), env={"KFT_QUIET": "1"})
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert _final(model_dir).step == a.step
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_outside_the_training_steps_stops_at_once_with_one_line_and_no_traceback(tiny_preset, tmp_path):
+    """Before training (as after a first Ctrl-C, when the default handler is back) SIGINT raises
+    KeyboardInterrupt wherever Python is; kft.train reports it in one line, status 130."""
+    run = _Process(_args(tiny_preset, str(tmp_path / "model")))
+    deadline = time.time() + 120
+    while not any("strategy:" in line for line in run.lines) and time.time() < deadline:
+        time.sleep(0.005)
+    run.proc.send_signal(signal.SIGINT)
+    assert run.wait() == 130, run.text()
+    assert "interrupted: stopped at once; no checkpoint was written" in run.text(), run.text()
+    assert "Traceback" not in run.text(), run.text()
 
 
 @pytest.mark.slow

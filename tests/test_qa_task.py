@@ -134,8 +134,9 @@ def test_question_answering_flags_are_refused_for_other_tasks():
 
 # -- end to end on a tiny model --------------------------------------------------------------------
 
-def _write_questions(path, n, long_context=False, seed=0):
-    """Questions whose answer is a word of review sentences (words the tiny vocabulary knows)."""
+def _write_questions(path, n, long_context=False, seed=0, unanswerable_every=0):
+    """Questions whose answer is a word of review sentences (words the tiny vocabulary knows);
+    with `unanswerable_every=k`, every k-th question has no answer (SQuAD 2.0 style)."""
     sentences = _review_sentences()
     rng = np.random.default_rng(seed)
     rows = []
@@ -147,7 +148,8 @@ def _write_questions(path, n, long_context=False, seed=0):
         j = int(rng.integers(0, len(words)))
         at = len(" ".join(words[:j])) + (1 if j else 0)
         rows.append({"id": f"q{seed}-{i}", "question": f"where is {words[0]} ?", "context": context,
-                     "answers": [{"text": words[j], "answer_start": at}]})
+                     "answers": [] if unanswerable_every and i % unanswerable_every == 1 else
+                     [{"text": words[j], "answer_start": at}]})
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     return str(path)
@@ -167,8 +169,13 @@ def _qa_config(tiny_preset, tmp_path, **overrides):
 def test_training_reduces_the_loss_and_the_export_answers_as_the_in_memory_model(tiny_preset, tmp_path):
     from kft import trainer
 
-    config = _qa_config(tiny_preset, tmp_path, epochs=4, export=True)
+    # unanswerable questions in train turn on null answers, in evaluation and in the serving graph
+    config = _qa_config(tiny_preset, tmp_path, epochs=4, export=True,
+                        train_file=_write_questions(tmp_path / "train2.jsonl", 24, unanswerable_every=4),
+                        eval_file=_write_questions(tmp_path / "dev2.jsonl", 6, long_context=True, seed=1,
+                                                   unanswerable_every=3))
     metrics = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+    assert metrics["eval"]["no_ans_questions"] == 2
     history = metrics["training"]["history"]
     assert history[-1]["loss"] < history[0]["loss"]
     assert metrics["data"]["eval"]["max_windows_per_question"] >= 3
@@ -187,7 +194,7 @@ def test_training_reduces_the_loss_and_the_export_answers_as_the_in_memory_model
         "empty = f(question=tf.constant([], tf.string), context=tf.constant([], tf.string))\n"
         "blank = f(question=tf.constant(['']), context=tf.constant(['']))\n"
         "print(json.dumps([int(empty['answer'].shape[0]), blank['answer'].numpy()[0].decode()]))\n")
-    done = run_python([str(script), metrics["export"], str(tmp_path / "dev.jsonl")])
+    done = run_python([str(script), metrics["export"], config.eval_file])
     assert done.returncode == 0, done.stderr[-3000:]
     served, edge = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
     for mine, theirs in zip(in_memory, served):
@@ -195,7 +202,7 @@ def test_training_reduces_the_loss_and_the_export_answers_as_the_in_memory_model
         assert abs(mine["score"] - theirs["score"]) < 1e-4 * max(1.0, abs(mine["score"]))
     assert edge == [0, ""]
     predicted = run_python(["-m", "kft.predict", f"--model={metrics['export']}",
-                            f"--input_file={tmp_path / 'dev.jsonl'}"])
+                            f"--input_file={config.eval_file}"])
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     lines = [json.loads(line) for line in predicted.stdout.strip().splitlines()]
     assert [(r["id"], r["answer"], r["start"]) for r in lines] == \
@@ -223,3 +230,32 @@ def test_bad_question_answering_data_exits_2_naming_the_file_and_the_question(tm
     assert done.returncode == 2, done.stderr[-2000:]
     assert "bad.jsonl:1" in done.stderr and "q-7" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+SQUAD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "squad")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(os.path.join(SQUAD, "train.json")),
+                    reason="../shared/data/squad/ (SQuAD 1.1) is not present")
+def test_bundled_minilm_on_squad_serves_the_answers_it_was_evaluated_with(tmp_path):
+    """End to end on real data: the bundled MiniLM, SQuAD train -> dev, export in a fresh process."""
+    from kft import trainer
+
+    config = Config(task="question_answering", train_file=os.path.join(SQUAD, "train.json"),
+                    eval_file=os.path.join(SQUAD, "dev.json"), max_train_examples=64, max_eval_examples=40,
+                    sequence_length=192, doc_stride=64, epochs=1, batch_size=16, learning_rate=1e-4,
+                    export_dir=str(tmp_path / "exports"), run_name="squad")
+    metrics = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+    assert metrics["data"]["eval"]["questions_in_several_windows"] > 0
+    assert 0.0 <= metrics["eval"]["f1"] <= 100.0
+    in_memory = [json.loads(line) for line in open(tmp_path / "run" / "answers.jsonl")]
+    questions = qa_data.read_file(config.eval_file, "eval", "--eval_file").head(40)
+    with open(tmp_path / "dev.jsonl", "w") as f:
+        f.writelines(json.dumps({"id": q.id, "question": q.question, "context": q.context}) + "\n"
+                     for q in questions.items)
+    done = run_python(["-m", "kft.predict", f"--model={metrics['export']}", f"--input_file={tmp_path / 'dev.jsonl'}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    served = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    assert [(s["id"], s["answer"], s["start"], s["end"]) for s in served] == \
+        [(m["id"], m["text"], m["start"], m["end"]) for m in in_memory]
