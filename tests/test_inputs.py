@@ -180,4 +180,4 @@ def test_an_input_iterator_is_deleted_without_waiting_for_tf_data_autotuning():
         del iterator
         gc.collect()
         waits.append(time.time() - t0)
-    assert max(waits) < 0.5, waits
+    assert max(waits) < 1.0, waits  # a stall waited 1.1-1.6 s here; plain deletions 0.2-0.65 s under load
