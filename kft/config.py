@@ -98,7 +98,8 @@ class Config:
     backbone: str = _field(BUNDLED_BACKBONE,
                            "keras-hub preset name, keras-hub preset folder, Hugging Face folder, or GGUF "
                            f"file; --task=causal_lm defaults to {BUNDLED_DECODER}.")
-    sequence_length: int = _field(0, "Token cap per text; 0 = the training data's 99th length percentile.")
+    sequence_length: int = _field(0, "Token cap per text; 0 = the training data's 99th length percentile "
+                                  "(question answering: the window length, 0 = 384).")
     pooling: str = _field("auto", "Text representation fed to the head.", ("auto", "pooled", "cls", "mean"))
     dropout: float = _field(0.1, "Dropout rate before the classification head.")
     crf: bool = _field(False, "Token classification: a linear-chain CRF head (Viterbi decoding) instead of "
