@@ -156,16 +156,19 @@ def test_ctrl_c_saves_the_current_step_exits_75_without_a_traceback_and_the_reru
 def test_a_first_ctrl_c_asks_the_loop_to_stop_and_a_second_raises_at_once():
     from kft import loop
 
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        pytest.skip("SIGINT is not handled by Python here (ignored by the parent)")
-    with loop._SigtermFlag() as flag:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)  # Python runs the handler between bytecodes
-        assert flag.raised and flag.by == "Ctrl-C"
-        with pytest.raises(KeyboardInterrupt):
+    # as in a terminal, even when this suite runs as a background job (which ignores SIGINT)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with loop._SigtermFlag() as flag:
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            time.sleep(0.05)  # Python runs the handler between bytecodes
+            assert flag.raised and flag.by == "Ctrl-C"
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_an_immediate_ctrl_c_is_one_line_naming_the_last_checkpoint_and_status_130(tmp_path, monkeypatch, capsys):
