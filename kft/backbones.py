@@ -245,6 +245,10 @@ def replace_sublayer(owner: keras.layers.Layer, attribute: str, layer: keras.lay
     owner._tracker.unlock()  # a built Keras layer refuses new sublayers otherwise
     setattr(owner, attribute, layer)
     owner._layers[:] = [x for x in owner._layers if x is not previous]
+    # The tracker skips an object it has seen before: a layer put back after its wrapper goes
+    # (LoRA merged) would be missing from the owner's layers, its weights and Model.quantize.
+    if not any(x is layer for x in owner._layers):
+        owner._layers.append(layer)
     owner._tracker.lock()
 
 

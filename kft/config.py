@@ -154,6 +154,11 @@ class Config:
     model_dir: str = _field("", "Checkpoints, logs, metrics; empty = runs/<run_name>. Reuse it to resume.")
     export_dir: str = _field("saved_models", "Export root: <export_dir>/<run_name>/<version>/.")
     export: bool = _field(True, "Export a SavedModel after training.")
+    quantize: str = _field("none", "After training, also export a quantized copy as <run_name>_<mode>, "
+                           "scored on the eval split: int8 weights (int8), int8 weights and activations "
+                           "(int8_dynamic), int4 weights (int4).", ("none", "int8", "int8_dynamic", "int4"))
+    serving_sequence_length: int = _field(0, "Token cap of a served text (classification, token "
+                                          "classification); 0 = the backbone's position limit.")
 
 
 # --helpfull lists the flags in these groups; a flag of one task given with another is refused.
@@ -178,7 +183,8 @@ GROUPS = {
                      "steps_per_execution"],
     "checkpoints and logging": ["checkpoint_every_steps", "keep_checkpoints", "log_every_steps"],
     "distribution": ["strategy", "tpu"],
-    "export": ["run_name", "model_dir", "export_dir", "export"],
+    "export": ["run_name", "model_dir", "export_dir", "export", "serving_sequence_length"],
+    "compression": ["quantize"],
 }
 # Flags that only one or some tasks read (every other flag applies to all tasks).
 TASK_ONLY = {
@@ -191,6 +197,9 @@ TASK_ONLY = {
     "crf": ("token_classification",),
     **{name: ("causal_lm",) for name in GROUPS["decoder LLMs (causal_lm)"] if name != "cache_dir"},
     "text_field": ("classification", "causal_lm"),
+    "serving_sequence_length": ("classification", "token_classification"),
+    # the decoder's export is a keras-hub preset folder, not a SavedModel with kft's signatures
+    "quantize": ("classification", "token_classification", "question_answering"),
 }
 
 

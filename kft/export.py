@@ -14,6 +14,7 @@ import os
 import re
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -29,8 +30,16 @@ def next_version(run_dir: str) -> int:
 
 
 def export(model: keras.Model, tokenizer, packing: inputs.Packing, sequence_length: int, task,
-           label_names: list[str], export_dir: str, run_name: str, metadata: dict) -> str:
-    """Writes a new version of a classification run's SavedModel and returns its path."""
+           label_names: list[str], export_dir: str, run_name: str, metadata: dict,
+           serving_length: int | None = None) -> str:
+    """Writes a new version of a classification run's SavedModel and returns its path.
+
+    Served texts are read up to `serving_length` tokens (default: the training cap), not the
+    training cap: a text longer than anything seen in training keeps its end. What still does not
+    fit is cut and counted per text in the `truncated` output (word pieces dropped).
+    """
+    serving_length = serving_length or sequence_length
+    room = serving_length - len(packing.start) - len(packing.end)
 
     def outputs(token_ids, padding_mask):
         # An empty request arrives as [0, 0]; the backbone needs one position to index into.
@@ -41,10 +50,12 @@ def export(model: keras.Model, tokenizer, packing: inputs.Packing, sequence_leng
         return task.serving_outputs(probabilities, label_names)
 
     def serve_text(text):
-        ids = inputs.pack(tokenizer(text), packing, sequence_length)
+        pieces = tokenizer(text)
+        ids = inputs.pack(pieces, packing, serving_length)
         token_ids = ids.to_tensor(default_value=packing.pad)
         padding_mask = tf.ones_like(ids).to_tensor(default_value=0)
-        return outputs(token_ids, padding_mask)
+        cut = tf.maximum(tf.cast(pieces.row_lengths(), tf.int32) - room, 0)
+        return {**outputs(token_ids, padding_mask), "truncated": cut}
 
     endpoints = {
         "serving_default": (serve_text, [tf.TensorSpec([None], tf.string, name="text")]),
@@ -52,7 +63,7 @@ def export(model: keras.Model, tokenizer, packing: inputs.Packing, sequence_leng
                                       tf.TensorSpec([None, None], tf.int32, name="padding_mask")]),
     }
     return write(model, tokenizer, endpoints, label_names, export_dir, run_name,
-                 {**metadata, "sequence_length": sequence_length})
+                 {**metadata, "sequence_length": sequence_length, "serving_sequence_length": serving_length})
 
 
 def write(model: keras.Model, tokenizer, endpoints: dict, label_names: list[str], export_dir: str,
@@ -76,7 +87,9 @@ def write(model: keras.Model, tokenizer, endpoints: dict, label_names: list[str]
     if not tokenizer.built:
         tokenizer.build(None)  # ExportArchive tracks built layers only; a tokenizer has no weights
     archive = keras.export.ExportArchive()
-    archive.track(model)
+    # The model is not `track`ed: ExportArchive.track() lists the Keras variables, and write_out()
+    # adds the tf.Variables the endpoints capture (`_all_variables`), so every weight was written
+    # twice (keras-team/keras #23553). The endpoints' own captures are all serving needs.
     archive.track(tokenizer)
     for name, (fn, signature) in endpoints.items():
         archive.add_endpoint(name, fn, input_signature=signature)
@@ -93,6 +106,12 @@ def write(model: keras.Model, tokenizer, endpoints: dict, label_names: list[str]
         tf_logger.setLevel(level)
         logging.set_verbosity(verbosity)
 
+    stored, weights = variables_bytes(tmp), weight_bytes(model)
+    if stored > 1.5 * weights + 1_000_000:  # the checkpoint's index and object graph add a little
+        logging.warning("the export's variables take %.1f MB for %.1f MB of weights: some are stored "
+                        "more than once", stored / 1e6, weights / 1e6)
+    metadata = {**metadata, "variables_bytes": stored, "weight_bytes": weights}
+
     extra = os.path.join(tmp, "assets.extra")
     tf.io.gfile.makedirs(extra)
     with tf.io.gfile.GFile(os.path.join(extra, "labels.txt"), "w") as f:
@@ -103,6 +122,18 @@ def write(model: keras.Model, tokenizer, endpoints: dict, label_names: list[str]
     tf.io.gfile.rename(tmp, final)
     logging.info("exported SavedModel version %d to %s", version, final)
     return final
+
+
+def variables_bytes(path: str) -> int:
+    """Bytes under a SavedModel's variables/ folder (what a server reads into memory)."""
+    folder = os.path.join(path, "variables")
+    return sum(tf.io.gfile.stat(os.path.join(folder, name)).length for name in tf.io.gfile.listdir(folder))
+
+
+def weight_bytes(model: keras.Model) -> int:
+    """Bytes of the model's weights as stored (parameters x bytes per parameter, per dtype)."""
+    unique = {id(w): w for w in model.weights}.values()
+    return int(sum(int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for w in unique))
 
 
 def load(path: str):

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from kft.backbones import Packing
+from kft.config import FlagError
 
 _CHUNK = 4096  # texts per tokenizer call: bounds peak memory on long documents
 # Characters kept per text before tokenizing. 512 word pieces never need more than a few
@@ -97,6 +98,13 @@ def choose_sequence_length(raw_lengths: np.ndarray, packing: Packing, limit: int
     cap = int(np.ceil(np.percentile(raw_lengths, percentile))) + specials
     cap = int(np.ceil(cap / 8) * 8)
     return max(8, min(cap, limit))
+
+
+def check_lengths(sequence_length: int, serving_length: int, limit: int) -> None:
+    """Refuses a training or serving token cap beyond the backbone's position limit."""
+    for flag, value in (("sequence_length", sequence_length), ("serving_sequence_length", serving_length)):
+        if value > limit:
+            raise FlagError(f"--{flag}={value} exceeds the backbone's limit of {limit} positions")
 
 
 def pack(pieces: tf.RaggedTensor, packing: Packing, sequence_length: int) -> tf.RaggedTensor:

@@ -33,7 +33,7 @@ EXIT_DIVERGED = 3
 RESUMABLE_CHANGES = {"model_dir", "export", "export_dir", "run_name", "strategy", "tpu", "data_dir",
                      "steps_per_execution", "jit_compile", "checkpoint_every_steps",
                      "keep_checkpoints", "log_every_steps", "cache_tokens",
-                     "eval_batch_size"}
+                     "eval_batch_size", "quantize", "serving_sequence_length"}
 
 
 class Preempted(Exception):
@@ -259,6 +259,11 @@ class Loop:
             return strategy.reduce("SUM", strategy.run(lambda x: tf.identity(x), args=(flag,)), axis=None)
 
         return any_worker
+
+    def refresh_predict_function(self) -> None:
+        """Traces prediction again: after the model's layers changed (quantized), the old trace
+        would keep computing with the variables it captured."""
+        self._predict_step = self._make_predict_function()
 
     # -- data ----------------------------------------------------------------------------------------
 

@@ -45,6 +45,42 @@ def _use_jit(config: Config) -> bool:
     return config.jit_compile == "true"
 
 
+def _quantize(model, loop, sources, prep, float_results, config: Config, strategy, metrics: dict,
+              run_name: str, loaded, is_chief: bool) -> dict:
+    """Quantizes the trained model, scores it on the eval split beside float32, and exports it as
+    <run_name>_<mode> (the float32 export stays where it was)."""
+    from kft import export as export_lib
+    from kft.compression import quantization
+
+    t0 = time.time()
+    with strategy.scope():
+        info = quantization.quantize(model, config.quantize)
+    loop.refresh_predict_function()  # the traced one captured the float32 kernels
+    outputs = loop.predict(sources["eval"])
+    quantized = prep.evaluate("eval", outputs, model)
+    headline = [m for m in prep.headline if m in quantized]
+    info["eval"] = {m: quantized[m] for m in headline}
+    info["float32_eval"] = {m: float_results["eval"][m] for m in headline}
+    info["seconds"] = round(time.time() - t0, 2)
+    logging.info("quantized to %s (%s): weights %.1f MB (float32 %.1f MB); eval %s (float32 %s)",
+                 config.quantize, ", ".join(f"{n} {k}" for k, n in info["quantized_layers"].items()),
+                 info["weight_bytes"] / 1e6, info["float32_weight_bytes"] / 1e6,
+                 ", ".join(f"{m} {info['eval'][m]:.4f}" for m in headline),
+                 ", ".join(f"{m} {info['float32_eval'][m]:.4f}" for m in headline))
+    if config.export and is_chief:
+        metadata = {k: metrics[k] for k in ("run_name", "task", "backbone", "method", "parameters")}
+        metadata.update(data=prep.description, flags=to_dict(config), quantization=config.quantize,
+                        metrics={"eval": info["eval"]})
+        info["export"] = tasks.get(config.task).export(model, loaded, prep, config, f"{run_name}_{config.quantize}",
+                                             metadata)
+        info["export_variables_bytes"] = export_lib.variables_bytes(info["export"])
+        if metrics.get("export"):
+            info["float32_export_variables_bytes"] = export_lib.variables_bytes(metrics["export"])
+        logging.info("quantized export: %s (%.1f MB of variables)", info["export"],
+                     info["export_variables_bytes"] / 1e6)
+    return info
+
+
 def _vocabulary(tokenizer) -> list[str] | None:
     try:
         return list(tokenizer.get_vocabulary())
@@ -218,6 +254,7 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
         logging.info("adapter: %d trainable tensors (%d parameters, %.1f MB) saved to %s",
                      metrics["adapter"]["tensors"], metrics["adapter"]["parameters"],
                      metrics["adapter"]["bytes"] / 1e6, metrics["adapter"]["path"])
+    exported = False
     if config.export and worker.is_chief:
         metadata = {k: metrics[k] for k in ("run_name", "task", "backbone", "method", "parameters")}
         metadata.update(data=prep.description, flags=to_dict(config), learning_rate=rate,
@@ -226,9 +263,16 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
         stop.phase = "the export"
         logging.info("exporting SavedModel to %s ...", os.path.join(config.export_dir, run_name))
         methods.prepare_export(loaded.backbone, config)
+        exported = True
         metrics["export"] = task.export(model, loaded, prep, config, run_name, metadata)
         metrics["training"]["export_seconds"] = round(time.time() - t0, 2)
         logging.info("export done in %s: %s", progress.duration(time.time() - t0), metrics["export"])
+    if config.quantize != "none":
+        stop.phase = "quantization"
+        if not exported:
+            methods.prepare_export(loaded.backbone, config)  # LoRA merged before its kernels are quantized
+        metrics["quantization"] = _quantize(model, loop, sources, prep, results, config, strategy,
+                                            metrics, run_name, loaded, worker.is_chief)
     stop.phase = "the writing of metrics.json"
     metrics["training"]["total_seconds"] = round(time.time() - started, 2)
     if worker.is_chief:

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from conftest import run_python
 from kft import backbones, export, inputs
@@ -125,7 +126,7 @@ def test_serving_handles_batch_sizes_huge_texts_and_bad_requests_in_a_fresh_proc
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["one"] == [1, 2] and r["many"] == [512, 2]
-    assert r["empty"] == {"probabilities": [0, 2], "class_id": [0], "label": [0]}
+    assert r["empty"] == {"probabilities": [0, 2], "class_id": [0], "label": [0], "truncated": [0]}
     assert r["huge_chars"] >= 100_000
     assert r["huge"] == pytest.approx([1.0, 1.0], abs=1e-5)  # truncated to sequence_length, classified
     assert r["huge_label"] in ("negative", "positive")
@@ -134,3 +135,47 @@ def test_serving_handles_batch_sizes_huge_texts_and_bad_requests_in_a_fresh_proc
     assert "string" in r["wrong_dtype"].lower() or "dtype" in r["wrong_dtype"].lower()
     assert "text" in r["missing_input"]
     assert r["still_serving"] in ("negative", "positive")  # the process survived every bad request
+
+
+def test_served_texts_are_read_past_the_training_cap_and_what_is_cut_is_counted(tiny_preset, tmp_path):
+    """A text longer than the training cap (8 tokens) is served whole up to the serving cap (40):
+    its probabilities are the model's on every token, not on the training cap's first 8."""
+    import keras
+
+    loaded = backbones.load(tiny_preset)
+    keras.utils.set_random_seed(7)
+    model = classification.build_model(loaded.backbone, 2, 0.1, pooling="mean")
+    head = model.get_layer("classifier")
+    head.kernel.assign(head.kernel * 10.0)  # a random tiny model barely reacts to anything: amplify
+    path = export.export(model, loaded.tokenizer, loaded.packing, 8, classification, ["neg", "pos"],
+                         str(tmp_path), "long", {}, serving_length=40)
+    text = " ".join(["a lovely film with a big heart"] * 4) + " but the end is dull"  # 33 pieces
+    longer = " ".join(["a lovely film with a big heart"] * 9)  # 63 pieces
+    pieces = [len(p) for p in loaded.tokenizer([text, longer])]
+    assert pieces[0] + 2 <= 40 < pieces[1] + 2
+
+    def probabilities(cap):
+        enc = inputs.encode(loaded.tokenizer, loaded.packing, [text], cap)
+        ids = enc.ids.to_tensor().numpy()
+        return model({"token_ids": ids, "padding_mask": np.ones_like(ids)}, training=False).numpy()[0]
+
+    whole, cut = np.log(probabilities(40)), np.log(probabilities(8))
+    assert np.abs(whole - cut).max() > 0.05  # the end of the text changes the tiny model's output
+    served = export.load(path).signatures["serving_default"](text=tf.constant([text, longer, "fine"]))
+    np.testing.assert_allclose(np.log(served["probabilities"].numpy()[0]), whole, atol=1e-4)
+    np.testing.assert_array_equal(served["truncated"].numpy(), [0, pieces[1] + 2 - 40, 0])
+    meta = json.loads((tmp_path / "long" / "1" / "assets.extra" / "metadata.json").read_text())
+    assert (meta["sequence_length"], meta["serving_sequence_length"]) == (8, 40)
+
+
+@pytest.mark.slow
+def test_the_demo_export_stores_each_weight_once(tmp_path):
+    """keras' ExportArchive.track() wrote every variable twice (variables/ was 2x the weights)."""
+    loaded = backbones.load(backbones.bundled_folder())
+    model = classification.build_model(loaded.backbone, 2, 0.1)
+    path = export.export(model, loaded.tokenizer, loaded.packing, 64, classification, ["neg", "pos"],
+                         str(tmp_path), "demo", {})
+    params = model.count_params()
+    stored = export.variables_bytes(path)
+    assert params > 20_000_000
+    assert abs(stored - 4 * params) <= 0.05 * 4 * params, (stored, 4 * params)

@@ -95,8 +95,12 @@ def test_merging_lora_keeps_the_function_and_leaves_only_base_weights(tiny_prese
     model, features = _after_three_steps(tiny_preset, method="lora",
                                          lora_targets=["query", "value", "ffn_out"])
     adapted = model(features).numpy()
+    base_kernels = {id(layer.base.kernel) for layer in _backbone(model)._flatten_layers()
+                    if isinstance(layer, lora.LoRAProjection)}
     assert lora.merge(_backbone(model)) == LAYERS * 3
     assert not any("lora" in v.path for v in model.weights)
+    # the base projections are back among the model's weights (and layers, for Model.quantize)
+    assert base_kernels <= {id(v) for v in model.weights}
     np.testing.assert_allclose(model(features).numpy(), adapted, atol=1e-5)
 
 

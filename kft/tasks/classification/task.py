@@ -14,7 +14,7 @@ from absl import logging
 
 from kft import backbones, data as data_lib, export as export_lib, inputs, metrics, plots, token_cache
 from kft import loop as loop_lib
-from kft.config import Config, FlagError
+from kft.config import Config
 
 
 def _pool(outputs, padding_mask, pooling: str):
@@ -115,9 +115,7 @@ def _prepare_inputs(config: Config, data: data_lib.Data, loaded: backbones.Loade
     raw_lengths = pieces["train"].row_lengths().numpy()
     sequence_length = config.sequence_length or inputs.choose_sequence_length(
         raw_lengths, loaded.packing, loaded.max_sequence_length)
-    if sequence_length > loaded.max_sequence_length:
-        raise FlagError(f"--sequence_length={sequence_length} exceeds the backbone's limit of "
-                        f"{loaded.max_sequence_length} positions")
+    inputs.check_lengths(sequence_length, config.serving_sequence_length, loaded.max_sequence_length)
     encoded = {k: inputs.pack_pieces(pieces[k], loaded.packing, sequence_length,
                                      inputs.count_cut(s.texts)) for k, s in splits.items()}
     label_ids = {k: data.vocab.encode(s, config.label_field) for k, s in splits.items()}
@@ -203,4 +201,5 @@ def export(model, loaded: backbones.Loaded, prep, config: Config, run_name: str,
     import sys
 
     return export_lib.export(model, loaded.tokenizer, loaded.packing, prep.sequence_length,
-                             sys.modules["kft.tasks.classification"], prep.names, config.export_dir, run_name, metadata)
+                             sys.modules["kft.tasks.classification"], prep.names, config.export_dir, run_name,
+                             metadata, config.serving_sequence_length or loaded.max_sequence_length)

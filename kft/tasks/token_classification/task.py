@@ -194,9 +194,7 @@ def prepare(config: Config, data: TokenData, loaded: backbones.Loaded, model_dir
     totals = np.array([sum(len(p) for p in sentence) for sentence in pieces["train"]])
     sequence_length = config.sequence_length or inputs.choose_sequence_length(
         totals, loaded.packing, loaded.max_sequence_length)
-    if sequence_length > loaded.max_sequence_length:
-        raise FlagError(f"--sequence_length={sequence_length} exceeds the backbone's limit of "
-                        f"{loaded.max_sequence_length} positions")
+    inputs.check_lengths(sequence_length, config.serving_sequence_length, loaded.max_sequence_length)
     if sequence_length - specials < 2:
         raise FlagError(f"--sequence_length={sequence_length} leaves no room for word pieces")
     names = data.vocab.names
@@ -302,10 +300,11 @@ def export(model, loaded: backbones.Loaded, prep, config: Config, run_name: str,
     crf = crf_layer(model)
     unknown = token_inputs._unknown_id(loaded.tokenizer)
     whitespace = tf_text.WhitespaceTokenizer()
+    serving_length = config.serving_sequence_length or loaded.max_sequence_length
 
     def tag(words, start, end):
         return token_serving.tag_words(model, crf, loaded.tokenizer, loaded.packing,
-                                       loaded.max_sequence_length, prep.names, unknown, words, start, end)
+                                       serving_length, prep.names, unknown, words, start, end)
 
     def serve_text(text):
         words, byte_start, byte_end = whitespace.tokenize_with_offsets(text)
@@ -321,4 +320,4 @@ def export(model, loaded: backbones.Loaded, prep, config: Config, run_name: str,
                  "serve_words": (serve_words, [tf.TensorSpec([None, None], tf.string, name="words")])}
     return export_lib.write(model, loaded.tokenizer, endpoints, prep.names, config.export_dir, run_name,
                             {**metadata, "sequence_length": prep.sequence_length,
-                             "serving_max_length": loaded.max_sequence_length})
+                             "serving_sequence_length": serving_length})
