@@ -163,9 +163,12 @@ def latest(folder: str) -> Checkpoint | None:
 
 
 def restore(ckpt: Checkpoint, model_variables, optimizer_variables) -> None:
-    """Assigns a checkpoint's values; refuses one written by a different model or optimizer."""
+    """Assigns a checkpoint's values; refuses one written by a different model or optimizer.
+    `optimizer_variables=None` restores the model alone (a teacher, a served model)."""
     for prefix, variables, key in (("model", model_variables, "model_variables"),
                                    ("optimizer", optimizer_variables, "optimizer_variables")):
+        if variables is None:
+            continue
         variables = list(variables)
         expected = [_describe(v) for v in variables]
         saved = ckpt.state[key]

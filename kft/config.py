@@ -157,6 +157,17 @@ class Config:
     quantize: str = _field("none", "After training, also export a quantized copy as <run_name>_<mode>, "
                            "scored on the eval split: int8 weights (int8), int8 weights and activations "
                            "(int8_dynamic), int4 weights (int4).", ("none", "int8", "int8_dynamic", "int4"))
+    teacher: str = _field("", "Distil from this finished kft run (its --model_dir): same task and labels; its "
+                          "outputs for the training data are computed once.")
+    distill_alpha: float = _field(0.5, "With --teacher: weight of the soft loss T^2 KL(teacher || student); "
+                                  "1 - alpha weighs the task loss.")
+    distill_temperature: float = _field(2.0, "With --teacher: softmax temperature T of both models' outputs.")
+    student_layers: int = _field(0, "Keep K evenly spaced transformer layers of the backbone (of the "
+                                 "--teacher's fine-tuned one when given, its head too); 0 = all.")
+    prune_sparsity: float = _field(0.0, "Magnitude-prune the transformer blocks' projection kernels to this "
+                                   "share of zeros during training (gradual, Zhu & Gupta); 0 = off.")
+    prune_end_fraction: float = _field(0.7, "With --prune_sparsity: the share of training steps after which "
+                                       "the target sparsity is reached and held.")
     serving_sequence_length: int = _field(0, "Token cap of a served text (classification, token "
                                           "classification); 0 = the backbone's position limit.")
 
@@ -184,7 +195,8 @@ GROUPS = {
     "checkpoints and logging": ["checkpoint_every_steps", "keep_checkpoints", "log_every_steps"],
     "distribution": ["strategy", "tpu"],
     "export": ["run_name", "model_dir", "export_dir", "export", "serving_sequence_length"],
-    "compression": ["quantize"],
+    "compression": ["quantize", "teacher", "distill_alpha", "distill_temperature", "student_layers",
+                    "prune_sparsity", "prune_end_fraction"],
 }
 # Flags that only one or some tasks read (every other flag applies to all tasks).
 TASK_ONLY = {
@@ -200,6 +212,12 @@ TASK_ONLY = {
     "serving_sequence_length": ("classification", "token_classification"),
     # the decoder's export is a keras-hub preset folder, not a SavedModel with kft's signatures
     "quantize": ("classification", "token_classification", "question_answering"),
+    "teacher": ("classification", "token_classification"),
+    "distill_alpha": ("classification", "token_classification"),
+    "distill_temperature": ("classification", "token_classification"),
+    "student_layers": ("classification", "token_classification", "question_answering"),
+    "prune_sparsity": ("classification", "token_classification", "question_answering"),
+    "prune_end_fraction": ("classification", "token_classification", "question_answering"),
 }
 
 

@@ -220,8 +220,11 @@ def padded_matrix(encoded: Encoded, pad_value: int) -> tf.Tensor:
 
 def plan_dataset(plan: BatchPlan, matrix: tf.Tensor, lengths: np.ndarray, labels: np.ndarray,
                  example_weights: np.ndarray, num_replicas: int = 1, replica_ids=None,
-                 sizes: np.ndarray | None = None) -> tf.data.Dataset:
+                 sizes: np.ndarray | None = None, targets: np.ndarray | None = None) -> tf.data.Dataset:
     """Per-replica batches of `plan`, as (features, labels, weights).
+
+    With `targets` ([n, k] or [n, longest, k] floats, e.g. a teacher's outputs) labels are the pair
+    (labels, targets), per-position targets cut to the batch width like the ids.
 
     `labels` is [n] (one per example) or [n, longest] (one per position, cut to each batch's width).
 
@@ -249,6 +252,7 @@ def plan_dataset(plan: BatchPlan, matrix: tf.Tensor, lengths: np.ndarray, labels
     widths = np.repeat(plan.widths, len(replica_ids))
     lengths = tf.constant(lengths, tf.int32)
     labels = tf.constant(labels, tf.int32)
+    targets = None if targets is None else tf.constant(targets, tf.float32)
 
     def make(rows, width, w):
         safe = tf.maximum(rows, 0)
@@ -258,6 +262,11 @@ def plan_dataset(plan: BatchPlan, matrix: tf.Tensor, lengths: np.ndarray, labels
         batch_labels = tf.gather(labels, safe)
         if labels.shape.rank == 2:  # one label per position (token tasks): cut like the ids
             batch_labels = batch_labels[:, :width]
+        if targets is not None:
+            batch_targets = tf.gather(targets, safe)
+            if targets.shape.rank == 3:
+                batch_targets = batch_targets[:, :width]
+            batch_labels = (batch_labels, batch_targets)
         return _features(ids, mask), batch_labels, w
 
     ds = tf.data.Dataset.from_tensor_slices((indices, widths, weights))

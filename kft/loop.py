@@ -68,6 +68,8 @@ class Split:
     labels: np.ndarray  # [n] int32, or [n, longest] for per-position labels
     weights: np.ndarray  # [n] float32 loss weight of each example (class weights)
     sizes: np.ndarray | None = None  # [n] labelled positions per example: the loss is a per-position mean
+    # [n, k] or [n, longest, k] float32 (a teacher's log-probabilities): labels become (labels, targets)
+    targets: np.ndarray | None = None
 
     @classmethod
     def from_encoded(cls, encoded: inputs.Encoded, labels: np.ndarray, pad: int,
@@ -88,13 +90,13 @@ def distributed_dataset(strategy: tf.distribute.Strategy, plan: inputs.BatchPlan
     replicas = strategy.num_replicas_in_sync
     if replicas == 1 and not distribute.uses_static_shapes(strategy):
         return inputs.plan_dataset(plan, split.matrix, split.lengths, split.labels, split.weights,
-                                   1, None, split.sizes)
+                                   1, None, split.sizes, split.targets)
 
     def dataset_fn(ctx: tf.distribute.InputContext):
         local = replicas // ctx.num_input_pipelines
         ids = range(ctx.input_pipeline_id * local, (ctx.input_pipeline_id + 1) * local)
         return inputs.plan_dataset(plan, split.matrix, split.lengths, split.labels, split.weights,
-                                   replicas, ids, split.sizes)
+                                   replicas, ids, split.sizes, split.targets)
 
     return strategy.distribute_datasets_from_function(dataset_fn)
 
@@ -202,6 +204,9 @@ class Loop:
         self.seconds = {"steps": 0.0, "eval": 0.0, "checkpoints": 0.0}  # where run() spends its time
         # The first call into the train function traces and optimizes its graph (part of "steps").
         self.first_call_seconds = None
+        # Called with the step count after every call into the train function, and with force=True
+        # when training (re)starts: the pruning schedule recomputes its masks there.
+        self.step_hook = None
         optimizer.build(model.trainable_variables)  # its variables exist before any restore
         self._train_chunk = self._make_train_function(jit_compile)
         self._predict_step = self._make_predict_function()
@@ -352,6 +357,8 @@ class Loop:
         log_every = c.log_every_steps or max(1, self.steps_per_epoch // 10)
         curve_every = max(1, self.total_steps // 200)
         progress = progress_lib.Progress(self.total_steps, state["step"])
+        if self.step_hook is not None and state["epoch"] < c.epochs:
+            self.step_hook(state["step"], True)
         with _SigtermFlag() as sigterm, progress:
             while state["epoch"] < c.epochs and not state["stopped_early"]:
                 plan = self._plan(state["epoch"]).slice(state["batch"])
@@ -367,6 +374,8 @@ class Loop:
                     self.seconds["steps"] += time.time() - t_chunk
                     if self.first_call_seconds is None:
                         self.first_call_seconds = time.time() - t_chunk
+                    if self.step_hook is not None:
+                        self.step_hook(state["step"] + n)
                     bad = np.flatnonzero(~np.isfinite(losses))
                     if bad.size:
                         self._diverged(state["step"] + int(bad[0]) + 1, float(losses[bad[0]]))

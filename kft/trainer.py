@@ -14,6 +14,7 @@ import tensorflow as tf
 from absl import logging
 
 from kft import adapters, backbones, distribute, inputs, methods, optim, plots, progress
+from kft.compression import distillation, pruning, students
 from kft import tasks
 from kft import loop as loop_lib
 from kft import config as config_lib
@@ -141,14 +142,35 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
                         f"over {replicas} replicas")
     run_name = default_run_name(config)
 
+    distillation.check_flags(config)
+    teacher = distillation.load_teacher(config.teacher, config) if config.teacher else None
     data = task.load_data(config)
     with strategy.scope():
-        loaded = (task.load_backbone(config) if hasattr(task, "load_backbone")
-                  else backbones.load(config.backbone))
+        if teacher is not None and config.student_layers:
+            if config.backbone not in (config_lib.BUNDLED_BACKBONE, teacher.config.backbone):
+                raise FlagError(f"--student_layers with --teacher copies the teacher's backbone "
+                                f"({teacher.config.backbone}); --backbone={config.backbone} contradicts it")
+            loaded = dataclasses.replace(teacher.loaded)
+        else:
+            loaded = (task.load_backbone(config) if hasattr(task, "load_backbone")
+                      else backbones.load(config.backbone))
+        student_info = None
+        if config.student_layers:
+            if teacher is not None and teacher.config.method in ("prompt", "prefix"):
+                raise FlagError(f"--student_layers: the teacher was trained with --method="
+                                f"{teacher.config.method}, whose blocks cannot be copied one by one")
+            depth = loaded.num_layers
+            loaded.backbone, chosen = students.shallow_copy(loaded.backbone, config.student_layers)
+            student_info = {"layers": config.student_layers, "of": depth, "copied_layers": chosen,
+                            "from": "teacher" if teacher is not None else "pretrained backbone"}
+            logging.info("student: %d of %d transformer layers (%s), copied from the %s",
+                         config.student_layers, depth, chosen, student_info["from"])
     logging.info("backbone: %s (%s), %d transformer layers", loaded.source, loaded.kind,
                  loaded.num_layers)
     prep = task.prepare(config, data, loaded, model_dir, worker.is_chief)
     sources = prep.sources
+    if teacher is not None:
+        distillation.check_labels(teacher, prep.names)
 
     if hasattr(task, "check_method"):
         task.check_method(loaded.backbone, config)
@@ -156,6 +178,21 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
         backbone, method_info = methods.apply(loaded.backbone, config, _vocabulary(loaded.tokenizer))
         model = task.build(backbone, prep.names, config)
     prep.model = model
+    if teacher is not None and config.student_layers:
+        copied = students.copy_head(teacher.model, model)
+        logging.info("student head: copied %s from the teacher", copied)
+    distill_info = None
+    if teacher is not None:
+        distill_info = {"teacher": teacher.path, "teacher_checkpoint": teacher.checkpoint,
+                        "alpha": config.distill_alpha, "temperature": config.distill_temperature}
+        if config.distill_alpha > 0:
+            t0 = time.time()
+            train_source = distillation.teacher_source(teacher, config, sources["train"], data, loaded)
+            sources["train"] = dataclasses.replace(sources["train"], targets=distillation.teacher_outputs(
+                teacher, train_source, config, model_dir))
+            distill_info["teacher_seconds"] = round(time.time() - t0, 2)
+        else:
+            logging.info("--distill_alpha=0: the task loss alone (teacher outputs not needed)")
     adapter_in = adapters.load(model, config, config.adapter, prep.names) if config.adapter else None
 
     jit = _use_jit(config)
@@ -166,9 +203,22 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
     with strategy.scope():
         optimizer = optim.build_optimizer(config, steps_per_epoch * config.epochs)
         loss_fn = task.loss_function(model, prep.class_weight)
+        if sources["train"].targets is not None:
+            loss_fn = distillation.loss_function(loss_fn, config.distill_alpha, config.distill_temperature,
+                                                 per_position=sources["train"].targets.ndim == 3)
         loop = loop_lib.Loop(model, optimizer, loss_fn, strategy, config, model_dir,
                              sources["train"], sources["eval"], prep.epoch_eval, static, jit,
                              prep.predict_function(model) if prep.predict_function else None)
+    pruner = None
+    if config.prune_sparsity:
+        if config.method != "full":
+            raise FlagError(f"--prune_sparsity prunes the kernels as they train: it needs --method=full, "
+                            f"not --method={config.method}")
+        with strategy.scope():
+            pruner = pruning.Pruner(backbone, config.prune_sparsity, loop.total_steps, config.prune_end_fraction)
+        loop.step_hook = pruner.update
+    elif config.prune_end_fraction != config_lib.Config().prune_end_fraction:
+        raise FlagError("--prune_end_fraction applies with --prune_sparsity only")
     trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
     total = int(model.count_params())
     logging.info("parameters: %d total, %d trainable (%.3g%%); method %s", total, trainable,
@@ -211,6 +261,10 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
         logging.info("%s metrics (%s):\n%s", k, progress.duration(time.time() - t_split),
                      prep.format(results[k]))
     eval_seconds = time.time() - t0
+    pruning_info = pruner.report() if pruner is not None else None
+    if pruning_info:
+        logging.info("pruning: %.2f%% of %d projection weights are 0 (target %.2f%%)",
+                     100 * pruning_info["measured"], pruning_info["pruned_parameters"], 100 * config.prune_sparsity)
     stop.phase = "the writing of charts and the adapter"
 
     epochs_now = len(state["history"])
@@ -221,6 +275,9 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
                      "layers": loaded.num_layers},
         "method": method_info,
         "adapter_loaded": adapter_in,
+        "student": student_info,
+        "distillation": distill_info,
+        "pruning": pruning_info,
         "parameters": {"total": total, "trainable": trainable,
                        "trainable_percent": round(100.0 * trainable / total, 4)},
         "sequence_length": prep.sequence_length,

@@ -273,3 +273,25 @@ def test_flags_of_the_other_task_are_refused_not_ignored(tiny_preset, tmp_path, 
     base = {"dataset": "", "train_file": train} if overrides.get("task") else {}
     with pytest.raises(FlagError, match=message):
         trainer.fit_model(tiny_config(backbone=tiny_preset, **base, **overrides), str(tmp_path / "m"))
+
+
+def test_a_token_classification_student_distils_per_tagged_word(tiny_preset, tmp_path):
+    from conftest import tiny_config
+    from kft import trainer
+    from kft.compression import distillation
+
+    files = dict(dataset="", backbone=tiny_preset, task="token_classification", sequence_length=8, stride=2,
+                 train_file=_write_conll(tmp_path / "train.txt", 120, 0),
+                 eval_file=_write_conll(tmp_path / "valid.txt", 30, 1), learning_rate=3e-3)
+    teacher_dir = str(tmp_path / "teacher")
+    trainer.fit_model(tiny_config(**files, epochs=3), teacher_dir)
+    fitted = trainer.fit_model(tiny_config(**files, epochs=3, teacher=teacher_dir, student_layers=1),
+                               str(tmp_path / "student"))
+    metrics = fitted.metrics
+    assert metrics["student"]["copied_layers"] == [1]
+    cached = np.load(tmp_path / "student" / distillation.CACHE)["log_probabilities"]
+    assert cached.ndim == 3 and cached.shape[-1] == 4  # [windows, positions, tags]
+    np.testing.assert_allclose(np.exp(cached[:, :2]).sum(-1), 1.0, atol=1e-4)  # real positions
+    history = metrics["training"]["history"]
+    assert all(np.isfinite(h["loss"]) for h in history) and history[-1]["loss"] < history[0]["loss"]
+    assert metrics["eval"]["entity_f1"] > 0.5
