@@ -1,4 +1,5 @@
-"""Benchmark: `python -m kft.bench --flagfile=flags/bench_sst2.cfg` (training), `--mode=serve`.
+"""Benchmark: `python -m kft.bench --flagfile=flags/bench_sst2.cfg` (training), `--mode=serve`,
+`--mode=compress --bench_dir=runs/compress` (the compression table, kft/compression/table.py).
 
 Training mode runs kft's training path, keras-hub's documented recipe and the Hugging Face
 Trainer on the same data and flags, each in a fresh process, then measures serving of kft's
@@ -31,9 +32,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """kft.train's flags plus the benchmark's own."""
     config_lib.define_flags(flag_values)
     fv = flag_values
-    flags.DEFINE_enum("mode", "train", ["train", "serve", "row"],
-                      "train: all rows then serving; serve: --saved_model only; row: one row (internal).",
-                      flag_values=fv)
+    flags.DEFINE_enum("mode", "train", ["train", "serve", "compress", "row"],
+                      "train: all rows then serving; serve: --saved_model only; compress: the compression "
+                      "table (flags/compress/); row: one row (internal).", flag_values=fv)
+    flags.DEFINE_list("compress_sets", ["sst2", "conll2003"], "With --mode=compress: the data sets of the "
+                      "table, in this order.", flag_values=fv)
     flags.DEFINE_list("rows", ["kft", "keras_hub", "hf_trainer"], "Training rows to run, in this order "
                       "(--task=question_answering: kft, hf_trainer).",
                       flag_values=fv)
@@ -75,6 +78,13 @@ def main(argv):
             json.dump(result, f, indent=2, default=str)
         return 0
     try:
+        if FLAGS.mode == "compress":
+            from kft.compression import table
+
+            report = table.run(list(FLAGS.compress_sets), os.path.abspath(FLAGS.bench_dir))
+            print(table.markdown(report))
+            print(f"\nwrote {os.path.join(FLAGS.bench_dir, 'compress.json')} and compress.md")
+            return 0
         if FLAGS.mode == "serve":
             print(json.dumps(benchmark.run_serving(config, options), indent=2))
             return 0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kft import backbones
+from kft import backbones, export
 from kft.tasks.token_classification import crf as crf_lib
 from kft.tasks import token_classification as task
 
@@ -285,7 +285,8 @@ def test_a_token_classification_student_distils_per_tagged_word(tiny_preset, tmp
                  eval_file=_write_conll(tmp_path / "valid.txt", 30, 1), learning_rate=3e-3)
     teacher_dir = str(tmp_path / "teacher")
     trainer.fit_model(tiny_config(**files, epochs=3), teacher_dir)
-    fitted = trainer.fit_model(tiny_config(**files, epochs=3, teacher=teacher_dir, student_layers=1),
+    fitted = trainer.fit_model(tiny_config(**files, epochs=3, teacher=teacher_dir, student_layers=1,
+                                           quantize="int8", export=True, export_dir=str(tmp_path / "exports")),
                                str(tmp_path / "student"))
     metrics = fitted.metrics
     assert metrics["student"]["copied_layers"] == [1]
@@ -295,3 +296,7 @@ def test_a_token_classification_student_distils_per_tagged_word(tiny_preset, tmp
     history = metrics["training"]["history"]
     assert all(np.isfinite(h["loss"]) for h in history) and history[-1]["loss"] < history[0]["loss"]
     assert metrics["eval"]["entity_f1"] > 0.5
+    quantized = metrics["quantization"]  # the student quantized, scored and exported too
+    assert quantized["eval"]["entity_f1"] == pytest.approx(metrics["eval"]["entity_f1"], abs=0.1)
+    served = export.load(quantized["export"]).signatures["serving_default"](text=tf.constant(["Alice visited Acme"]))
+    assert served["tags"].shape[0] == 1
