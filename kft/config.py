@@ -168,6 +168,13 @@ class Config:
                                    "share of zeros during training (gradual, Zhu & Gupta); 0 = off.")
     prune_end_fraction: float = _field(0.7, "With --prune_sparsity: the share of training steps after which "
                                        "the target sparsity is reached and held.")
+    drift: bool = _field(True, "Measure in metrics.json how far training moved the backbone: weight distance "
+                         "and representation similarity (CKA) on a general-text sample, per layer.")
+    regularize_to_pretrained: str = _field("none", "l2sp: AdamW decays the backbone toward its starting "
+                                           "weights instead of toward 0 (L2-SP); the head decays as usual.",
+                                           ("none", "l2sp"))
+    l2sp_weight: float = _field(1.0, "With --regularize_to_pretrained=l2sp: the pull toward the starting "
+                                "weights, a decoupled decay rate (step: -lr * weight * (theta - theta_0)).")
     serving_sequence_length: int = _field(0, "Token cap of a served text (classification, token "
                                           "classification); 0 = the backbone's position limit.")
 
@@ -197,6 +204,7 @@ GROUPS = {
     "export": ["run_name", "model_dir", "export_dir", "export", "serving_sequence_length"],
     "compression": ["quantize", "teacher", "distill_alpha", "distill_temperature", "student_layers",
                     "prune_sparsity", "prune_end_fraction"],
+    "forgetting": ["drift", "regularize_to_pretrained", "l2sp_weight"],
 }
 # Flags that only one or some tasks read (every other flag applies to all tasks).
 TASK_ONLY = {

@@ -152,7 +152,21 @@ class AdamW(keras.optimizers.AdamW):
             beta2=tf.cast(self.beta_2, dtype), epsilon=tf.cast(self.epsilon, dtype),
             grad=tf.cast(tf.convert_to_tensor(gradient), dtype))
 
+    def anchor(self, pairs, weight: float) -> int:
+        """L2-SP (Li et al., 2018) as a decoupled decay: each given variable decays toward its
+        starting value, v -= lr * weight * (v - v0), instead of toward 0. Returns how many."""
+        self._anchors = {}
+        with tf.init_scope():
+            for variable, value in pairs:
+                if variable.trainable:
+                    self._anchors[id(variable)] = tf.Variable(value, trainable=False, name="l2sp_anchor")
+        self._anchor_weight = float(weight)
+        return len(self._anchors)
+
     def _apply_weight_decay(self, variables):
+        anchors = getattr(self, "_anchors", None)
+        if anchors:
+            return self._apply_anchored_decay(variables, anchors)
         if not self._fused or self.weight_decay is None:
             return super()._apply_weight_decay(variables)
 
@@ -165,6 +179,22 @@ class AdamW(keras.optimizers.AdamW):
         def apply(distribution, variables):
             for variable in variables:
                 distribution.extended.update(_tf_variable(variable), decay, group=False)
+
+        tf.__internal__.distribute.interim.maybe_merge_call(apply, self._distribution_strategy, variables)
+
+    def _apply_anchored_decay(self, variables, anchors):
+        def decay(variable, anchor=None):
+            if anchor is not None:
+                scale = tf.cast(self.learning_rate * self._anchor_weight, variable.dtype)
+                variable.assign_sub((variable - anchor) * scale)
+            elif self.weight_decay is not None and self._use_weight_decay(variable):
+                variable.assign_sub(variable * tf.cast(self.learning_rate * self.weight_decay, variable.dtype))
+
+        def apply(distribution, variables):
+            for variable in variables:
+                anchor = anchors.get(id(variable))
+                distribution.extended.update(_tf_variable(variable), decay,
+                                             args=(() if anchor is None else (anchor,)), group=False)
 
         tf.__internal__.distribute.interim.maybe_merge_call(apply, self._distribution_strategy, variables)
 

@@ -115,3 +115,26 @@ def f1_by_context_length(rows: list[dict], path: str, title: str = "") -> None:
     ax.legend(loc="upper right")
     fig.tight_layout()
     _save(fig, path)
+
+
+def drift(drift_section: dict, path: str, title: str = "") -> None:
+    """Per transformer layer: relative weight distance from the start, and linear CKA between the
+    starting and the fine-tuned representations of the general-text sample."""
+    weights = drift_section["weights"]["per_layer"]
+    cka = (drift_section.get("representations") or {}).get("per_layer")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    layers = np.arange(1, len(weights) + 1)
+    ax1.bar(layers, weights, color="tab:red")
+    ax1.set_xlabel("transformer layer")
+    ax1.set_ylabel("||theta - theta_0|| / ||theta_0||")
+    ax1.set_title(f"weight distance (overall {drift_section['weights']['overall']:.4f})")
+    if cka:
+        ax2.plot(layers, cka, marker="o")
+        ax2.set_ylim(min(0.0, min(cka)) , 1.05)
+        ax2.set_title("linear CKA, start vs fine-tuned (general text)")
+    ax2.set_xlabel("transformer layer")
+    ax2.set_ylabel("linear CKA")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)

@@ -14,6 +14,7 @@ import tensorflow as tf
 from absl import logging
 
 from kft import adapters, backbones, distribute, inputs, methods, optim, plots, progress
+from kft import drift as drift_lib
 from kft.compression import distillation, pruning, students
 from kft import tasks
 from kft import loop as loop_lib
@@ -167,6 +168,9 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
                          config.student_layers, depth, chosen, student_info["from"])
     logging.info("backbone: %s (%s), %d transformer layers", loaded.source, loaded.kind,
                  loaded.num_layers)
+    # theta_0 before the method changes the backbone and before a checkpoint is restored
+    start = drift_lib.snapshot(loaded.backbone) if (config.drift or config.regularize_to_pretrained != "none") \
+        else None
     prep = task.prepare(config, data, loaded, model_dir, worker.is_chief)
     sources = prep.sources
     if teacher is not None:
@@ -202,6 +206,12 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
                                             config.num_buckets, config.seed, 0, static))
     with strategy.scope():
         optimizer = optim.build_optimizer(config, steps_per_epoch * config.epochs)
+        if config.regularize_to_pretrained == "l2sp":
+            anchored = optimizer.anchor(drift_lib.anchors(start, loaded.backbone), config.l2sp_weight)
+            logging.info("L2-SP: %d backbone tensors decay toward their starting values (weight %g); the "
+                         "head and the method's own weights decay toward 0", anchored, config.l2sp_weight)
+        elif config.l2sp_weight != config_lib.Config().l2sp_weight:
+            raise FlagError("--l2sp_weight applies with --regularize_to_pretrained=l2sp only")
         loss_fn = task.loss_function(model, prep.class_weight)
         if sources["train"].targets is not None:
             loss_fn = distillation.loss_function(loss_fn, config.distill_alpha, config.distill_temperature,
@@ -261,6 +271,13 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
         logging.info("%s metrics (%s):\n%s", k, progress.duration(time.time() - t_split),
                      prep.format(results[k]))
     eval_seconds = time.time() - t0
+    drift_info = None
+    if config.drift:
+        t_drift = time.time()
+        drift_info = drift_lib.measure(start, loaded, config)
+        logging.info("drift from the start (%.1fs): weight distance %.4f overall, per layer %s; linear CKA "
+                     "per layer %s (general text)", time.time() - t_drift, drift_info["weights"]["overall"],
+                     drift_info["weights"]["per_layer"], (drift_info.get("representations") or {}).get("per_layer"))
     pruning_info = pruner.report() if pruner is not None else None
     if pruning_info:
         logging.info("pruning: %.2f%% of %d projection weights are 0 (target %.2f%%)",
@@ -278,6 +295,7 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
         "student": student_info,
         "distillation": distill_info,
         "pruning": pruning_info,
+        "drift": drift_info,
         "parameters": {"total": total, "trainable": trainable,
                        "trainable_percent": round(100.0 * trainable / total, 4)},
         "sequence_length": prep.sequence_length,
@@ -304,6 +322,8 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
         plots.training_curves(state["curve_steps"], state["curve_losses"], state["history"],
                               os.path.join(model_dir, "training_curves.png"))
         prep.write_outputs(results, model_dir)
+        if drift_info:
+            plots.drift(drift_info, os.path.join(model_dir, "drift.png"), run_name)
 
     if method_info["method"] != "full" and worker.is_chief:  # full fine-tuning: the export is the artifact
         metrics["adapter"] = adapters.save(model, config, os.path.join(model_dir, adapters.FILENAME),

@@ -14,10 +14,8 @@ teacher every step; kft writes the loss here instead.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
-import json
 import os
 
 import keras
@@ -26,59 +24,24 @@ import tensorflow as tf
 from absl import logging
 from keras import ops
 
-from kft import backbones, checkpoints, config as config_lib, inputs, methods
+from kft import config as config_lib, inputs, runs
 from kft.config import Config, FlagError
 
 CACHE = "teacher_outputs.npz"
 
 
-@dataclasses.dataclass
-class Teacher:
-    """A finished run rebuilt in memory with its final weights."""
-
-    path: str
-    config: Config
-    model: keras.Model
-    loaded: object  # backbones.Loaded
-    names: list[str]
-    checkpoint: str
-    sequence_length: int
-
-
-def _run_config(path: str) -> tuple[Config, dict]:
-    metrics_path = os.path.join(path, "metrics.json")
-    if not tf.io.gfile.exists(metrics_path):
-        raise FlagError(f"--teacher={path}: no metrics.json there; pass the --model_dir of a finished kft run")
-    with tf.io.gfile.GFile(metrics_path) as f:
-        metrics = json.load(f)
-    known = {f.name for f in config_lib.fields()}
-    return Config(**{k: v for k, v in metrics["config"].items() if k in known}), metrics
+Teacher = runs.Run  # a finished run rebuilt in memory with its final weights
 
 
 def load_teacher(path: str, config: Config) -> Teacher:
-    """Rebuilds the run at `path` (same backbone, method and head) and restores its final weights."""
-    from kft import tasks
-
-    teacher_config, metrics = _run_config(path)
+    """Rebuilds the run at `path` (same backbone, method and head) with its final weights."""
+    teacher_config, _ = runs.read_config(path, "--teacher")
     if teacher_config.task != config.task:
         raise FlagError(f"--teacher={path} was trained for --task={teacher_config.task}; this run is "
                         f"--task={config.task}")
-    if getattr(teacher_config, "crf", False) or config.crf:
+    if teacher_config.crf or config.crf:
         raise FlagError("--teacher: distillation needs per-tag probabilities; a --crf head has none")
-    task = tasks.get(teacher_config.task)
-    names = list(metrics["data"]["labels"])
-    loaded = backbones.load(teacher_config.backbone)
-    backbone, _ = methods.apply(loaded.backbone, teacher_config, None)
-    model = task.build(backbone, names, teacher_config)
-    folder = os.path.join(path, "best" if teacher_config.early_stopping_patience else "checkpoints")
-    ckpt = checkpoints.latest(folder) or checkpoints.latest(os.path.join(path, "checkpoints"))
-    if ckpt is None:
-        raise FlagError(f"--teacher={path}: no checkpoint under {folder}")
-    checkpoints.restore(ckpt, model.variables, None)
-    methods.prepare_export(loaded.backbone, teacher_config)  # LoRA merged: the plain function
-    logging.info("teacher: %s (%s, %s, %d layers, labels %s), weights from %s", path, teacher_config.backbone,
-                 teacher_config.method, len(backbones.transformer_layers(loaded.backbone)), names, ckpt.path)
-    return Teacher(path, teacher_config, model, loaded, names, ckpt.path, int(metrics["sequence_length"]))
+    return runs.load_run(path, "--teacher")
 
 
 def check_labels(teacher: Teacher, names: list[str]) -> None:
