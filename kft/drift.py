@@ -8,8 +8,9 @@ Two measures, per transformer layer and overall, for metrics.json's `drift` sect
   sample that ships with kft (kft/sample_data/general_text.txt), not the task's data: 1 = the same
   representation up to rotation and scale; lower = fine-tuning changed what the layer encodes.
 
-theta_0 is snapshot when the backbone is loaded, before the tuning method changes it and before a
-checkpoint is restored, so it is the pretrained (or the copied student's) starting point.
+theta_0 and the starting representations are taken when the backbone is loaded, before the tuning
+method changes it and before a checkpoint is restored: the pretrained (or the copied student's)
+starting point.
 """
 
 from __future__ import annotations
@@ -27,18 +28,22 @@ GENERAL_TEXT = os.path.join(os.path.dirname(__file__), "sample_data", "general_t
 
 @dataclasses.dataclass
 class Snapshot:
-    """The backbone as it was before training: its class, config and weights (in `weights` order)."""
+    """The backbone as it was before training: its weights, and its representations of the
+    general-text sample (computed then, so the start never has to be rebuilt)."""
 
-    cls: type
-    config: dict
     values: list[np.ndarray]
     by_id: dict  # id(variable) -> index into values
+    probe: tuple | None = None  # (token_ids, padding_mask) of the general-text sample
+    representations: list | None = None  # per block [n, hidden], before training
 
 
-def snapshot(backbone: keras.Model) -> Snapshot:
-    weights = backbone.weights
-    return Snapshot(type(backbone), backbone.get_config(), [np.array(w.numpy()) for w in weights],
-                    {id(w): i for i, w in enumerate(weights)})
+def snapshot(loaded, representations: bool = True) -> Snapshot:
+    weights = loaded.backbone.weights
+    snap = Snapshot([np.array(w.numpy()) for w in weights], {id(w): i for i, w in enumerate(weights)})
+    if representations:
+        snap.probe = _probe_inputs(loaded, general_text())
+        snap.representations = layer_representations(loaded.backbone, *snap.probe)
+    return snap
 
 
 def _effective(block) -> list[tuple[object, np.ndarray]]:
@@ -113,15 +118,11 @@ def general_text() -> list[str]:
         return [line.strip() for line in f if line.strip()]
 
 
-def representation_similarity(snap: Snapshot, backbone: keras.Model, token_ids: np.ndarray,
-                              padding_mask: np.ndarray) -> dict:
-    """Linear CKA per block between the starting backbone (rebuilt from the snapshot) and `backbone`."""
-    start = snap.cls.from_config(snap.config)
-    start.set_weights(snap.values)
-    before = layer_representations(start, token_ids, padding_mask)
-    after = layer_representations(backbone, token_ids, padding_mask)
-    per_layer = [round(linear_cka(a, b), 6) for a, b in zip(before, after)]
-    return {"per_layer": per_layer, "mean": round(float(np.mean(per_layer)), 6), "texts": len(token_ids)}
+def representation_similarity(snap: Snapshot, backbone: keras.Model) -> dict:
+    """Linear CKA per block between the snapshot's representations and `backbone`'s now."""
+    after = layer_representations(backbone, *snap.probe)
+    per_layer = [round(linear_cka(a, b), 6) for a, b in zip(snap.representations, after)]
+    return {"per_layer": per_layer, "mean": round(float(np.mean(per_layer)), 6), "texts": len(snap.probe[0])}
 
 
 def anchors(snap: Snapshot, backbone: keras.Model) -> list[tuple[object, np.ndarray]]:
@@ -152,8 +153,8 @@ def measure(snap: Snapshot, loaded, config) -> dict:
     """metrics.json's `drift` section for the backbone now, against its snapshot."""
     out = {"weights": weight_distance(snap, loaded.backbone),
            "sample": os.path.relpath(GENERAL_TEXT, os.path.dirname(os.path.dirname(__file__)))}
-    ids, mask = _probe_inputs(loaded, general_text())
-    out["representations"] = representation_similarity(snap, loaded.backbone, ids, mask)
+    if snap.representations is not None:
+        out["representations"] = representation_similarity(snap, loaded.backbone)
     if config.method in ("prompt", "prefix"):
         out["note"] = (f"--method={config.method} keeps every backbone weight frozen: the model's function "
                        "changes through the learned vectors, which these per-layer measures do not see")

@@ -169,8 +169,8 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
     logging.info("backbone: %s (%s), %d transformer layers", loaded.source, loaded.kind,
                  loaded.num_layers)
     # theta_0 before the method changes the backbone and before a checkpoint is restored
-    start = drift_lib.snapshot(loaded.backbone) if (config.drift or config.regularize_to_pretrained != "none") \
-        else None
+    start = drift_lib.snapshot(loaded, representations=config.drift) \
+        if (config.drift or config.regularize_to_pretrained != "none") else None
     prep = task.prepare(config, data, loaded, model_dir, worker.is_chief)
     sources = prep.sources
     if teacher is not None:

@@ -44,7 +44,7 @@ def test_l2sp_pulls_the_backbone_toward_its_start_and_decays_only_the_head_towar
     from kft.tasks import classification
 
     loaded = backbones.load(tiny_preset)
-    start = drift.snapshot(loaded.backbone)
+    start = drift.snapshot(loaded, representations=False)
     model = classification.build_model(loaded.backbone, 2, 0.0)
     config = tiny_config(learning_rate=1e-2, warmup_ratio=0.0, regularize_to_pretrained="l2sp", l2sp_weight=5.0)
     optimizer = optim.build_optimizer(config, total_steps=10)
