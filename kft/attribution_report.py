@@ -1,5 +1,6 @@
-"""Attributions drawn for people: an HTML page and a PNG, each word shaded by its attribution
-(red toward the explained output, blue against, stronger = larger share of the text's largest).
+"""Attributions of a run's texts, computed by the run's task and written for people: an HTML page
+and a PNG, each word shaded by its attribution (red toward the explained output, blue against,
+stronger = larger share of the text's largest), and JSON lines with the numbers.
 
 A record (kft.explain's JSON line) holds "title" (what is explained, e.g. the predicted label and
 its probability) and "words": [{"word", "attribution"}, ...]; the page shows one record per block.
@@ -8,8 +9,13 @@ its probability) and "words": [{"word", "attribution"}, ...]; the page shows one
 from __future__ import annotations
 
 import html
+import json
+import os
 
 RED, BLUE = (214, 39, 40), (31, 119, 180)
+# A text whose attributions miss f(input) - f(baseline) by more than this gets a warning.
+COMPLETENESS_TOLERANCE = 0.01
+EXPLAINABLE = ("classification", "token_classification")
 
 
 def _rgba(value: float, scale: float) -> tuple[tuple[int, int, int], float]:
@@ -97,3 +103,29 @@ def image(records: list[dict], path: str, heading: str, width: float = 11.0) -> 
         y -= 0.32 / height
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def explain(run, texts: list[str], steps: int, target: str = "") -> list[dict]:
+    if run.config.task == "classification":
+        from kft.tasks.classification import explain as task_explain
+    elif run.config.task == "token_classification":
+        from kft.tasks.token_classification import explain as task_explain
+    else:
+        from kft.config import FlagError
+
+        raise FlagError(f"--model_dir={run.path}: kft.explain covers --task={' and '.join(EXPLAINABLE)}; "
+                        f"this run is --task={run.config.task}")
+    return task_explain.explain(run, texts, steps, target)
+
+
+def write(records: list[dict], output_dir: str, heading: str) -> dict:
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(output_dir)
+    paths = {k: os.path.join(output_dir, f"attributions.{k}") for k in ("jsonl", "html", "png")}
+    with tf.io.gfile.GFile(paths["jsonl"], "w") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    with tf.io.gfile.GFile(paths["html"], "w") as f:
+        f.write(page(records, heading))
+    image(records, paths["png"], heading)
+    return paths

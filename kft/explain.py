@@ -21,44 +21,16 @@ startup.quiet_environment()  # before anything imports TensorFlow
 
 from absl import app, flags  # noqa: E402
 
-flags.DEFINE_string("model_dir", "", "A finished kft run's --model_dir (its metrics.json and checkpoints).")
-flags.DEFINE_string("input_file", "", "Text file with one text per line (instead of arguments).")
-flags.DEFINE_integer("ig_steps", 64, "Integration intervals along the path from the padding baseline.")
-flags.DEFINE_string("target", "", "Explain this label (or tag) instead of the predicted one.")
-flags.DEFINE_string("output_dir", "", "Where the JSONL, HTML and PNG go; empty = <model_dir>/explain.")
 FLAGS = flags.FLAGS
 
-# A text whose attributions miss f(input) - f(baseline) by more than this gets a warning.
-COMPLETENESS_TOLERANCE = 0.01
-EXPLAINABLE = ("classification", "token_classification")
 
-
-def explain(run, texts: list[str], steps: int, target: str = "") -> list[dict]:
-    if run.config.task == "classification":
-        from kft.tasks.classification import explain as task_explain
-    elif run.config.task == "token_classification":
-        from kft.tasks.token_classification import explain as task_explain
-    else:
-        from kft.config import FlagError
-
-        raise FlagError(f"--model_dir={run.path}: kft.explain covers --task={' and '.join(EXPLAINABLE)}; "
-                        f"this run is --task={run.config.task}")
-    return task_explain.explain(run, texts, steps, target)
-
-
-def write(records: list[dict], output_dir: str, heading: str) -> dict:
-    import tensorflow as tf
-
-    from kft import attribution_report
-
-    tf.io.gfile.makedirs(output_dir)
-    paths = {k: os.path.join(output_dir, f"attributions.{k}") for k in ("jsonl", "html", "png")}
-    with tf.io.gfile.GFile(paths["jsonl"], "w") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    with tf.io.gfile.GFile(paths["html"], "w") as f:
-        f.write(attribution_report.page(records, heading))
-    attribution_report.image(records, paths["png"], heading)
-    return paths
+def define_flags() -> None:
+    """Here, not at import: tests import kft modules beside kft.train's flags in one process."""
+    flags.DEFINE_string("model_dir", "", "A finished kft run's --model_dir (its metrics.json and checkpoints).")
+    flags.DEFINE_string("input_file", "", "Text file with one text per line (instead of arguments).")
+    flags.DEFINE_integer("ig_steps", 64, "Integration intervals along the path from the padding baseline.")
+    flags.DEFINE_string("target", "", "Explain this label (or tag) instead of the predicted one.")
+    flags.DEFINE_string("output_dir", "", "Where the JSONL, HTML and PNG go; empty = <model_dir>/explain.")
 
 
 def main(argv):
@@ -66,7 +38,7 @@ def main(argv):
     import tensorflow as tf
     from absl import logging
 
-    from kft import runs
+    from kft import attribution_report, runs
     from kft.config import FlagError
 
     if not FLAGS.model_dir:
@@ -85,18 +57,18 @@ def main(argv):
         raise app.UsageError("no texts: pass them as arguments or with --input_file")
     try:
         run = runs.load_run(FLAGS.model_dir)
-        records = explain(run, texts, FLAGS.ig_steps, FLAGS.target)
+        records = attribution_report.explain(run, texts, FLAGS.ig_steps, FLAGS.target)
     except FlagError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for r in records:
-        if r["completeness_error"] > COMPLETENESS_TOLERANCE:
+        if r["completeness_error"] > attribution_report.COMPLETENESS_TOLERANCE:
             logging.warning("%r: attributions sum to %.5f but f(input) - f(baseline) = %.5f (gap %.2f%% > "
                             "%.0f%%): raise --ig_steps", r["text"][:60], r["attribution_sum"],
                             r["f_input"] - r["f_baseline"], 100 * r["completeness_error"],
-                            100 * COMPLETENESS_TOLERANCE)
+                            100 * attribution_report.COMPLETENESS_TOLERANCE)
     output_dir = FLAGS.output_dir or os.path.join(FLAGS.model_dir, "explain")
-    paths = write(records, output_dir, f"{run.config.task}: {os.path.basename(FLAGS.model_dir.rstrip('/'))}")
+    paths = attribution_report.write(records, output_dir, f"{run.config.task}: {os.path.basename(FLAGS.model_dir.rstrip('/'))}")
     for r in records:
         print(json.dumps({k: r[k] for k in r if k not in ("words",)}
                          | {"words": [[w["word"], round(w["attribution"], 5)] for w in r["words"]]},
@@ -106,6 +78,7 @@ def main(argv):
 
 
 def run():
+    define_flags()
     app.run(main)
 
 

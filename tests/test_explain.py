@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import run_python, tiny_config
-from kft import attributions, runs, trainer
+from kft import attribution_report, attributions, runs, trainer
 
 TEXTS = ["a lovely film with a big heart", "the plot is dull and far too long", "fine"]
 
@@ -25,10 +25,8 @@ def trained_run(tiny_preset, tmp_path_factory):
 
 
 def test_attributions_sum_to_the_output_change_within_one_percent_at_the_default_steps(trained_run):
-    from kft import explain
-
     run = runs.load_run(trained_run)
-    records = explain.explain(run, TEXTS, steps=64)
+    records = attribution_report.explain(run, TEXTS, steps=64)
     assert [r["text"] for r in records] == TEXTS
     for r in records:
         assert r["completeness_error"] <= 0.01, r
@@ -39,12 +37,10 @@ def test_attributions_sum_to_the_output_change_within_one_percent_at_the_default
 
 
 def test_a_target_label_is_explained_instead_of_the_prediction_and_its_sign_flips(trained_run):
-    from kft import explain
-
     run = runs.load_run(trained_run)
-    [predicted] = explain.explain(run, TEXTS[:1], 64)
+    [predicted] = attribution_report.explain(run, TEXTS[:1], 64)
     other = next(n for n in run.names if n != predicted["predicted"])
-    [against] = explain.explain(run, TEXTS[:1], 64, target=other)
+    [against] = attribution_report.explain(run, TEXTS[:1], 64, target=other)
     assert against["explained"] == other
     # two classes: p(other) = 1 - p(predicted), so every word's attribution changes sign
     np.testing.assert_allclose([w["attribution"] for w in against["words"]],
@@ -115,8 +111,6 @@ def test_a_headless_browser_renders_the_words_in_their_colours(trained_run, tmp_
     assert dump.returncode == 0, dump.stderr[-2000:]
     for word in TEXTS[0].split():
         assert f">{word}</span>" in dump.stdout  # the browser parsed every word into the page
-    from kft import attribution_report
-
     [record] = [json.loads(line) for line in (out / "attributions.jsonl").read_text().splitlines()]
     flat = dict(record, words=[dict(w, attribution=0.0) for w in record["words"]])
     (tmp_path / "flat.html").write_text(attribution_report.page([flat], "flat"))
