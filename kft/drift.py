@@ -77,10 +77,10 @@ def weight_distance(snap: Snapshot, backbone: keras.Model) -> dict:
             if index is not None:  # a method's own weights (prompts, LoRA factors) have no theta_0
                 start.append(snap.values[index])
                 now.append(value)
-        per_layer.append(round(relative_distance(start, now), 6))
+        per_layer.append(round(float(relative_distance(start, now)), 6))
         all_start += start
         all_now += now
-    return {"per_layer": per_layer, "overall": round(relative_distance(all_start, all_now), 6)}
+    return {"per_layer": per_layer, "overall": round(float(relative_distance(all_start, all_now)), 6)}
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
