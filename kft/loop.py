@@ -283,19 +283,7 @@ class Loop:
         plan = inputs.eval_plan(split.lengths, eval_batch_size(self.config), self.config.num_buckets,
                                 self.static_shapes)
         iterator = iter(distributed_dataset(self.strategy, plan, split))
-        out = None
-        for rows in plan.indices:
-            probabilities = self._predict_step(iterator).numpy()
-            if out is None:  # per-position outputs [batch, width, k] go into [n, longest, k]
-                shape = (len(split.lengths),) + ((int(split.lengths.max()),) if probabilities.ndim == 3
-                                                 else ()) + probabilities.shape[-1:]
-                out = np.zeros(shape, probabilities.dtype)
-            keep = rows >= 0
-            if probabilities.ndim == 3:
-                out[rows[keep], :probabilities.shape[1]] = probabilities[keep]
-            else:
-                out[rows[keep]] = probabilities[keep]
-        return out
+        return in_split_order(split, plan, (self._predict_step(iterator).numpy() for _ in plan.indices))
 
     # -- state ---------------------------------------------------------------------------------------
 
@@ -474,6 +462,23 @@ class Loop:
                              state["epochs_without_gain"])
                 state["stopped_early"] = True
         state.update(epoch=state["epoch"] + 1, batch=0, epoch_loss_sum=0.0, epoch_loss_count=0)
+
+
+def in_split_order(split: Split, plan: inputs.BatchPlan, batches) -> np.ndarray:
+    """Each batch's outputs (an iterable, one array per row of plan.indices) put back in the split's
+    order: [n, k], or [n, longest, k] for per-position outputs (zero beyond each batch's width)."""
+    out = None
+    for rows, values in zip(plan.indices, batches):
+        if out is None:
+            shape = (len(split.lengths),) + ((int(split.lengths.max()),) if values.ndim == 3 else ()) \
+                + values.shape[-1:]
+            out = np.zeros(shape, values.dtype)
+        keep = rows >= 0
+        if values.ndim == 3:
+            out[rows[keep], :values.shape[1]] = values[keep]
+        else:
+            out[rows[keep]] = values[keep]
+    return out
 
 
 def eval_batch_size(config: Config) -> int:

@@ -25,6 +25,7 @@ from absl import logging
 from keras import ops
 
 from kft import config as config_lib, inputs, runs
+from kft import loop as loop_lib
 from kft.config import Config, FlagError
 
 CACHE = "teacher_outputs.npz"
@@ -61,27 +62,19 @@ def predict_log_probabilities(model: keras.Model, split, config: Config, counter
     def forward(features):
         return tf.math.log(tf.maximum(tf.cast(model(features, training=False), tf.float32), 1e-30))
 
-    out = None
-    for rows, (features, _, _) in zip(plan.indices, dataset):
-        if counter is not None:
-            counter.append(1)
-        values = forward(features).numpy()
-        if out is None:
-            shape = (len(split.lengths),) + ((int(split.lengths.max()),) if values.ndim == 3 else ()) \
-                + values.shape[-1:]
-            out = np.zeros(shape, np.float32)
-        keep = rows >= 0
-        if values.ndim == 3:
-            out[rows[keep], :values.shape[1]] = values[keep]
-        else:
-            out[rows[keep]] = values[keep]
-    return out
+    def batches():
+        for features, _, _ in dataset:
+            if counter is not None:
+                counter.append(1)
+            yield forward(features).numpy()
+
+    return loop_lib.in_split_order(split, plan, batches())
 
 
 def teacher_source(teacher: Teacher, config: Config, train, data, loaded):
     """The training split as the teacher reads it: the run's own token ids when both tokenize
     alike, else (classification) the training texts tokenized by the teacher's tokenizer."""
-    from kft import loop as loop_lib, token_cache
+    from kft import token_cache
 
     same = token_cache.tokenizer_fingerprint(teacher.loaded.tokenizer) == \
         token_cache.tokenizer_fingerprint(loaded.tokenizer) and teacher.loaded.packing == loaded.packing
