@@ -44,6 +44,9 @@ def test_a_quantized_export_serves_what_the_quantized_model_computes_in_a_fresh_
     np.testing.assert_allclose(served, in_memory, atol=1e-5)
     meta = json.loads(open(f"{info['export']}/assets.extra/metadata.json").read())
     assert meta["quantization"] == mode
+    for name in ("float32", mode):  # serving timed beside float32's, as metrics.json reports it
+        timing = info["serving"][name]
+        assert 0 < timing["batch_1_p50_ms"] <= timing["batch_1_p99_ms"] and timing["batch_64_texts_per_second"] > 0
 
 
 def test_quantize_is_refused_for_the_decoder_task():

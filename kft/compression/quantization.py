@@ -43,3 +43,37 @@ def quantize(model: keras.Model, mode: str) -> dict:
             layers[type(layer).__name__] = layers.get(type(layer).__name__, 0) + 1
     return {"mode": mode, "quantized_layers": layers, "float32_weight_bytes": before,
             "weight_bytes": export.weight_bytes(model)}
+
+
+def serving_latency(path: str, texts: list[str], requests: int = 100, batches: int = 10) -> dict:
+    """The export's `serving_default` timed in this process on raw texts: batch-1 p50/p99 and
+    batch-64 throughput (a quick reading for metrics.json; `kft.bench --mode=serve` measures the
+    same in a fresh process, with more requests)."""
+    import time
+
+    import numpy as np
+    import tensorflow as tf
+
+    from kft import export
+
+    serve = export.load(path).signatures["serving_default"]
+    rng = np.random.default_rng(0)
+    for i in range(5):  # the first calls trace and warm up
+        serve(text=tf.constant([texts[i % len(texts)]]))
+        serve(text=tf.constant([texts[j % len(texts)] for j in range(64)]))
+    single = []
+    for i in rng.integers(0, len(texts), requests):
+        t = time.perf_counter()
+        [v.numpy() for v in serve(text=tf.constant([texts[i]])).values()]
+        single.append(time.perf_counter() - t)
+    many = []
+    for _ in range(batches):
+        batch = [texts[i] for i in rng.integers(0, len(texts), 64)]
+        t = time.perf_counter()
+        [v.numpy() for v in serve(text=tf.constant(batch)).values()]
+        many.append(time.perf_counter() - t)
+    single = np.asarray(single) * 1e3
+    return {"batch_1_p50_ms": round(float(np.percentile(single, 50)), 2),
+            "batch_1_p99_ms": round(float(np.percentile(single, 99)), 2),
+            "batch_64_texts_per_second": round(64 * batches / float(np.sum(many)), 1),
+            "requests": requests, "batches_of_64": batches}
