@@ -96,15 +96,17 @@ def write(model: keras.Model, tokenizer, endpoints: dict, label_names: list[str]
     # TensorFlow logs its SavedModel internals at INFO ("Function `serve_text` contains input
     # name(s) ... unsupported characters", sharding durations, fingerprints): kft says what matters.
     # Some of it goes through absl's logger, some through TensorFlow's.
-    tf_logger, verbosity = tf.get_logger(), logging.get_verbosity()
-    level = tf_logger.level
-    tf_logger.setLevel("WARNING")
-    logging.set_verbosity(logging.WARNING)
+    # The loggers' own levels are put back as they were (NOTSET included: absl's set_verbosity
+    # would pin an explicit level and silence INFO records that the root level lets through).
+    quieted = [tf.get_logger(), logging.get_absl_logger()]
+    levels = [logger.level for logger in quieted]
+    for logger in quieted:
+        logger.setLevel("WARNING")
     try:
         archive.write_out(tmp, verbose=False)
     finally:
-        tf_logger.setLevel(level)
-        logging.set_verbosity(verbosity)
+        for logger, level in zip(quieted, levels):
+            logger.setLevel(level)
 
     stored, weights = variables_bytes(tmp), weight_bytes(model)
     if stored > 1.5 * weights + 1_000_000:  # the checkpoint's index and object graph add a little
