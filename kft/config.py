@@ -175,6 +175,13 @@ class Config:
                                            ("none", "l2sp"))
     l2sp_weight: float = _field(1.0, "With --regularize_to_pretrained=l2sp: the pull toward the starting "
                                 "weights, a decoupled decay rate (step: -lr * weight * (theta - theta_0)).")
+    augment: str = _field("none", "eda: add seeded EDA copies of every training example (synonym replacement, "
+                          "random insertion, swap, deletion); eval and test data are never touched.",
+                          ("none", "eda"))
+    augment_copies: int = _field(4, "With --augment=eda: augmented copies per training example.")
+    augment_rate: float = _field(0.1, "With --augment=eda: share of an example's words each operation changes.")
+    augment_synonyms: str = _field("", "With --augment=eda: a synonym table (word<TAB>synonym,synonym per "
+                                   "line); empty = the one kft ships (kft/sample_data/synonyms.tsv).")
     serving_sequence_length: int = _field(0, "Token cap of a served text (classification, token "
                                           "classification); 0 = the backbone's position limit.")
 
@@ -205,6 +212,7 @@ GROUPS = {
     "compression": ["quantize", "teacher", "distill_alpha", "distill_temperature", "student_layers",
                     "prune_sparsity", "prune_end_fraction"],
     "forgetting": ["drift", "regularize_to_pretrained", "l2sp_weight"],
+    "augmentation": ["augment", "augment_copies", "augment_rate", "augment_synonyms"],
 }
 # Flags that only one or some tasks read (every other flag applies to all tasks).
 TASK_ONLY = {
@@ -226,6 +234,7 @@ TASK_ONLY = {
     "student_layers": ("classification", "token_classification", "question_answering"),
     "prune_sparsity": ("classification", "token_classification", "question_answering"),
     "prune_end_fraction": ("classification", "token_classification", "question_answering"),
+    **{name: ("classification", "token_classification") for name in GROUPS["augmentation"]},
 }
 
 

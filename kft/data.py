@@ -25,6 +25,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from kft import augment
+
 SAMPLE_DATASET = "sample_reviews"
 _SAMPLE_DIR = os.path.join(os.path.dirname(__file__), "sample_data")
 
@@ -456,6 +458,15 @@ class Data:
     test: Split | None
     vocab: LabelVocab
     description: str
+    augmentation: dict | None = None  # what --augment added to train (metrics.json)
+
+
+def augmented(train: Split, config) -> tuple[Split, dict]:
+    """Train with --augment's copies appended after the originals (each copy keeps its source's line)."""
+    sources, texts, labels, report = augment.texts(config, train.texts, train.labels)
+    lines = [train.lines[i] for i in sources] if train.lines else None
+    return Split(train.name, train.source, train.texts + texts, train.labels + labels,
+                 train.lines + lines if lines is not None else None), report.to_json()
 
 
 def load(config) -> Data:
@@ -511,7 +522,12 @@ def load(config) -> Data:
                         f"distinct labels: {vocab.values}")
     if len(vocab) < 2:
         raise DataError(f"{train.source}: only one label ({vocab.values}) in the training data")
-    data = Data(train, eval_, test, vocab, description)
+    augmentation = None
+    augment.check_flags(config)
+    if config.augment != "none":  # after eval is set aside and few-shot sampling: copies are train only
+        train, augmentation = augmented(train, config)
+        description += f" (+{augmentation['added']} EDA copies)"
+    data = Data(train, eval_, test, vocab, description, augmentation)
     for split in (eval_, test):
         if split is not None:
             vocab.encode(split, label_field)  # fail before training, not after

@@ -182,7 +182,8 @@ def prepare(config: Config, data: data_lib.Data, loaded: backbones.Loaded, model
 
     return Prepared(
         names=vocab.names, sequence_length=prep.sequence_length, sources=sources,
-        stats={"leakage": _leakage(data), **prep.stats}, description=data.description,
+        stats={"leakage": _leakage(data), **prep.stats,
+               **({"augmentation": data.augmentation} if data.augmentation else {})}, description=data.description,
         seconds=prep.seconds, train_lengths=prep.encoded["train"].lengths,
         evaluate=lambda k, probabilities, model: evaluate(probabilities, label_ids[k], vocab.names),
         epoch_eval=epoch_eval, format=lambda report: metrics.format_report(report, vocab.names),

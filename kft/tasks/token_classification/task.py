@@ -20,7 +20,7 @@ import tensorflow as tf
 from absl import logging
 from keras import ops
 
-from kft import backbones, inputs, metrics, plots
+from kft import augment, backbones, inputs, metrics, plots
 from kft.tasks.token_classification import crf as crf_lib, data as token_data, inputs as token_inputs
 from kft import loop as loop_lib
 from kft.config import Config, FlagError
@@ -128,6 +128,7 @@ class TokenData:
     test: token_data.Sentences | None
     vocab: token_data.TagVocab
     description: str
+    augmentation: dict | None = None  # what --augment added to train (metrics.json)
 
 
 def load_data(config: Config) -> TokenData:
@@ -171,11 +172,20 @@ def load_data(config: Config) -> TokenData:
                                      train.one_word_per_line)
         description += f" (eval = {config.validation_fraction:.0%} of train sentences)"
     eval_ = eval_.head(config.max_eval_examples)
+    augmentation = None
+    augment.check_flags(config)
+    if config.augment != "none":  # after eval is set aside: copies are train only
+        sources, words, tags, report = augment.sentences(config, train.words, train.tags)
+        # a copy keeps its source sentence's first line (its words no longer sit one per line)
+        train = token_data.Sentences(train.name, train.source, train.words + words, train.tags + tags,
+                                     train.lines + [train.lines[i] for i in sources], train.one_word_per_line)
+        augmentation = report.to_json()
+        description += f" (+{augmentation['added']} EDA copies)"
     vocab = token_data.TagVocab.from_sentences(train)
     for split in (eval_, test):
         if split is not None:
             vocab.encode(split)  # an unseen tag fails here, before any training
-    return TokenData(train, eval_, test, vocab, description)
+    return TokenData(train, eval_, test, vocab, description, augmentation)
 
 
 def prepare(config: Config, data: TokenData, loaded: backbones.Loaded, model_dir: str,
@@ -264,6 +274,8 @@ def prepare(config: Config, data: TokenData, loaded: backbones.Loaded, model_dir
         with tf.io.gfile.GFile(os.path.join(model_dir, "labels.json"), "w") as f:
             json.dump({"tags": names}, f, indent=2)
 
+    if data.augmentation:
+        stats["augmentation"] = data.augmentation
     prep = Prepared(names=names, sequence_length=sequence_length, sources=sources, stats=stats,
                     description=data.description, seconds=seconds,
                     train_lengths=windows["train"].lengths, evaluate=evaluate, epoch_eval=epoch_eval,
