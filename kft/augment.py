@@ -8,6 +8,9 @@ what else the run does. With tags (token classification), only words tagged `O` 
 moved or deleted, and inserted words are tagged `O` and never placed inside an entity, so every
 entity keeps its words and its IOB2 tags.
 
+--augment=repeat adds the same number of unchanged copies: the control that separates what EDA's
+edits do from what the extra steps on the same examples do.
+
 Synonyms come from a table kft ships (`kft/sample_data/synonyms.tsv`, written for kft) or from
 --augment_synonyms; nothing is downloaded.
 """
@@ -183,10 +186,15 @@ def check_flags(config) -> None:
     if config.augment == "none":
         for name in ("augment_copies", "augment_rate", "augment_synonyms"):
             if getattr(config, name) != getattr(defaults, name):
-                raise FlagError(f"--{name} applies with --augment=eda only")
+                raise FlagError(f"--{name} applies with --augment=eda (or repeat) only")
         return
     if config.augment_copies < 1:
         raise FlagError(f"--augment_copies={config.augment_copies}: give at least 1 copy per example")
+    if config.augment == "repeat":
+        if config.augment_rate != defaults.augment_rate or config.augment_synonyms != defaults.augment_synonyms:
+            raise FlagError("--augment=repeat copies examples unchanged: --augment_rate and --augment_synonyms "
+                            "apply with --augment=eda only")
+        return
     if not 0 < config.augment_rate <= 0.5:
         raise FlagError(f"--augment_rate={config.augment_rate:g}: the share of words changed must be in (0, 0.5]")
 
@@ -221,13 +229,14 @@ def texts(config, texts_in: list[str], labels: list) -> tuple[list[int], list[st
     for i, (text, label) in enumerate(zip(texts_in, labels)):
         words = text.split()
         for c in range(config.augment_copies):
-            op, new_words, _ = augmenter.copy(words, None, i, c)
+            op, new_words, _ = augmenter.copy(words, None, i, c) if config.augment == "eda" \
+                else ("repeat", words, None)
             if op is None:
                 report.unchanged += 1
                 continue
             report.operations[op] += 1
             sources.append(i)
-            new_texts.append(" ".join(new_words))
+            new_texts.append(" ".join(new_words) if op != "repeat" else text)
             new_labels.append(label)
     report.added = len(new_texts)
     _log(report, "texts")
@@ -241,7 +250,7 @@ def sentences(config, words_in: list[list[str]], tags_in: list[list[str]]):
     sources, new_words, new_tags = [], [], []
     for i, (words, tags) in enumerate(zip(words_in, tags_in)):
         for c in range(config.augment_copies):
-            op, w, t = augmenter.copy(words, tags, i, c)
+            op, w, t = augmenter.copy(words, tags, i, c) if config.augment == "eda" else ("repeat", words, tags)
             if op is None:
                 report.unchanged += 1
                 continue

@@ -176,9 +176,10 @@ class Config:
     l2sp_weight: float = _field(1.0, "With --regularize_to_pretrained=l2sp: the pull toward the starting "
                                 "weights, a decoupled decay rate (step: -lr * weight * (theta - theta_0)).")
     augment: str = _field("none", "eda: add seeded EDA copies of every training example (synonym replacement, "
-                          "random insertion, swap, deletion); eval and test data are never touched.",
-                          ("none", "eda"))
-    augment_copies: int = _field(4, "With --augment=eda: augmented copies per training example.")
+                          "random insertion, swap, deletion; eval and test data are never touched); repeat: "
+                          "unchanged copies (EDA's control: the same steps without the edits).",
+                          ("none", "eda", "repeat"))
+    augment_copies: int = _field(4, "With --augment: copies per training example.")
     augment_rate: float = _field(0.1, "With --augment=eda: share of an example's words each operation changes.")
     augment_synonyms: str = _field("", "With --augment=eda: a synonym table (word<TAB>synonym,synonym per "
                                    "line); empty = the one kft ships (kft/sample_data/synonyms.tsv).")

@@ -173,3 +173,15 @@ def test_the_command_line_refuses_augmentation_flags_for_question_answering(tmp_
                          f"--model_dir={tmp_path}"])
     assert result.returncode == 2
     assert "--augment=eda applies to --task=classification or --task=token_classification" in result.stderr
+
+
+def test_repeat_adds_unchanged_copies_with_the_same_count_as_eda(tmp_path):
+    rows = [(f"a good film number {i}", i % 2) for i in range(10)]
+    path = _write_tsv(tmp_path / "train.tsv", rows)
+    data = data_lib.load(tiny_config(dataset="", train_file=path, eval_file=path, augment="repeat",
+                                     augment_copies=3))
+    assert data.train.texts == [t for t, _ in rows] + [t for t, _ in rows for _ in range(3)]
+    assert data.augmentation["added"] == 30 and data.augmentation["operations"] == {"repeat": 30}
+    with pytest.raises(FlagError, match="--augment=repeat copies examples unchanged"):
+        data_lib.load(tiny_config(dataset="", train_file=path, eval_file=path, augment="repeat",
+                                  augment_rate=0.2))
