@@ -1,21 +1,26 @@
-"""How far fine-tuning moved the backbone from where it started: weights and representations.
+"""How far fine-tuning moved the backbone from where it started: weights, representations and, for
+decoders, perplexity on general text.
 
-Two measures, per transformer layer and overall, for metrics.json's `drift` section:
+Measures for metrics.json's `drift` section, the first two per transformer layer and overall:
 - relative weight distance ||theta - theta_0|| / ||theta_0|| over each block's weights (a LoRA
   projection counts with its update merged: W + BA is the weight that computes);
 - linear CKA (Kornblith et al., 2019) between the starting and the fine-tuned backbone's sentence
   representations (each block's output, mean over a sentence's tokens) on a fixed general-text
   sample that ships with kft (kft/sample_data/general_text.txt), not the task's data: 1 = the same
-  representation up to rotation and scale; lower = fine-tuning changed what the layer encodes.
+  representation up to rotation and scale; lower = fine-tuning changed what the layer encodes;
+- for decoder LLMs (--task=causal_lm), the perplexity of the starting and the fine-tuned model on
+  the same sample, each sentence packed as plain text is for continued pretraining: how much worse
+  (or better) the model predicts general text after fine-tuning.
 
-theta_0 and the starting representations are taken when the backbone is loaded, before the tuning
-method changes it and before a checkpoint is restored: the pretrained (or the copied student's)
-starting point.
+theta_0, the starting representations and the starting perplexity are taken when the backbone is
+loaded, before the tuning method changes it and before a checkpoint is restored: the pretrained (or
+the copied student's) starting point.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import keras
@@ -35,6 +40,8 @@ class Snapshot:
     by_id: dict  # id(variable) -> index into values
     probe: tuple | None = None  # (token_ids, padding_mask) of the general-text sample
     representations: list | None = None  # per block [n, hidden], before training
+    texts: PlainTexts | None = None  # decoders: the sample packed for next-token scoring
+    perplexity: float | None = None  # decoders: the starting model's perplexity on `texts`
 
 
 def snapshot(loaded, representations: bool = True) -> Snapshot:
@@ -43,6 +50,9 @@ def snapshot(loaded, representations: bool = True) -> Snapshot:
     if representations:
         snap.probe = _probe_inputs(loaded, general_text())
         snap.representations = layer_representations(loaded.backbone, *snap.probe)
+        if isinstance(loaded, backbones.LoadedDecoder):
+            snap.texts = plain_texts(loaded, general_text())
+            snap.perplexity, _ = perplexity(loaded.backbone, snap.texts)
     return snap
 
 
@@ -149,13 +159,98 @@ def _probe_inputs(loaded, texts: list[str], length: int = 128) -> tuple[np.ndarr
     return ids.astype(np.int32), mask
 
 
-def measure(snap: Snapshot, loaded, config) -> dict:
-    """metrics.json's `drift` section for the backbone now, against its snapshot."""
+@dataclasses.dataclass
+class PlainTexts:
+    """Texts packed as the causal_lm task packs plain text: [bos] text eos, every token after the
+    first one a target (labels -1 elsewhere)."""
+
+    ids: np.ndarray  # [n, longest] int32, right-padded
+    lengths: np.ndarray  # [n]
+    labels: np.ndarray  # [n, longest]: position t's target, the token at t + 1
+    cut: int  # texts longer than the model's positions, cut at the end
+
+
+def plain_texts(loaded, texts: list[str]) -> PlainTexts:
+    """`texts` tokenized and packed by the causal_lm task's own code, as long as the longest one
+    (up to the backbone's limit)."""
+    from kft.tasks.causal_lm import data as lm_data, inputs as lm_inputs
+
+    split = lm_data.Split("general_text", GENERAL_TEXT, [lm_data.Example([], t, i + 1) for i, t in
+                                                         enumerate(texts)], "text")
+    pieces = lm_inputs.tokenize(split, loaded, None, None, None, write=False)
+    bos = 1 if loaded.bos_id is not None else 0
+    # encode keeps one position spare beyond [bos] text eos
+    length = min(loaded.max_sequence_length, max(len(c) for c in pieces[1]) + bos + 2)
+    encoded = lm_inputs.encode(split, loaded, None, length, True, None, None, False, pieces)
+    ids, lengths, labels, _ = lm_inputs.matrices(encoded, loaded.pad_id, train_on_prompt=True)
+    return PlainTexts(ids, lengths, labels, encoded.completions_cut)
+
+
+def perplexity(model: keras.Model, texts: PlainTexts, batch_size: int = 8) -> tuple[float, int]:
+    """(exp of the mean next-token cross-entropy over every target in `texts`, target count).
+
+    `model` returns hidden states (a decoder backbone, or the causal_lm task's model, prompt vectors
+    included); the task's scoring path projects only the target positions onto the vocabulary, a
+    few texts at a time, so no [batch, length, vocabulary] tensor of a large vocabulary is formed.
+    """
+    import tensorflow as tf
+
+    from kft.tasks.causal_lm import model as lm_model
+
+    predict = lm_model.predict_function(model)
+    order = np.argsort(texts.lengths, kind="stable")  # similar lengths together: less padding
+    total, count = 0.0, 0
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        width = int(texts.lengths[rows].max())
+        mask = (np.arange(width)[None, :] < texts.lengths[rows][:, None]).astype(np.int32)
+        labels = texts.labels[rows, :width]
+        out = predict({"token_ids": tf.constant(texts.ids[rows, :width]), "padding_mask": tf.constant(mask)},
+                      tf.constant(labels))
+        total += float(np.sum(np.asarray(out[..., 0], np.float64)))
+        count += int((labels >= 0).sum())
+    return math.exp(total / max(count, 1)), count
+
+
+def perplexity_change(snap: Snapshot, model: keras.Model) -> dict:
+    """The snapshot's perplexity on the general-text sample against `model`'s now."""
+    after, tokens = perplexity(model, snap.texts)
+    before = snap.perplexity
+    return {"before": round(before, 4), "after": round(after, 4), "change": round(after - before, 4),
+            "relative_change": round((after - before) / before, 6), "tokens": tokens,
+            "texts": len(snap.texts.lengths), "texts_cut": snap.texts.cut}
+
+
+def perplexity_summary(drift_section: dict) -> str:
+    """The perplexity part of the drift log line ('' when the section has none)."""
+    p = drift_section.get("perplexity")
+    if not p:
+        return ""
+    return (f"; perplexity {p['before']:.3f} before, {p['after']:.3f} after ({100 * p['relative_change']:+.2f}%, "
+            f"{p['tokens']} tokens)")
+
+
+def measure(snap: Snapshot, loaded, config, model: keras.Model | None = None) -> dict:
+    """metrics.json's `drift` section for the backbone now, against its snapshot.
+
+    Perplexity (decoders) is scored with `model` when given (the task's model: prompt vectors
+    included), else with the backbone, which shares every layer and LoRA wrapper with the trained
+    model and so computes what the export will (LoRA merged) without the prompt vectors.
+    """
+    from kft.methods import prompt as prompt_lib
+
     out = {"weights": weight_distance(snap, loaded.backbone),
            "sample": os.path.relpath(GENERAL_TEXT, os.path.dirname(os.path.dirname(__file__)))}
     if snap.representations is not None:
         out["representations"] = representation_similarity(snap, loaded.backbone)
+    with_prompt = model is not None and prompt_lib.prompt_layer(model) is not None
+    if snap.perplexity is not None:
+        out["perplexity"] = perplexity_change(snap, model if model is not None else loaded.backbone)
     if config.method in ("prompt", "prefix"):
         out["note"] = (f"--method={config.method} keeps every backbone weight frozen: the model's function "
                        "changes through the learned vectors, which these per-layer measures do not see")
+        if "perplexity" in out:
+            out["note"] += ("; the perplexity after training is the model's with its prompt vectors" if with_prompt
+                            else "; the perplexity after training is the backbone's without the prompt vectors "
+                                 "(the same function as before)")
     return out

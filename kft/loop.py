@@ -207,6 +207,9 @@ class Loop:
         # Called with the step count after every call into the train function, and with force=True
         # when training (re)starts: the pruning schedule recomputes its masks there.
         self.step_hook = None
+        # Called with (epoch number, score) after each epoch-end evaluation: kft.tune reports the
+        # score to Optuna there, and an exception it raises (a pruned trial) ends the run.
+        self.epoch_hook = None
         optimizer.build(model.trainable_variables)  # its variables exist before any restore
         self._train_chunk = self._make_train_function(jit_compile)
         self._predict_step = self._make_predict_function()
@@ -462,6 +465,8 @@ class Loop:
                              state["epochs_without_gain"])
                 state["stopped_early"] = True
         state.update(epoch=state["epoch"] + 1, batch=0, epoch_loss_sum=0.0, epoch_loss_count=0)
+        if self.epoch_hook is not None:
+            self.epoch_hook(entry["epoch"], score)
 
 
 def in_split_order(split: Split, plan: inputs.BatchPlan, batches) -> np.ndarray:

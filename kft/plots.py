@@ -119,10 +119,15 @@ def f1_by_context_length(rows: list[dict], path: str, title: str = "") -> None:
 
 def drift(drift_section: dict, path: str, title: str = "") -> None:
     """Per transformer layer: relative weight distance from the start, and linear CKA between the
-    starting and the fine-tuned representations of the general-text sample."""
+    starting and the fine-tuned representations of the general-text sample; for a decoder, a third
+    panel with its perplexity on that sample before and after."""
     weights = drift_section["weights"]["per_layer"]
     cka = (drift_section.get("representations") or {}).get("per_layer")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    perplexity = drift_section.get("perplexity")
+    if perplexity:
+        fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 4), gridspec_kw={"width_ratios": [2, 2, 1]})
+    else:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     layers = np.arange(1, len(weights) + 1)
     ax1.bar(layers, weights, color="tab:red")
     ax1.set_xlabel("transformer layer")
@@ -134,6 +139,15 @@ def drift(drift_section: dict, path: str, title: str = "") -> None:
         ax2.set_title("linear CKA, start vs fine-tuned (general text)")
     ax2.set_xlabel("transformer layer")
     ax2.set_ylabel("linear CKA")
+    if perplexity:
+        values = [perplexity["before"], perplexity["after"]]
+        bars = ax3.bar(["start", "fine-tuned"], values, color=["tab:gray", "tab:blue"])
+        for bar, value in zip(bars, values):
+            ax3.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{value:,.4g}", ha="center",
+                     va="bottom")
+        ax3.margins(y=0.15)
+        ax3.set_ylabel("perplexity")
+        ax3.set_title(f"perplexity, general text\n({100 * perplexity['relative_change']:+.1f}%)")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -126,19 +126,23 @@ def train_and_evaluate(config: Config, model_dir: str) -> dict:
     return fit_model(config, model_dir).metrics
 
 
-def fit_model(config: Config, model_dir: str) -> Trained:
-    """`train_and_evaluate`, also returning the trained model (for tests and notebooks)."""
+def fit_model(config: Config, model_dir: str, epoch_hook=None) -> Trained:
+    """`train_and_evaluate`, also returning the trained model (for tests and notebooks).
+
+    `epoch_hook(epoch, score)` is called after each epoch-end evaluation (Loop.epoch_hook); an
+    exception it raises ends the run (kft.tune prunes trials that way).
+    """
     # The dtype policy is global in Keras: set for this run's layers, restored afterwards.
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(config.precision)
     try:
         with loop_lib.sigterm_scope():  # _fit_model replaces the SIGTERM handler once training is saved
-            return _fit_model(config, model_dir)
+            return _fit_model(config, model_dir, epoch_hook)
     finally:
         keras.mixed_precision.set_global_policy(previous)
 
 
-def _fit_model(config: Config, model_dir: str) -> Trained:
+def _fit_model(config: Config, model_dir: str, epoch_hook=None) -> Trained:
     started = time.time()
     config_lib.check_task_flags(config)  # before the strategy: a mistyped run fails at once
     rate, rate_source = optim.peak_learning_rate(config)  # a negative --learning_rate fails here
@@ -246,6 +250,7 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
         loop.step_hook = pruner.update
     elif config.prune_end_fraction != config_lib.Config().prune_end_fraction:
         raise FlagError("--prune_end_fraction applies with --prune_sparsity only")
+    loop.epoch_hook = epoch_hook
     trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
     total = int(model.count_params())
     logging.info("parameters: %d total, %d trainable (%.3g%%); method %s", total, trainable,
@@ -291,10 +296,11 @@ def _fit_model(config: Config, model_dir: str) -> Trained:
     drift_info = None
     if config.drift:
         t_drift = time.time()
-        drift_info = drift_lib.measure(start, loaded, config)
+        drift_info = drift_lib.measure(start, loaded, config, model)
         logging.info("drift from the start (%.1fs): weight distance %.4f overall, per layer %s; linear CKA "
-                     "per layer %s (general text)", time.time() - t_drift, drift_info["weights"]["overall"],
-                     drift_info["weights"]["per_layer"], (drift_info.get("representations") or {}).get("per_layer"))
+                     "per layer %s%s (general text)", time.time() - t_drift, drift_info["weights"]["overall"],
+                     drift_info["weights"]["per_layer"], (drift_info.get("representations") or {}).get("per_layer"),
+                     drift_lib.perplexity_summary(drift_info))
     pruning_info = pruner.report() if pruner is not None else None
     if pruning_info:
         logging.info("pruning: %.2f%% of %d projection weights are 0 (target %.2f%%)",

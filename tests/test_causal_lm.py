@@ -1,6 +1,6 @@
 """Decoder LLMs (--task=causal_lm): GGUF import, chat templates, completion-only loss, tuning methods,
-generation, the whole run, and data validation. Tiny random llama/gpt2 models written by
-tests/decoder_fixtures.py; the bundled SmolLM2 only in the slow test at the end."""
+generation, the whole run, data validation, and perplexity on general text (drift). Tiny random
+llama/gpt2 models written by tests/decoder_fixtures.py; the bundled SmolLM2 only in the slow test at the end."""
 
 from __future__ import annotations
 
@@ -360,6 +360,64 @@ def test_export_is_a_merged_preset_that_loads_back_as_a_backbone(llama_folder, t
         lm_model.token_embedding(fitted.model)(hidden, reverse=True)), atol=1e-4)
     base = backbones.load_decoder(llama_folder)
     assert np.abs(_logits(reloaded, ids) - _logits(base, ids)).max() > 1e-4  # the update was merged in
+
+
+# -- forgetting: perplexity on the general-text sample ----------------------------------------------------
+
+@pytest.mark.parametrize("folder", ["llama_folder", "gpt2_folder"])  # without BOS, and with it
+def test_general_text_perplexity_is_exp_of_the_mean_negative_log_softmax_of_the_logits(folder, request):
+    from kft import backbones, drift
+
+    loaded = backbones.load_decoder(request.getfixturevalue(folder))
+    texts = ["the cat sat on the mat .", "hello , how are you ? i am fine , thank you ."]
+    value, tokens = drift.perplexity(loaded.backbone, drift.plain_texts(loaded, texts), batch_size=2)
+    nll = []
+    for text in texts:
+        ids = [loaded.bos_id] if loaded.bos_id is not None else []
+        ids += np.asarray(loaded.tokenizer(text)).tolist() + [loaded.eos_id]
+        logits = _logits(loaded, np.asarray([ids], np.int32))[0].astype(np.float64)
+        top = logits.max(-1, keepdims=True)
+        log_softmax = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+        nll += [-log_softmax[t, ids[t + 1]] for t in range(len(ids) - 1)]
+    assert tokens == len(nll)
+    assert value == pytest.approx(np.exp(np.mean(nll)), rel=1e-5)
+
+
+def test_drift_reports_general_text_perplexity_unchanged_untrained_and_changed_after_training(
+        llama_folder, tmp_path):
+    from kft import drift, trainer
+
+    rng = np.random.default_rng(0)
+    words = fx.TEXT.split()
+    train = _write_jsonl(tmp_path / "train.jsonl", [{"text": " ".join(rng.choice(words, 8))} for _ in range(8)])
+    common = dict(backbone=llama_folder, train_file=train, text_field="text", validation_fraction=0.25)
+    still = trainer.fit_model(_config(**common, epochs=0), str(tmp_path / "a")).metrics["drift"]["perplexity"]
+    assert still["before"] == still["after"] and still["change"] == still["relative_change"] == 0.0
+    assert still["texts"] == len(drift.general_text()) and still["tokens"] > still["texts"]
+    moved = trainer.fit_model(_config(**common, method="lora", lora_targets=["query", "value"], epochs=2,
+                                      learning_rate=3e-2), str(tmp_path / "b")).metrics["drift"]
+    perplexity = moved["perplexity"]
+    assert np.isfinite([perplexity["before"], perplexity["after"]]).all()
+    assert perplexity["before"] == still["before"]  # the base model, before LoRA was applied
+    assert perplexity["after"] != perplexity["before"]
+    assert perplexity["change"] == pytest.approx(perplexity["after"] - perplexity["before"], abs=1e-3)
+    assert (tmp_path / "b" / "drift.png").exists()
+
+
+def test_prompt_tuning_perplexity_is_the_backbones_unless_the_model_with_its_vectors_is_given(llama_folder):
+    from kft import backbones, drift, methods
+    from kft.tasks.causal_lm import model as lm_model
+
+    loaded = backbones.load_decoder(llama_folder)
+    start = drift.snapshot(loaded)
+    config = _config(method="prompt", num_prompt_tokens=3)
+    model = lm_model.build_model(methods.apply(loaded.backbone, config)[0])
+    plain = drift.measure(start, loaded, config)
+    assert plain["perplexity"]["after"] == plain["perplexity"]["before"]
+    assert "without the prompt vectors" in plain["note"]
+    with_vectors = drift.measure(start, loaded, config, model)
+    assert with_vectors["perplexity"]["after"] != with_vectors["perplexity"]["before"]
+    assert "with its prompt vectors" in with_vectors["note"]
 
 
 @pytest.mark.slow

@@ -15,12 +15,16 @@ from kft import config as config_lib
 FLAGFILES = sorted(glob.glob(os.path.join(ROOT, "flags", "**", "*.cfg"), recursive=True))
 
 
-def fresh_flags(bench: bool = False):
+def fresh_flags(bench: bool = False, tune: bool = False):
     fv = flags.FlagValues()
     if bench:
         from kft import bench as bench_cli
 
         bench_cli.define_flags(fv)
+    elif tune:
+        from kft import tune as tune_cli
+
+        tune_cli.define_flags(fv)
     else:
         config_lib.define_flags(fv)
     return fv
@@ -48,7 +52,8 @@ def test_flagfiles_parse_and_document_themselves(path):
     for key in ("Command:", "Data:", "Result:"):
         assert key in text, f"{path}: header lacks '{key}'"
     assert "PLACEHOLDER" not in text
-    fv = fresh_flags(bench=os.path.basename(path).startswith("bench"))
+    fv = fresh_flags(bench=os.path.basename(path).startswith("bench"),
+                     tune=os.path.basename(os.path.dirname(path)) == "tune")
     fv(["prog", f"--flagfile={path}"])
     config = config_lib.from_flags(fv)
     assert config.dataset or config.train_file

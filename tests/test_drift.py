@@ -21,6 +21,7 @@ def test_an_untrained_run_has_no_drift_and_a_trained_one_has_some(tiny_preset, t
     assert still["weights"]["overall"] == 0.0 and set(still["weights"]["per_layer"]) == {0.0}
     assert still["representations"]["per_layer"] == pytest.approx([1.0, 1.0], abs=1e-6)
     assert still["representations"]["texts"] == len(drift.general_text()) >= 200
+    assert "perplexity" not in still  # decoders only
     moved = trainer.fit_model(tiny_config(backbone=tiny_preset, epochs=2), str(tmp_path / "b")).metrics["drift"]
     assert moved["weights"]["overall"] > 0 and all(d > 0 for d in moved["weights"]["per_layer"])
     assert all(c < 1.0 for c in moved["representations"]["per_layer"])
