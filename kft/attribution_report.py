@@ -4,6 +4,7 @@ stronger = larger share of the text's largest), and JSON lines with the numbers.
 
 A record (kft.explain's JSON line) holds "title" (what is explained, e.g. the predicted label and
 its probability) and "words": [{"word", "attribution"}, ...]; the page shows one record per block.
+A decoder's record also holds "completion" (the generated text), shown under the prompt's words.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from __future__ import annotations
 import html
 import json
 import os
+import textwrap
 
 RED, BLUE = (214, 39, 40), (31, 119, 180)
 # A text whose attributions miss f(input) - f(baseline) by more than this gets a warning.
 COMPLETENESS_TOLERANCE = 0.01
-EXPLAINABLE = ("classification", "token_classification")
+EXPLAINABLE = ("classification", "token_classification", "causal_lm")
 
 
 def _rgba(value: float, scale: float) -> tuple[tuple[int, int, int], float]:
@@ -33,8 +35,12 @@ def page(records: list[dict], heading: str) -> str:
             spans.append(f'<span class="w" style="background: rgba({cr},{cg},{cb},{alpha})" '
                          f'title="{w["attribution"]:+.4f}">{html.escape(w["word"])}</span>')
         note = html.escape(r.get("note", ""))
+        completion = ""
+        if "completion" in r:
+            completion = ('<div class="completion" style="white-space: pre-wrap; font-family: monospace; '
+                          f'margin: 0.3em 0">&rarr; {html.escape(r["completion"])}</div>')
         blocks.append(f'<div class="rec"><div class="title">{html.escape(r["title"])}</div>'
-                      f'<div class="text">{" ".join(spans)}</div>'
+                      f'<div class="text">{" ".join(spans)}</div>' + completion
                       + (f'<div class="note">{note}</div>' if note else "") + "</div>")
     legend = ('<div class="legend"><span class="w" style="background: rgba(214,39,40,0.85)">toward</span> '
               'the explained output &nbsp; <span class="w" style="background: rgba(31,119,180,0.85)">against'
@@ -72,6 +78,9 @@ def image(records: list[dict], path: str, heading: str, width: float = 11.0) -> 
             current.append(w)
             used += len(w["word"]) + 1
         lines.append(("words", (current, r)))
+        if "completion" in r:
+            wrapped = textwrap.wrap("\u2192 " + " ".join(r["completion"].split()), chars_per_line) or ["\u2192"]
+            lines += [("completion", line) for line in wrapped]
         lines.append(("gap", None))
     height = 0.6 + 0.32 * len(lines)
     fig = plt.figure(figsize=(width, height))
@@ -90,6 +99,8 @@ def image(records: list[dict], path: str, heading: str, width: float = 11.0) -> 
                      va="center")
         elif kind == "title":
             fig.text(0.01, y, content, fontsize=10, weight="bold", va="center")
+        elif kind == "completion":
+            fig.text(0.01, y, content, fontsize=10, family="DejaVu Sans Mono", va="center")
         elif kind == "words":
             words, r = content
             scale = max([abs(w["attribution"]) for w in r["words"]] + [0.0])
@@ -110,10 +121,12 @@ def explain(run, texts: list[str], steps: int, target: str = "") -> list[dict]:
         from kft.tasks.classification import explain as task_explain
     elif run.config.task == "token_classification":
         from kft.tasks.token_classification import explain as task_explain
+    elif run.config.task == "causal_lm":
+        from kft.tasks.causal_lm import explain as task_explain
     else:
         from kft.config import FlagError
 
-        raise FlagError(f"--model_dir={run.path}: kft.explain covers --task={' and '.join(EXPLAINABLE)}; "
+        raise FlagError(f"--model_dir={run.path}: kft.explain covers --task={', '.join(EXPLAINABLE)}; "
                         f"this run is --task={run.config.task}")
     return task_explain.explain(run, texts, steps, target)
 

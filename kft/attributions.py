@@ -5,10 +5,13 @@ Each content token's embedding e_p moves along a straight line from the padding 
 x_p(a) = b + a (e_p - b). With a scale s_p in place of a at every content position,
 df/ds_p = grad_{x_p} f . (e_p - b), so the attribution of token p is the integral over a in [0, 1] of
 df/ds_p, computed by the trapezoid rule over --ig_steps intervals, all steps of one text in one
-batch. Completeness: the attributions sum to f(input) - f(baseline); kft reports the gap per text.
+batch (a decoder's in as few batches as its activations allow). Completeness: the attributions
+sum to f(input) - f(baseline); kft reports the gap per text.
 
-f is the probability the model gives the target class (classification), or the target tag at a
-word's first word piece (token classification). A word's attribution is the sum over its pieces.
+f is the probability the model gives the target class (classification), the target tag at a
+word's first word piece (token classification), or the log-probability of a completion given the
+prompt (decoders; kft/tasks/causal_lm/explain.py). A word's attribution is the sum over its pieces.
+A decoder's output projection is its token embedding used in reverse; that call is not scaled.
 No well-kept Keras 3 library does this for text models, hence these few dozen lines.
 """
 
@@ -50,10 +53,11 @@ def token_embedding_layer(backbone: keras.Model) -> keras.layers.Layer:
 
 
 @contextlib.contextmanager
-def scaled_token_embeddings(backbone: keras.Model, state: dict):
-    """While active, the backbone's token embeddings are b + s (e - b) with b = state["baseline"]
-    ([hidden]) and s = state["scale"] ([rows, length, 1]); without a scale they are unchanged."""
-    layer = token_embedding_layer(backbone)
+def scaled_token_embeddings(backbone: keras.Model | None, state: dict, layer: keras.layers.Layer | None = None):
+    """While active, the backbone's token embeddings (or `layer`'s) are b + s (e - b) with
+    b = state["baseline"] ([hidden]) and s = state["scale"] ([rows, length, 1]); without a scale they
+    are unchanged."""
+    layer = layer if layer is not None else token_embedding_layer(backbone)
     original = layer.call
 
     def call(inputs, *args, **kwargs):
@@ -79,14 +83,15 @@ def find_backbone(model: keras.Model) -> keras.Model:
 
 def integrated_gradients(model: keras.Model, token_ids: np.ndarray, padding_mask: np.ndarray,
                          content: np.ndarray, target, pad_id: int, steps: int = 64,
-                         rows_per_batch: int = 64) -> Attribution:
+                         rows_per_batch: int = 64, embedding: keras.layers.Layer | None = None) -> Attribution:
     """Attributions of one sequence's tokens to `target(outputs) -> [rows]` (e.g. a class's probability).
 
     token_ids, padding_mask, content: [length]; `content` marks the positions that are interpolated
-    (the text's word pieces; not the special tokens).
+    (the text's word pieces; not the special tokens). `embedding`: the token embedding layer, where
+    the backbone is not a layer of `model` (a decoder's graph rebuilt by prompt tuning).
     """
-    backbone = find_backbone(model)
-    layer = token_embedding_layer(backbone)
+    backbone = find_backbone(model) if embedding is None else None
+    layer = embedding if embedding is not None else token_embedding_layer(backbone)
     baseline = layer(tf.constant([[pad_id]], tf.int32))[0, 0]
     alphas = np.linspace(0.0, 1.0, steps + 1, dtype=np.float32)
     weights = np.full(steps + 1, 1.0 / steps, np.float32)
@@ -94,7 +99,7 @@ def integrated_gradients(model: keras.Model, token_ids: np.ndarray, padding_mask
     length = len(token_ids)
     grads, values = [], []
     state = {"baseline": baseline}
-    with scaled_token_embeddings(backbone, state):
+    with scaled_token_embeddings(backbone, state, layer):
         for start in range(0, steps + 1, rows_per_batch):
             a = alphas[start:start + rows_per_batch]
             rows = len(a)

@@ -2,11 +2,14 @@
 
     python -m kft.explain --model_dir=runs/sst2 "a moving film" "a dull mess"
     python -m kft.explain --model_dir=runs/conll2003 --input_file=texts.txt   # one text per line
+    python -m kft.explain --model_dir=runs/demo_llm "My order never arrived."  # --task=causal_lm
 
 Writes <output_dir>/attributions.jsonl (the numbers), attributions.html (each word shaded: red
 toward the explained output, blue against) and attributions.png; prints one JSON line per record.
 Classification explains the predicted label (or --target); token classification explains each
-word tagged with an entity tag (or --target). See kft/attributions.py for the method.
+word tagged with an entity tag (or --target); a decoder run explains the log-probability of the
+completion it generates for the text as its prompt (or of the --target completion), toward the
+words of the text. See kft/attributions.py for the method.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ def define_flags() -> None:
     flags.DEFINE_string("model_dir", "", "A finished kft run's --model_dir (its metrics.json and checkpoints).")
     flags.DEFINE_string("input_file", "", "Text file with one text per line (instead of arguments).")
     flags.DEFINE_integer("ig_steps", 64, "Integration intervals along the path from the padding baseline.")
-    flags.DEFINE_string("target", "", "Explain this label (or tag) instead of the predicted one.")
+    flags.DEFINE_string("target", "", "Explain this label (or tag; or completion, for a decoder run) "
+                        "instead of the predicted (generated) one.")
     flags.DEFINE_string("output_dir", "", "Where the JSONL, HTML and PNG go; empty = <model_dir>/explain.")
 
 

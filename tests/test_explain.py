@@ -129,3 +129,113 @@ def test_a_headless_browser_renders_the_words_in_their_colours(trained_run, tmp_
     # the legend has both colours on both pages; the words add the colour of the strongest one
     index = 0 if strongest["attribution"] >= 0 else 1
     assert shaded[index] > plain[index] + 100, (shaded, plain, strongest)
+
+
+# -- decoders (--task=causal_lm): the completion's log-probability toward the prompt's words ------------
+
+DECODER_TEXTS = ["what is the capital of france ?", "the cat sat on the mat .", "hello , how are you ?"]
+
+
+@pytest.fixture(scope="module")
+def decoder_run(tmp_path_factory):
+    """A tiny random llama (ChatML template) fine-tuned for a few steps on random chats."""
+    import decoder_fixtures as fx
+    from kft.config import Config
+
+    folder = fx.write_llama_folder(str(tmp_path_factory.mktemp("tiny_llama")))
+    path = str(tmp_path_factory.mktemp("decoder_run"))
+    rng = np.random.default_rng(0)
+    words = fx.TEXT.split()
+    train = os.path.join(path, "train.jsonl")
+    with open(train, "w") as f:
+        for _ in range(8):
+            f.write(json.dumps({"messages": [
+                {"role": "user", "content": " ".join(rng.choice(words, rng.integers(3, 12)))},
+                {"role": "assistant", "content": " ".join(rng.choice(words, rng.integers(1, 5)))}]}) + "\n")
+    config = Config(task="causal_lm", backbone=folder, train_file=train, validation_fraction=0.25, epochs=1,
+                    batch_size=4, learning_rate=1e-3, warmup_ratio=0.0, export=False, seed=3, max_new_tokens=4,
+                    checkpoint_every_steps=0, drift=False)
+    trainer.train_and_evaluate(config, path)
+    return path
+
+
+def _log_probs_without_attribution(run, prompt: str, completion: list[int]) -> np.ndarray:
+    """The completion tokens' log-probabilities and the greedy choice at each, straight from the backbone."""
+    import tensorflow as tf
+
+    ids = np.asarray(list(np.asarray(run.loaded.tokenizer(prompt)).reshape(-1)) + completion, np.int32)[None]
+    backbone = run.loaded.backbone
+    logits = backbone.token_embedding(backbone({"token_ids": ids, "padding_mask": np.ones_like(ids)}),
+                                      reverse=True)
+    start = ids.shape[1] - len(completion)
+    log_probs = tf.nn.log_softmax(tf.cast(logits[0, start - 1:-1], tf.float32)).numpy()
+    return log_probs[np.arange(len(completion)), completion], log_probs.argmax(-1)
+
+
+def test_decoder_attributions_sum_to_the_change_of_the_completions_log_probability(decoder_run):
+    run = runs.load_run(decoder_run)
+    records = attribution_report.explain(run, DECODER_TEXTS, steps=64)
+    assert [r["text"] for r in records] == DECODER_TEXTS
+    for r in records:
+        assert r["completeness_error"] <= 0.01, r
+        assert abs(r["f_input"] - r["f_baseline"]) > 0.02
+        assert sum(w["attribution"] for w in r["words"]) == pytest.approx(r["attribution_sum"], abs=1e-6)
+        assert [w["word"] for w in r["words"]] == r["text"].split()
+        assert r["prompt"].endswith("<|im_start|>assistant\n") and r["text"] in r["prompt"]
+        # f is the log-probability of the greedy completion given the prompt, computed here without
+        # the scaled embeddings (the tied output projection must not be scaled with them)
+        log_probs, greedy = _log_probs_without_attribution(run, r["prompt"], r["completion_ids"])
+        assert greedy.tolist() == r["completion_ids"]
+        assert len(r["completion_ids"]) == 4 if not r["stopped"] else 1 <= len(r["completion_ids"]) <= 5
+        assert r["f_input"] == pytest.approx(float(log_probs.sum()), abs=1e-4)
+        assert r["mean_token_probability"] == pytest.approx(float(np.exp(log_probs).mean()), rel=1e-4)
+    [forced] = attribution_report.explain(run, DECODER_TEXTS[:1], 16, target=" paris")
+    assert forced["explained"] == "target"
+    assert forced["completion_ids"] == np.asarray(run.loaded.tokenizer(" paris")).reshape(-1).tolist()
+    log_probs, _ = _log_probs_without_attribution(run, forced["prompt"], forced["completion_ids"])
+    assert forced["f_input"] == pytest.approx(float(log_probs.sum()), abs=1e-4)
+
+
+def test_a_prompt_word_the_decoder_cannot_see_gets_zero_attribution(decoder_run):
+    from kft.tasks.causal_lm import explain as lm_explain
+
+    run = runs.load_run(decoder_run)
+    _, prompt_ids, piece_word, words, _, _ = lm_explain.prepare_prompt(run, DECODER_TEXTS[0], 4)
+    completion = np.asarray(run.loaded.tokenizer(" paris is"), np.int32).reshape(-1)
+    token_ids = np.concatenate([prompt_ids, completion[:-1]])
+    content = np.concatenate([piece_word >= 0, np.zeros(len(completion) - 1, bool)])
+    hidden = np.flatnonzero(piece_word == words.index("capital"))
+    mask = np.ones_like(token_ids)
+    mask[hidden] = 0  # no later position attends to it: the completion cannot depend on it
+    result = lm_explain.attribute(run.model, token_ids, len(prompt_ids), completion, content,
+                                  run.loaded.pad_id, 16, padding_mask=mask)
+    assert len(hidden) and np.all(result.tokens[hidden] == 0.0)
+    seen = content.copy()
+    seen[hidden] = False
+    assert np.abs(result.tokens[seen]).min() > 0
+    # neither the templates' tokens nor the completion's are interpolated
+    assert np.all(result.tokens[~content] == 0) and (~content[:len(prompt_ids)]).sum() > 10
+    # words the run's --sequence_length cuts from the prompt's start are not read either: 0, and counted
+    long = " ".join(["the cat sat on the mat ."] * 12) + " what is the capital of france ?"
+    [r] = attribution_report.explain(run, [long], 64)
+    assert r["truncated_pieces"] > 0 and r["words"][0]["attribution"] == 0.0
+    assert r["words"][-1]["attribution"] != 0.0 and r["completeness_error"] <= 0.01
+
+
+def test_the_decoder_page_image_and_json_lines_hold_every_word_and_the_completion(decoder_run, tmp_path):
+    import html
+
+    out = tmp_path / "explain"
+    proc = run_python(["-m", "kft.explain", f"--model_dir={decoder_run}", f"--output_dir={out}", *DECODER_TEXTS])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["text"] for r in lines] == DECODER_TEXTS
+    records = [json.loads(line) for line in (out / "attributions.jsonl").read_text().splitlines()]
+    assert len(records) == len(DECODER_TEXTS) and all(r["completeness_error"] <= 0.01 for r in records)
+    page = (out / "attributions.html").read_text()
+    for r in records:
+        for word in r["text"].split():
+            assert f">{html.escape(word)}</span>" in page
+        assert r["completion_ids"] and f"&rarr; {html.escape(r['completion'])}</div>" in page
+        assert f"mean token probability {r['mean_token_probability']:.3f}" in page
+    assert (out / "attributions.png").stat().st_size > 5_000
