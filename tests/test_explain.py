@@ -60,11 +60,16 @@ def test_a_word_the_model_cannot_see_gets_zero_attribution(trained_run):
     assert np.all(result.tokens[w.piece_word < 0] == 0)  # special tokens are not interpolated
 
 
+def _explain_cli(run_dir, out, texts) -> list[dict]:
+    """Runs `kft.explain` in a fresh process; returns the JSON lines it printed."""
+    proc = run_python(["-m", "kft.explain", f"--model_dir={run_dir}", f"--output_dir={out}", *texts])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
 def test_the_page_the_image_and_the_json_lines_hold_every_word(trained_run, tmp_path):
     out = tmp_path / "explain"
-    proc = run_python(["-m", "kft.explain", f"--model_dir={trained_run}", f"--output_dir={out}", *TEXTS])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    lines = _explain_cli(trained_run, out, TEXTS)
     assert [r["text"] for r in lines] == TEXTS
     page = (out / "attributions.html").read_text()
     for text in TEXTS:
@@ -226,9 +231,7 @@ def test_the_decoder_page_image_and_json_lines_hold_every_word_and_the_completio
     import html
 
     out = tmp_path / "explain"
-    proc = run_python(["-m", "kft.explain", f"--model_dir={decoder_run}", f"--output_dir={out}", *DECODER_TEXTS])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    lines = _explain_cli(decoder_run, out, DECODER_TEXTS)
     assert [r["text"] for r in lines] == DECODER_TEXTS
     records = [json.loads(line) for line in (out / "attributions.jsonl").read_text().splitlines()]
     assert len(records) == len(DECODER_TEXTS) and all(r["completeness_error"] <= 0.01 for r in records)
