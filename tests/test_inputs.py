@@ -145,39 +145,22 @@ def test_per_position_labels_are_cut_with_the_batch_and_weighted_per_position(lo
         assert float(np.sum(w[real] * sizes[rows[real]])) == pytest.approx(1.0)
 
 
-def test_an_input_iterator_is_deleted_without_waiting_for_tf_data_autotuning():
+def test_one_replica_input_pipelines_run_without_tf_data_autotuning():
     """tf.data's autotuning thread sleeps 10 ms, 20 ms, 40 ms, ... and deleting an iterator waited out
-    the current sleep: ~1 s after a 1.7 s pass here, ~9 s after an 11.6 s SST-2 evaluation pass."""
-    import gc
-    import time
-
+    the current sleep: ~1 s after a 1.7 s pass, ~9 s after an 11.6 s SST-2 evaluation pass (measured
+    in PERFORMANCE.md). A wall-clock bound on deletion was too noisy for a shared CI machine, so this
+    checks the two things that remove the wait: one replica gets a plain dataset (no
+    MultiDeviceIterator with its own default-option pipeline) and that dataset has autotuning off."""
     from kft import loop
 
     rng = np.random.default_rng(0)
-    n = 640
+    n = 64
     lengths = rng.integers(2, 9, size=n)
     split = loop.Split(tf.constant(rng.integers(1, 50, size=(n, 8)), tf.int32), lengths,
                        np.zeros(n, np.int32), np.ones(n, np.float32))
     plan = inputs.eval_plan(lengths, 16, 2, False)
-    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-    m = tf.random.normal([1200, 1200])
-
-    @tf.function
-    def step(iterator):  # a step that computes for a while, as a model does
-        features, _, _ = next(iterator)
-        scale = tf.cast(tf.reduce_sum(features["token_ids"]), tf.float32)
-        return strategy.run(lambda: tf.reduce_sum(scale * tf.matmul(tf.matmul(m, m), m)))
-
-    waits = []
-    for _ in range(5):  # before the fix, one round in two to three waited ~1 s
-        t0 = time.time()
-        iterator = iter(loop.distributed_dataset(strategy, plan, split))
-        for _ in plan.indices:  # the sleeps end 0.64 s, 1.28 s, 2.56 s after the first element
-            step(iterator)
-            if time.time() - t0 > 1.4:
-                break
-        t0 = time.time()
-        del iterator
-        gc.collect()
-        waits.append(time.time() - t0)
-    assert max(waits) < 1.0, waits  # a stall waited 1.1-1.6 s here; plain deletions 0.2-0.65 s under load
+    dataset = loop.distributed_dataset(tf.distribute.OneDeviceStrategy("/cpu:0"), plan, split)
+    assert isinstance(dataset, tf.data.Dataset)
+    assert dataset.options().autotune.enabled is False
+    batches = list(dataset.as_numpy_iterator())  # and it still yields every planned batch
+    assert len(batches) == len(plan.indices)
