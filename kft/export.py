@@ -70,6 +70,9 @@ def write(model: keras.Model, tokenizer, endpoints: dict, label_names: list[str]
           run_name: str, metadata: dict) -> str:
     """Writes `endpoints` ({name: (function, input signature)}) as a new SavedModel version.
 
+    `tokenizer`: the tokenizer layer, or a list of the resources (layers, tf.Modules with lookup
+    tables) the endpoints read besides the model's weights.
+
     The version is written under a temporary name and renamed when complete, so a server watching
     the folder never sees a half-written version; what an interrupted export left is removed here.
     """
@@ -84,13 +87,20 @@ def write(model: keras.Model, tokenizer, endpoints: dict, label_names: list[str]
     final = os.path.join(run_dir, str(version))
     tmp = os.path.join(run_dir, f".tmp-{version}")
     tf.io.gfile.makedirs(run_dir)
-    if not tokenizer.built:
-        tokenizer.build(None)  # ExportArchive tracks built layers only; a tokenizer has no weights
+    resources = tokenizer if isinstance(tokenizer, list) else [tokenizer]
+    for resource in resources:
+        if isinstance(resource, keras.layers.Layer) and not resource.built:
+            resource.build(None)  # ExportArchive tracks built layers only; a tokenizer has no weights
     archive = keras.export.ExportArchive()
     # The model is not `track`ed: ExportArchive.track() lists the Keras variables, and write_out()
     # adds the tf.Variables the endpoints capture (`_all_variables`), so every weight was written
     # twice (keras-team/keras #23553). The endpoints' own captures are all serving needs.
-    archive.track(tokenizer)
+    for i, resource in enumerate(resources):
+        if isinstance(resource, keras.layers.Layer):
+            archive.track(resource)
+        else:  # a tf.Module (lookup tables): ExportArchive.track takes Keras layers only, and a
+            # SavedModel must reach every resource its functions capture from its root object.
+            setattr(archive._tf_trackable, f"kft_resource_{i}", resource)
     for name, (fn, signature) in endpoints.items():
         archive.add_endpoint(name, fn, input_signature=signature)
     # TensorFlow logs its SavedModel internals at INFO ("Function `serve_text` contains input
@@ -116,8 +126,9 @@ def write(model: keras.Model, tokenizer, endpoints: dict, label_names: list[str]
 
     extra = os.path.join(tmp, "assets.extra")
     tf.io.gfile.makedirs(extra)
-    with tf.io.gfile.GFile(os.path.join(extra, "labels.txt"), "w") as f:
-        f.write("".join(name + "\n" for name in label_names))
+    if label_names:
+        with tf.io.gfile.GFile(os.path.join(extra, "labels.txt"), "w") as f:
+            f.write("".join(name + "\n" for name in label_names))
     with tf.io.gfile.GFile(os.path.join(extra, "metadata.json"), "w") as f:
         json.dump({**metadata, "labels": label_names, "signatures": list(endpoints),
                    "serving_imports": ["tensorflow", "tensorflow_text"]}, f, indent=2, default=str)

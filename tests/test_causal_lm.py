@@ -340,15 +340,16 @@ def test_flags_of_other_tasks_are_refused(llama_folder):
         trainer.train_and_evaluate(_config(task="classification", max_new_tokens=9), "/tmp/unused")
 
 
-def test_export_is_a_merged_preset_that_loads_back_as_a_backbone(llama_folder, tmp_path):
+def test_export_writes_a_merged_preset_that_loads_back_as_a_backbone(llama_folder, tmp_path):
     from kft import backbones, trainer
 
     train = _write_jsonl(tmp_path / "train.jsonl", _chats(12, 0))
     config = _config(backbone=llama_folder, train_file=train, method="lora", lora_targets=["query", "value"],
                      learning_rate=3e-2, export=True, export_dir=str(tmp_path / "x"), max_new_tokens=0,
-                     model_dir=str(tmp_path / "m"))
+                     export_max_new_tokens=4, model_dir=str(tmp_path / "m"))
     fitted = trainer.fit_model(config, str(tmp_path / "m"))
-    path = fitted.metrics["export"]
+    assert os.path.exists(os.path.join(fitted.metrics["export"], "saved_model.pb"))
+    path = str(tmp_path / "m" / "preset")
     reloaded = backbones.load_decoder(path)
     assert reloaded.chat_template == fx.CHATML
     assert not any("lora" in v.path for v in reloaded.backbone.weights)

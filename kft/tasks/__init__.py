@@ -43,3 +43,4 @@ class Prepared:
     model: object = None  # set by the trainer once built (token tasks decode with its CRF)
     # model -> fn(features, labels) -> what evaluation keeps per example (default: the model's outputs)
     predict_function: Callable | None = None
+    data: object = None  # the task's examples as read, where its export needs them

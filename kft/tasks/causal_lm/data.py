@@ -25,6 +25,7 @@ class Example:
     messages: list[dict]  # context turns [{role, content}]; empty for plain text
     completion: str  # the assistant's answer; for plain text, the whole text
     line: int  # 1-based line in the source file
+    served: str | None = None  # what a client sends the export for it (the template's one field)
 
 
 @dataclasses.dataclass
@@ -132,7 +133,9 @@ def parse(record: dict, form: str, where: str, config) -> Example:
                             f"have; keys: {sorted(record)[:12]}")
         prompt = unescape(config.prompt_template).format(**record)
         completion = _string(record, config.completion_field, where, completion_flag)
-        return Example([{"role": "user", "content": prompt}], completion, 0)
+        fields = template_fields(config.prompt_template)
+        served = str(record[fields[0]]) if len(fields) == 1 else None
+        return Example([{"role": "user", "content": prompt}], completion, 0, served)
     if form == "prompt_completion":
         prompt = _string(record, config.prompt_field, where, "--prompt_field")
         completion = _string(record, config.completion_field, where, completion_flag)

@@ -35,6 +35,7 @@ class LMData:
     eval: data_lib.Split
     test: data_lib.Split | None
     description: str
+    model_dir: str = ""  # set by prepare(): the export writes the preset there
 
 
 def load_backbone(config: Config) -> backbones.LoadedDecoder:
@@ -94,6 +95,7 @@ def prepare(config: Config, data: LMData, loaded, model_dir: str, is_chief: bool
     from kft.tasks import Prepared
 
     t0 = time.time()
+    data.model_dir = model_dir
     template = _chat_template(config, loaded, data.train)
     splits = {"train": data.train, "eval": data.eval}
     if data.test is not None:
@@ -188,7 +190,8 @@ def prepare(config: Config, data: LMData, loaded, model_dir: str, is_chief: bool
     return Prepared(names=[], sequence_length=sequence_length, sources=sources, stats=stats,
                     description=data.description, seconds=seconds, train_lengths=train_lengths,
                     evaluate=evaluate, epoch_eval=epoch_eval, format=scoring.format_report,
-                    write_outputs=write_outputs, headline=HEADLINE, predict_function=lm_model.predict_function)
+                    write_outputs=write_outputs, headline=HEADLINE, predict_function=lm_model.predict_function,
+                    data=data)
 
 
 def build(backbone: keras.Model, names: list[str], config: Config) -> keras.Model:
@@ -226,16 +229,42 @@ def _keep_tied_embeddings(backbone, folder: str) -> None:
 
 
 def export(model, loaded, prep, config: Config, run_name: str, metadata: dict) -> str:
-    """Writes the fine-tuned decoder (LoRA merged) with its tokenizer as a keras-hub preset folder.
-
-    `<export_dir>/<run_name>/<version>/` loads back with --backbone=<that folder> (to evaluate, to
-    continue training) or keras_hub.models.CausalLM.from_preset; kft_metadata.json records the run.
+    """Writes the generating SavedModel (serving.py) as `<export_dir>/<run_name>/<version>/`, and the
+    fine-tuned decoder (LoRA merged) with its tokenizer as a keras-hub preset in
+    `<model_dir>/preset/`, which loads back with --backbone=<that folder> (to evaluate, to continue
+    training) or keras_hub.models.CausalLM.from_preset.
     """
-    from kft import export as export_lib
+    from kft.tasks.causal_lm import serving
 
-    run_dir = os.path.join(config.export_dir, run_name)
-    path = os.path.join(run_dir, str(export_lib.next_version(run_dir)))
-    staging = path + ".partial"
+    preset = os.path.join(prep.data.model_dir, "preset")
+    _write_preset(loaded, prep, preset, metadata)
+    train = prep.data.train
+    template = _chat_template(config, loaded, train)
+    if train.plain_text:
+        raise FlagError("--task=causal_lm on plain text has no prompts to serve; add --noexport (the "
+                        f"model is in {preset})")
+    prefix, suffix, described = serving.prompt_affixes(config, loaded, template, train)
+    check = [_served_input(e, config, train.format) for e in prep.data.eval.examples]
+    try:
+        return serving.export(loaded, config, prefix, suffix, described, prep.sequence_length,
+                              [c for c in check if c is not None], {**metadata, "preset": preset}, run_name)
+    except serving.ExportError as e:
+        raise FlagError(f"export: {e}") from None
+
+
+def _served_input(example, config: Config, form: str) -> str | None:
+    """What a client sends to serving_default for this example (None: not one served string)."""
+    if not example.messages:
+        return None
+    if example.served is not None:
+        return example.served
+    return None if form == "template" else example.messages[-1]["content"]
+
+
+def _write_preset(loaded, prep, folder: str, metadata: dict) -> None:
+    staging = folder + ".partial"
+    if tf.io.gfile.exists(staging):
+        tf.io.gfile.rmtree(staging)
     lm = loaded.causal_lm_class(backbone=loaded.backbone, preprocessor=None)
     lm.backbone.save_to_preset(staging)
     loaded.tokenizer.save_to_preset(staging)
@@ -245,10 +274,11 @@ def export(model, loaded, prep, config: Config, run_name: str, metadata: dict) -
              "special_tokens": loaded.special_tokens, "eos_id": loaded.eos_id, "bos_id": loaded.bos_id}
     with tf.io.gfile.GFile(os.path.join(staging, "kft_metadata.json"), "w") as f:
         json.dump(extra, f, indent=2, default=str)
-    if loaded.chat_template:  # so that --backbone=<export> finds the template again
+    if loaded.chat_template:  # so that --backbone=<preset> finds the template again
         with tf.io.gfile.GFile(os.path.join(staging, "tokenizer_config.json"), "w") as f:
             json.dump({**loaded.special_tokens, "chat_template": loaded.chat_template,
                        "add_bos_token": loaded.bos_id is not None}, f, indent=2)
-    tf.io.gfile.rename(staging, path)
-    logging.info("exported the decoder (keras-hub preset) to %s", path)
-    return path
+    if tf.io.gfile.exists(folder):
+        tf.io.gfile.rmtree(folder)
+    tf.io.gfile.rename(staging, folder)
+    logging.info("wrote the decoder as a keras-hub preset to %s", folder)
