@@ -270,6 +270,9 @@ class LoadedDecoder:
     stop_ids: list[int]  # every id generation stops at (eos first)
     pad_id: int
     notes: list[str]  # what kft corrected or could not check, for the log and metrics.json
+    # positions the checkpoint was trained for (config.json's max_position_embeddings), where the
+    # backbone itself has no limit (rotary embeddings)
+    trained_positions: int = 0
 
     @property
     def num_layers(self) -> int:
@@ -277,7 +280,8 @@ class LoadedDecoder:
 
     @property
     def max_sequence_length(self) -> int:
-        return int(getattr(self.backbone, "max_sequence_length", 0) or 0) or 1 << 20
+        return (int(getattr(self.backbone, "max_sequence_length", 0) or 0) or self.trained_positions
+                or 1 << 20)
 
 
 def _causal_lm_class(backbone: keras.Model) -> type:
@@ -360,7 +364,8 @@ def load_decoder(spec: str, cache_dir: str = "~/.cache/kft", load_weights: bool 
     special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in tokenizer_config.items()
                if k.endswith("_token") and isinstance(v, (str, dict))}
     loaded = LoadedDecoder(backbone, tokenizer, causal_lm_class, location, kind,
-                           tokenizer_config.get("chat_template"), special, bos, int(eos), stop, pad, notes)
+                           tokenizer_config.get("chat_template"), special, bos, int(eos), stop, pad, notes,
+                           int(hf_config.get("max_position_embeddings", 0) or 0))
     if load_weights:
         check_weights(loaded, spec)
     for note in notes:

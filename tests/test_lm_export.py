@@ -1,0 +1,216 @@
+"""The generating SavedModel of decoder runs (--task=causal_lm): the graph tokenizer gives the training
+ids, and the export served from a fresh process that imports only tensorflow and tensorflow_text
+generates what the in-memory run generated, and survives what clients send. Tiny random llama
+models (tests/decoder_fixtures.py); the bundled SmolLM2 tokenizer in the slow test at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import decoder_fixtures as fx
+from conftest import SHARED_DATA
+
+# Loads the export the way a server does: tensorflow and tensorflow_text only.
+SERVE = r"""
+import json, sys
+import tensorflow as tf, tensorflow_text  # noqa: F401
+path, prompts = sys.argv[1], json.loads(sys.argv[2])
+model = tf.saved_model.load(path)
+serve = model.signatures["serving_default"]
+out = {}
+def run(name, values, signature=serve):
+    result = signature(prompt=tf.constant(values, tf.string))
+    out[name] = {k: [x.decode("utf-8") if isinstance(x, bytes) else x for x in v.numpy().tolist()]
+                 for k, v in result.items()}
+run("batch", prompts)
+run("one_by_one", prompts[:1])
+run("empty_batch", [])
+run("empty_prompt", [""])
+run("long", [" ".join(["paris is the capital of france ."] * 80)])
+try:
+    serve(prompt=tf.constant([1, 2]))
+    out["wrong_dtype"] = "accepted"
+except Exception as e:  # what a server answers a client that sent numbers
+    out["wrong_dtype"] = type(e).__name__
+run("after_error", prompts[:1])
+out["modules"] = sorted(sys.modules.keys() & {"keras_hub", "kft"})
+print(json.dumps(out))
+"""
+
+
+def _write_jsonl(path, records) -> str:
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def _chats(n: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    words = fx.TEXT.split()
+    return [{"messages": [{"role": "user", "content": " ".join(rng.choice(words, rng.integers(3, 12)))},
+                          {"role": "assistant", "content": " ".join(rng.choice(words, rng.integers(1, 5)))}]}
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory) -> str:
+    return fx.write_llama_folder(str(tmp_path_factory.mktemp("tiny_llama")))
+
+
+@pytest.fixture(scope="module")
+def exported(llama_folder, tmp_path_factory):
+    """A LoRA run on tiny chats, exported: (fitted run, SavedModel path, model_dir)."""
+    from kft import trainer
+    from kft.config import Config
+
+    tmp = tmp_path_factory.mktemp("lm_export")
+    config = Config(task="causal_lm", backbone=llama_folder, method="lora", lora_targets=["query", "value"],
+                    train_file=_write_jsonl(tmp / "train.jsonl", _chats(24, 0)),
+                    eval_file=_write_jsonl(tmp / "eval.jsonl", _chats(10, 1)), epochs=1, batch_size=4,
+                    learning_rate=1e-3, warmup_ratio=0.0, seed=3, max_new_tokens=8, export=True,
+                    export_dir=str(tmp / "x"), model_dir=str(tmp / "m"), checkpoint_every_steps=0,
+                    run_name="tiny_lm")
+    fitted = trainer.fit_model(config, str(tmp / "m"))
+    return fitted, fitted.metrics["export"], str(tmp / "m")
+
+
+def _served(path: str, prompts: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, "-c", SERVE, path, json.dumps(prompts)], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_the_export_served_in_a_fresh_process_generates_what_the_in_memory_run_generated(exported):
+    _, path, model_dir = exported
+    with open(os.path.join(model_dir, "predictions.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    out = _served(path, [r["input"] for r in rows])
+    assert out["modules"] == []  # neither kft nor keras-hub is needed to serve
+    assert out["batch"]["completion"] == [r["prediction"] for r in rows]
+    assert out["batch"]["stopped"] == [r["stopped"] for r in rows]
+    assert out["one_by_one"]["completion"] == out["batch"]["completion"][:1]  # rows do not affect each other
+    assert all(0 <= n <= 8 for n in out["batch"]["completion_tokens"])
+    assert out["batch"]["prompt_tokens_cut"] == [0] * len(rows)
+
+
+def test_the_export_survives_an_empty_batch_an_empty_prompt_a_long_prompt_and_a_wrong_dtype(exported):
+    _, path, _ = exported
+    out = _served(path, ["what is the capital of france ?"])
+    assert out["empty_batch"] == {"completion": [], "completion_tokens": [], "stopped": [],
+                                  "prompt_tokens_cut": []}
+    assert len(out["empty_prompt"]["completion"]) == 1
+    # 80 x 7 words + the chat template do not fit in 256 positions less 8 new tokens: the start is
+    # cut and counted, and the rest still generates
+    assert out["long"]["prompt_tokens_cut"][0] > 0 and out["long"]["completion_tokens"][0] > 0
+    assert out["wrong_dtype"] != "accepted"
+    assert out["after_error"]["completion"] == out["batch"]["completion"]
+
+
+def test_the_export_stores_each_weight_once_and_says_how_it_generates(exported):
+    _, path, _ = exported
+    with open(os.path.join(path, "assets.extra", "metadata.json")) as f:
+        meta = json.load(f)
+    assert meta["variables_bytes"] < 1.5 * meta["weight_bytes"] + 1_000_000
+    assert meta["generation"]["sampler"] == "greedy" and meta["generation"]["max_new_tokens"] == 8
+    assert meta["generation"]["prompt_prefix"] == "<|im_start|>user\n"
+    assert meta["generation"]["tokenizer_checked_on"] == 10
+    assert set(meta["signatures"]) == {"serving_default", "generate_raw", "serve_token_ids"}
+    assert not any("lora" in n for n in os.listdir(os.path.join(path, "variables")))
+
+
+def test_generate_raw_takes_the_formatted_prompt_and_token_log_probs_match_the_model(exported):
+    import tensorflow as tf
+
+    from kft import export as export_lib
+    from kft.tasks.causal_lm import model as lm_model
+
+    fitted, path, _ = exported
+    served = export_lib.load(path)
+    with open(os.path.join(path, "assets.extra", "metadata.json")) as f:
+        generation = json.load(f)["generation"]
+    text = "what is the capital of france ?"
+    raw = served.signatures["generate_raw"](
+        prompt=tf.constant([generation["prompt_prefix"] + text + generation["prompt_suffix"]]))
+    plain = served.signatures["serving_default"](prompt=tf.constant([text]))
+    assert raw["completion"].numpy().tolist() == plain["completion"].numpy().tolist()
+
+    ids = np.asarray([[5, 40, 70, 300, 9], [5, 41, 2, 0, 0]], np.int32)
+    mask = np.asarray([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.int32)
+    got = served.signatures["serve_token_ids"](token_ids=tf.constant(ids), padding_mask=tf.constant(mask))
+    hidden = fitted.model({"token_ids": ids, "padding_mask": mask})
+    logits = np.asarray(lm_model.token_embedding(fitted.model)(hidden, reverse=True), np.float64)
+    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    expected = np.zeros(ids.shape)
+    for b in range(2):
+        for t in range(1, int(mask[b].sum())):
+            expected[b, t] = log_probs[b, t - 1, ids[b, t]]
+    np.testing.assert_allclose(got["token_log_probs"].numpy(), expected, atol=1e-4)
+    np.testing.assert_allclose(got["next_token_log_probs"].numpy()[1], log_probs[1, 2], atol=1e-4)
+
+
+def _endpoints(llama_folder, **overrides):
+    from kft import backbones
+    from kft.config import Config
+    from kft.tasks.causal_lm import serving
+
+    loaded = backbones.load_decoder(llama_folder)
+    config = Config(task="causal_lm", max_new_tokens=6, seed=1, **overrides)
+    return serving.Endpoints(loaded, config, "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", 64)
+
+
+def test_top_k_of_one_is_greedy_and_sampling_is_fixed_by_the_seed(llama_folder):
+    import tensorflow as tf
+
+    prompts = tf.constant(["what is the capital of france ?", "summarize the following dialogue ."])
+    greedy = _endpoints(llama_folder).serve(prompts)["completion"].numpy().tolist()
+    top1 = _endpoints(llama_folder, export_sampler="top_k", export_top_k=1).serve(prompts)
+    assert top1["completion"].numpy().tolist() == greedy
+    sampled = [_endpoints(llama_folder, export_sampler="top_p", export_top_p=0.99,
+                          export_temperature=2.0).serve(prompts)["completion"].numpy().tolist()
+               for _ in range(2)]
+    assert sampled[0] == sampled[1] and sampled[0] != greedy
+
+
+def test_the_graph_tokenizer_gives_the_training_ids_for_chats_and_odd_whitespace(llama_folder):
+    import tensorflow as tf
+
+    from kft import backbones
+    from kft.tasks.causal_lm import graph_tokenizer
+
+    loaded = backbones.load_decoder(llama_folder)
+    bpe = graph_tokenizer.for_tokenizer(loaded.tokenizer)
+    texts = ["what is the capital of france ?", "", "  two  spaces\n\n\ttab", "<|im_start|>user\nparis"
+             "<|im_end|>\n<|im_start|>assistant\n", "café, naïve 12345 (paris)!", "x<|im_end|><|im_end|>"]
+    tokenize = tf.function(bpe.tokenize, input_signature=[tf.TensorSpec([None], tf.string)])
+    assert graph_tokenizer.check(tokenize, loaded.tokenizer, texts) == []
+    assert [t.decode() for t in bpe.detokenize(tokenize(tf.constant(texts))).numpy()] == texts
+
+
+@pytest.mark.slow
+def test_the_graph_tokenizer_gives_smollm2s_training_ids_on_dialogsum_and_chat_prompts():
+    import tensorflow as tf
+
+    from kft import backbones
+    from kft.tasks.causal_lm import chat, graph_tokenizer
+
+    path = os.path.join(SHARED_DATA, "dialogsum", "dev.jsonl")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not present: DialogSum is not in the shared data folder")
+    loaded = backbones.load_decoder("")
+    with open(path) as f:
+        records = [json.loads(line) for line in f.readlines()[:100]]
+    texts = [r["dialogue"] for r in records] + [r["summary"] for r in records]
+    texts += [chat.render(loaded.chat_template, [{"role": "user", "content": t}], True, loaded.special_tokens)
+              for t in texts[:50]]
+    bpe = graph_tokenizer.for_tokenizer(loaded.tokenizer)
+    tokenize = tf.function(bpe.tokenize, input_signature=[tf.TensorSpec([None], tf.string)])
+    assert graph_tokenizer.check(tokenize, loaded.tokenizer, texts) == []
