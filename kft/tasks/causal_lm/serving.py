@@ -157,7 +157,11 @@ class Endpoints:
         ids = prompts.to_tensor(default_value=self.pad_id, shape=[None, None])
         ids = tf.pad(ids, [[0, 0], [0, width - tf.shape(ids)[1]]], constant_values=self.pad_id)
         ends = lengths + self.max_new_tokens
-        _, cache = self.lm._build_cache(ids)
+        # Prefill the prompt positions only, then widen the cache ([b, layers, 2, width, heads, dim])
+        # for the new tokens: the prefill's cost is the prompt's, not the prompt's plus the cap's.
+        longest = tf.reduce_max(lengths)
+        _, cache = self.lm._build_cache(ids[:, :longest])
+        cache = tf.pad(cache, [[0, 0], [0, 0], [0, 0], [0, width - longest], [0, 0], [0, 0]])
         batch = tf.shape(ids)[0]
         stop = self.stop_ids
         positions = tf.range(width)[None, :]
