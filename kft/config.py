@@ -235,7 +235,7 @@ TASK_ONLY = {
     **{name: ("causal_lm",) for name in GROUPS["decoder LLMs (causal_lm)"] if name != "cache_dir"},
     "text_field": ("classification", "causal_lm"),
     "serving_sequence_length": ("classification", "token_classification"),
-    # the decoder's export is a keras-hub preset folder, not a SavedModel with kft's signatures
+    # int8 quantization of the decoder (its generating export) is not built
     "quantize": ("classification", "token_classification", "question_answering"),
     "teacher": ("classification", "token_classification"),
     "distill_alpha": ("classification", "token_classification"),
