@@ -1,13 +1,16 @@
-"""Classify or tag texts with an exported SavedModel; prints one JSON line per text.
+"""Classify, tag or complete texts with an exported SavedModel; prints one JSON line per text.
 
 A token-classification export prints each text's entities (type, text, character span, score)
 and its words with their tags; a question-answering export prints each question's answer, its
-character span in the context and its score.
+character span in the context and its score; a decoder export (--task=causal_lm) prints each
+prompt's completion, generated in the graph with the run's templates applied (--raw: none).
 
     python -m kft.predict --model=saved_models/<run>/<version> "a moving film"
     python -m kft.predict --model=... --input_file=texts.txt   # one text per line
     python -m kft.predict --model=saved_models/squad/1 --question="Who?" --context="..."
     python -m kft.predict --model=saved_models/squad/1 --input_file=questions.jsonl  # question, context
+    python -m kft.predict --model=saved_models/demo_llm/1 "My invoice is wrong"
+    python -m kft.predict --model=saved_models/demo_llm/1 --input_file=prompts.jsonl  # {"prompt": ...}
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ flags.DEFINE_string("input_file", "", "Text file with one text per line (instead
 flags.DEFINE_integer("batch_size", 64, "Texts per call into the model.")
 flags.DEFINE_string("question", "", "Question-answering exports: the question (with --context).")
 flags.DEFINE_string("context", "", "Question-answering exports: the context the answer is taken from.")
+flags.DEFINE_boolean("raw", False, "Decoder exports: the prompts are already formatted; call generate_raw.")
 FLAGS = flags.FLAGS
 
 
@@ -80,6 +84,58 @@ def answer(model, pairs: list[dict], batch_size: int = 64):
                    "question_truncated": int(out["question_truncated"][j])}
 
 
+def generate(model, prompts: list[str], batch_size: int = 64, raw: bool = False):
+    """Yields one result dict per prompt for a decoder export. serving_default applies the run's
+    prompt and chat templates in the graph; raw=True calls generate_raw, which takes the prompts
+    as they are (already formatted)."""
+    import tensorflow as tf
+
+    serve = model.signatures["generate_raw" if raw else "serving_default"]
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        out = {k: v.numpy() for k, v in serve(prompt=tf.constant(chunk, tf.string)).items()}
+        for j, prompt in enumerate(chunk):
+            yield {"prompt": prompt, "completion": out["completion"][j].decode("utf-8"),
+                   "completion_tokens": int(out["completion_tokens"][j]), "stopped": bool(out["stopped"][j]),
+                   "prompt_tokens_cut": int(out["prompt_tokens_cut"][j])}
+
+
+class InputError(ValueError):
+    """A model folder or input file kft.predict cannot use; reported as one line, status 2."""
+
+
+def _texts(argv: list[str], decoder: bool = False) -> list[str]:
+    """Texts from the arguments or --input_file: one per line, or for a decoder export a .jsonl file
+    of {"prompt": ...} records (prompts that hold line breaks, such as formatted ones for --raw)."""
+    import tensorflow as tf
+
+    texts = list(argv[1:])
+    if not FLAGS.input_file:
+        if not texts:
+            raise app.UsageError("no texts: pass them as arguments or with --input_file")
+        return texts
+    if texts:
+        raise app.UsageError("give texts as arguments or --input_file, not both")
+    if not tf.io.gfile.exists(FLAGS.input_file):
+        raise InputError(f"--input_file={FLAGS.input_file}: no such file")
+    with tf.io.gfile.GFile(FLAGS.input_file) as f:
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    if decoder and FLAGS.input_file.endswith(".jsonl"):
+        for n, line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{FLAGS.input_file}:{n}: not JSON ({e.msg})")
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise InputError(f"{FLAGS.input_file}:{n}: no string field prompt")
+            texts.append(record["prompt"])
+    else:
+        texts = [line.rstrip("\n") for _, line in lines]
+    if not texts:
+        raise InputError(f"--input_file={FLAGS.input_file}: the file holds no texts")
+    return texts
+
+
 def _question_pairs(argv: list[str]) -> list[dict]:
     """Questions from --question/--context or a JSONL --input_file; a bad line names file and line."""
     import tensorflow as tf
@@ -109,7 +165,6 @@ def _question_pairs(argv: list[str]) -> list[dict]:
 
 def main(argv):
     startup.import_tensorflow()
-    import tensorflow as tf
 
     from kft import export
 
@@ -117,27 +172,29 @@ def main(argv):
         raise app.UsageError("--model is required (an export version folder)")
     try:
         model = export.load(FLAGS.model)
-    except FileNotFoundError as e:
+        decoder = "generate_raw" in model.signatures
+        if FLAGS.raw and not decoder:
+            raise InputError(f"--raw: {FLAGS.model} is not a decoder export (--task=causal_lm), so it has "
+                             "no generate_raw signature")
+        if "context" in model.signatures["serving_default"].structured_input_signature[1]:
+            results = answer(model, _question_pairs(argv), FLAGS.batch_size)
+        elif decoder:
+            results = generate(model, _texts(argv, decoder=True), FLAGS.batch_size, raw=FLAGS.raw)
+        elif "serve_words" in model.signatures:
+            results = tag(model, _texts(argv), FLAGS.batch_size)
+        else:
+            results = predict(model, _texts(argv), export.read_labels(FLAGS.model), FLAGS.batch_size)
+    except (OSError, InputError) as e:  # OSError: no saved_model.pb, or one that does not parse
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if "context" in model.signatures["serving_default"].structured_input_signature[1]:
-        for result in answer(model, _question_pairs(argv), FLAGS.batch_size):
-            print(json.dumps(result, ensure_ascii=False))
-        return 0
-    texts = list(argv[1:])
-    if FLAGS.input_file:
-        if texts:
-            raise app.UsageError("give texts as arguments or --input_file, not both")
-        with tf.io.gfile.GFile(FLAGS.input_file) as f:
-            texts = [line.rstrip("\n") for line in f if line.strip()]
-    if not texts:
-        raise app.UsageError("no texts: pass them as arguments or with --input_file")
-    if "serve_words" in model.signatures:
-        results = tag(model, texts, FLAGS.batch_size)
-    else:
-        results = predict(model, texts, export.read_labels(FLAGS.model), FLAGS.batch_size)
+    count = cut = 0
     for result in results:
+        count += 1
+        cut += result.get("prompt_tokens_cut", 0) > 0
         print(json.dumps(result, ensure_ascii=False))
+    if cut:
+        print(f"{cut} of {count} prompt(s) cut from the start to leave room for the completion in the "
+              "model's context (prompt_tokens_cut: tokens cut)", file=sys.stderr)
     return 0
 
 
