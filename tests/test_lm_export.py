@@ -31,6 +31,7 @@ def run(name, values, signature=serve):
 run("batch", prompts)
 run("one_by_one", prompts[:1])
 run("empty_batch", [])
+run("first_token_empty_batch", [], model.signatures["first_token"])
 run("empty_prompt", [""])
 run("long", [" ".join(["paris is the capital of france ."] * 80)])
 try:
@@ -106,6 +107,7 @@ def test_the_export_survives_an_empty_batch_an_empty_prompt_a_long_prompt_and_a_
     out = _served(path, ["what is the capital of france ?"])
     assert out["empty_batch"] == {"completion": [], "completion_tokens": [], "stopped": [],
                                   "prompt_tokens_cut": []}
+    assert out["first_token_empty_batch"] == {"token_id": [], "token": [], "prompt_tokens_cut": []}
     assert len(out["empty_prompt"]["completion"]) == 1
     # 80 x 7 words + the chat template do not fit in 256 positions less 8 new tokens: the start is
     # cut and counted, and the rest still generates
@@ -122,7 +124,7 @@ def test_the_export_stores_each_weight_once_and_says_how_it_generates(exported):
     assert meta["generation"]["sampler"] == "greedy" and meta["generation"]["max_new_tokens"] == 8
     assert meta["generation"]["prompt_prefix"] == "<|im_start|>user\n"
     assert meta["generation"]["tokenizer_checked_on"] == 10
-    assert set(meta["signatures"]) == {"serving_default", "generate_raw", "serve_token_ids"}
+    assert set(meta["signatures"]) == {"serving_default", "generate_raw", "first_token", "serve_token_ids"}
     assert not any("lora" in n for n in os.listdir(os.path.join(path, "variables")))
 
 
@@ -165,6 +167,17 @@ def _endpoints(llama_folder, **overrides):
     loaded = backbones.load_decoder(llama_folder)
     config = Config(task="causal_lm", max_new_tokens=6, seed=1, **overrides)
     return serving.Endpoints(loaded, config, "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", 64)
+
+
+def test_first_token_is_the_first_token_of_the_completion(llama_folder):
+    import tensorflow as tf
+
+    prompts = tf.constant(["what is the capital of france ?", "paris", "summarize the following dialogue ."])
+    endpoints = _endpoints(llama_folder)
+    ids, _ = endpoints._generate(endpoints._prompt_ids(
+        tf.strings.join([endpoints.prefix, prompts, endpoints.suffix]))[0])
+    expected = [row[0] if len(row) else -1 for row in ids.to_list()]
+    assert endpoints.first_token(prompts)["token_id"].numpy().tolist() == expected
 
 
 def test_top_k_of_one_is_greedy_and_sampling_is_fixed_by_the_seed(llama_folder):

@@ -11,6 +11,8 @@ path, so TensorFlow Serving (or any process with `tensorflow` and `tensorflow_te
      both return   completion (tf.string), completion_tokens (int32), stopped (bool: a stop token
                    came before the length cap), prompt_tokens_cut (int32: tokens cut from the start
                    of a prompt longer than the context leaves room for).
+  first_token      prompt as for serving_default -> token_id (int32; -1 when the first token is a
+                   stop token), token (tf.string), prompt_tokens_cut: the time to first token.
   serve_token_ids  token_ids, padding_mask (int32 [batch, length]) -> token_log_probs [batch, length]
                    (log p of each token given those before it; 0 at position 0 and at padding) and
                    next_token_log_probs [batch, vocabulary] after each row's last token.
@@ -150,13 +152,14 @@ class Endpoints:
             tf.cast(empty, tf.int64)), kept], axis=1)
         return kept, cut
 
-    def _generate(self, prompts: tf.RaggedTensor):
+    def _generate(self, prompts: tf.RaggedTensor, max_new_tokens: int | None = None):
         """Completions of ragged prompt ids: (ragged ids, stopped [b])."""
+        max_new_tokens = max_new_tokens or self.max_new_tokens
         lengths = tf.cast(prompts.row_lengths(), tf.int32)
-        width = tf.reduce_max(lengths) + self.max_new_tokens
+        width = tf.reduce_max(lengths) + max_new_tokens
         ids = prompts.to_tensor(default_value=self.pad_id, shape=[None, None])
         ids = tf.pad(ids, [[0, 0], [0, width - tf.shape(ids)[1]]], constant_values=self.pad_id)
-        ends = lengths + self.max_new_tokens
+        ends = lengths + max_new_tokens
         # Prefill the prompt positions only, then widen the cache ([b, layers, 2, width, heads, dim])
         # for the new tokens: the prefill's cost is the prompt's, not the prompt's plus the cap's.
         longest = tf.reduce_max(lengths)
@@ -208,6 +211,22 @@ class Endpoints:
     def serve(self, prompt):
         return self._complete(tf.strings.join([self.prefix, prompt, self.suffix]))
 
+    def first_token(self, prompt):
+        """serving_default's first generated token only: its latency is the time to first token."""
+        texts = tf.strings.join([self.prefix, prompt, self.suffix])
+
+        def run():
+            prompts, cut = self._prompt_ids(texts)
+            ids = self._generate(prompts, 1)[0]
+            token = tf.cast(ids.to_tensor(default_value=-1, shape=[None, 1])[:, 0], tf.int32)
+            return {"token_id": token, "token": self.detokenize(ids), "prompt_tokens_cut": cut}
+
+        def nothing():
+            return {"token_id": tf.zeros([0], tf.int32), "token": tf.zeros([0], tf.string),
+                    "prompt_tokens_cut": tf.zeros([0], tf.int32)}
+
+        return tf.cond(tf.shape(texts)[0] > 0, run, nothing)
+
     def generate_raw(self, prompt):
         return self._complete(prompt)
 
@@ -246,6 +265,7 @@ def export(loaded, config, prefix: str, suffix: str, described: str, sequence_le
     functions = {
         "serving_default": (endpoints.serve, string),
         "generate_raw": (endpoints.generate_raw, string),
+        "first_token": (endpoints.first_token, string),
         "serve_token_ids": (endpoints.token_ids, [tf.TensorSpec([None, None], tf.int32, name="token_ids"),
                                                   tf.TensorSpec([None, None], tf.int32, name="padding_mask")]),
     }
