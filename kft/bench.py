@@ -47,6 +47,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("saved_model", "", "Export folder measured by --mode=serve.", flag_values=fv)
     flags.DEFINE_integer("serve_requests", 300, "Timed batch-1 requests when measuring serving.",
                          flag_values=fv)
+    flags.DEFINE_integer("serve_prompt_tokens", 0, "Decoder exports: serve each prompt cut to its first N "
+                         "tokens (shorter ones left out); 0 = as the data gives them.", flag_values=fv)
     flags.DEFINE_string("row", "", "With --mode=row: which row this process runs.", flag_values=fv)
     flags.DEFINE_string("row_output", "", "With --mode=row: the JSON file the row's result goes to.",
                         flag_values=fv)
@@ -71,7 +73,7 @@ def main(argv):
         raise app.UsageError(str(e)) from None
     passed = [a for a in sys.argv[1:] if not a.startswith(("--mode=", "--row=", "--row_output="))]
     options = benchmark.Options(rows, FLAGS.baseline_max_steps, os.path.abspath(FLAGS.bench_dir),
-                                FLAGS.saved_model, FLAGS.serve_requests, passed)
+                                FLAGS.saved_model, FLAGS.serve_requests, passed, FLAGS.serve_prompt_tokens)
     if FLAGS.mode == "row":
         result = benchmark.run_row(FLAGS.row, config, options, STARTED)
         with open(FLAGS.row_output, "w") as f:

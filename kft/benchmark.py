@@ -46,6 +46,7 @@ class Options:
     saved_model: str
     serve_requests: int
     argv: list  # the command line, handed on to each row's process
+    serve_prompt_tokens: int = 0  # decoder exports: served prompts cut to this many tokens (0 = whole)
 
 
 def choose_rows(task: str, requested: list, explicit: bool) -> list:
@@ -205,8 +206,11 @@ def serve_row(config: Config, options: Options, started: float) -> dict:
     if not path:
         raise ValueError("--mode=serve needs --saved_model=<export folder>")
     t0 = time.time()
-    serve = export.load(path).signatures["serving_default"]
+    loaded = export.load(path)
     load_seconds = time.time() - t0
+    if "generate_raw" in loaded.signatures:
+        return serve_decoder(loaded, path, load_seconds, config, options)
+    serve = loaded.signatures["serving_default"]
     texts = _serve_texts(config)
     rng = np.random.default_rng(config.seed)
 
@@ -237,6 +241,86 @@ def serve_row(config: Config, options: Options, started: float) -> dict:
                     "p99_ms": float(np.percentile(single, 99)), "mean_ms": float(single.mean())},
         "batch_64": {"requests": len(batches), "p50_ms": float(np.percentile(batches, 50) * 1e3),
                      "texts_per_second": float(64 * len(batches) / batches.sum())},
+        "peak_rss_bytes": perf.peak_rss_bytes(),
+    }
+
+
+DECODER_BATCH = 16
+
+
+def _decoder_prompts(config: Config, path: str, prompt_tokens: int) -> tuple[list[str], str]:
+    """Served inputs from --eval_file (or --train_file); with `prompt_tokens`, each cut to its
+    first that many tokens by the run's tokenizer (shorter ones are left out and counted)."""
+    from kft import backbones
+    from kft.tasks.causal_lm import data as lm_data
+
+    source = config.eval_file or config.train_file
+    if not source:
+        raise ValueError("--mode=serve of a decoder export needs prompts: give --eval_file (JSONL in the "
+                         "run's format)")
+    split = lm_data.read_file(source, "eval", config, "--eval_file" if config.eval_file else "--train_file")
+    texts = [e.served if e.served is not None else e.messages[-1]["content"]
+             for e in split.examples if e.messages]
+    described = f"{len(texts)} inputs of {source}"
+    if prompt_tokens:
+        with open(os.path.join(path, "assets.extra", "metadata.json")) as f:
+            meta = json.load(f)
+        tokenizer = backbones.load_decoder(meta.get("preset") or meta["backbone"]["spec"],
+                                           load_weights=False).tokenizer
+        cut = []
+        for text in texts:
+            ids = np.asarray(tokenizer(text))
+            if len(ids) >= prompt_tokens:
+                piece = tokenizer.detokenize(ids[:prompt_tokens])
+                cut.append(piece.numpy().decode("utf-8", "replace") if hasattr(piece, "numpy") else str(piece))
+        described += (f", cut to their first {prompt_tokens} tokens ({len(texts) - len(cut)} shorter "
+                      "ones left out)")
+        texts = cut
+    if not texts:
+        raise ValueError(f"no prompt to serve from {source}")
+    return texts, described
+
+
+def serve_decoder(loaded, path: str, load_seconds: float, config: Config, options: Options) -> dict:
+    """A decoder export: time to first token (first_token at batch 1), per-sequence decode speed at
+    batch 1 (serving_default), and generated tokens per second at batch 16."""
+    import tensorflow as tf
+
+    texts, described = _decoder_prompts(config, path, options.serve_prompt_tokens)
+    first, serve = loaded.signatures["first_token"], loaded.signatures["serving_default"]
+    requests = min(options.serve_requests, 20)
+    rng = np.random.default_rng(config.seed)
+    picks = [texts[i] for i in rng.integers(0, len(texts), requests)]
+
+    def timed(signature, batch):
+        t = time.perf_counter()
+        out = {k: v.numpy() for k, v in signature(prompt=tf.constant(batch)).items()}
+        return time.perf_counter() - t, out
+
+    for text in picks[:2]:  # the first calls trace the graphs
+        timed(first, [text])
+        timed(serve, [text])
+    ttft = np.asarray([timed(first, [text])[0] for text in picks])
+    single = [timed(serve, [text]) for text in picks]
+    latency = np.asarray([t for t, _ in single])
+    tokens = np.asarray([int(out["completion_tokens"][0]) for _, out in single])
+    decode = float(np.sum(np.maximum(tokens - 1, 0)) / max(1e-9, np.sum(latency - np.median(ttft))))
+    batches = [[texts[i] for i in rng.integers(0, len(texts), DECODER_BATCH)] for _ in range(3)]
+    timed(serve, batches[0])
+    runs = [timed(serve, batch) for batch in batches]
+    generated = sum(int(out["completion_tokens"].sum()) for _, out in runs)
+    with open(os.path.join(path, "assets.extra", "metadata.json")) as f:
+        generation = json.load(f).get("generation", {})
+    return {
+        "saved_model": path, "load_seconds": load_seconds, "prompts": described,
+        "generation": {k: generation.get(k) for k in ("sampler", "max_new_tokens")},
+        "time_to_first_token": {"requests": len(ttft), "p50_ms": float(np.median(ttft) * 1e3),
+                                "p90_ms": float(np.percentile(ttft, 90) * 1e3)},
+        "batch_1": {"requests": len(latency), "p50_ms": float(np.median(latency) * 1e3),
+                    "mean_completion_tokens": float(tokens.mean()),
+                    "decode_tokens_per_second": decode},
+        f"batch_{DECODER_BATCH}": {"requests": len(runs), "p50_ms": float(np.median([t for t, _ in runs]) * 1e3),
+                                   "generated_tokens_per_second": generated / sum(t for t, _ in runs)},
         "peak_rss_bytes": perf.peak_rss_bytes(),
     }
 

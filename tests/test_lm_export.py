@@ -227,3 +227,20 @@ def test_the_graph_tokenizer_gives_smollm2s_training_ids_on_dialogsum_and_chat_p
     bpe = graph_tokenizer.for_tokenizer(loaded.tokenizer)
     tokenize = tf.function(bpe.tokenize, input_signature=[tf.TensorSpec([None], tf.string)])
     assert graph_tokenizer.check(tokenize, loaded.tokenizer, texts) == []
+
+
+def test_bench_serve_measures_time_to_first_token_and_decode_speed_of_a_decoder_export(exported):
+    from conftest import run_python
+
+    fitted, path, model_dir = exported
+    eval_file = fitted.metrics["config"]["eval_file"]
+    proc = run_python(["-m", "kft.bench", "--mode=serve", f"--saved_model={path}", "--task=causal_lm",
+                       f"--eval_file={eval_file}", "--serve_requests=3", "--serve_prompt_tokens=4",
+                       f"--backbone={fitted.metrics['config']['backbone']}",
+                       f"--bench_dir={os.path.join(model_dir, 'bench')}"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert result["time_to_first_token"]["requests"] == 3 and result["time_to_first_token"]["p50_ms"] > 0
+    assert result["batch_1"]["p50_ms"] >= result["time_to_first_token"]["p50_ms"] * 0.5
+    assert result["batch_16"]["generated_tokens_per_second"] > 0
+    assert "cut to their first 4 tokens" in result["prompts"]
