@@ -244,3 +244,22 @@ def test_bench_serve_measures_time_to_first_token_and_decode_speed_of_a_decoder_
     assert result["batch_1"]["p50_ms"] >= result["time_to_first_token"]["p50_ms"] * 0.5
     assert result["batch_16"]["generated_tokens_per_second"] > 0
     assert "cut to their first 4 tokens" in result["prompts"]
+
+
+def test_a_gpt2_decoder_generates_in_the_graph_what_the_evaluation_generator_generates(tmp_path):
+    """GPT-2's cache has its own layout and BOS; the graph loop and the evaluation loop agree."""
+    import tensorflow as tf
+
+    from kft import backbones
+    from kft.config import Config
+    from kft.tasks.causal_lm import model as lm_model, serving
+
+    loaded = backbones.load_decoder(fx.write_gpt2_folder(str(tmp_path / "gpt2")))
+    endpoints = serving.Endpoints(loaded, Config(task="causal_lm", max_new_tokens=6), "", "\n", 64)
+    texts = ["what is the capital of france ?", "paris", "summarize the following dialogue . the cat"]
+    prompts, cut = endpoints._prompt_ids(tf.constant(texts))
+    assert cut.numpy().tolist() == [0, 0, 0]
+    graph_ids, _ = endpoints._generate(prompts)
+    generator = lm_model.Generator(loaded.backbone, loaded.causal_lm_class, loaded.stop_ids, loaded.pad_id, 4)
+    expected, _ = generator([np.asarray(p, np.int32) for p in prompts.to_list()], 6)
+    assert graph_ids.to_list() == [e.tolist() for e in expected]
