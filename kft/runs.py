@@ -60,11 +60,19 @@ def load_run(path: str, flag: str = "--model_dir") -> Run:
     model = task.build(backbone, names, run_config)
     folder = os.path.join(path, "best" if run_config.early_stopping_patience else "checkpoints")
     ckpt = checkpoints.latest(folder) or checkpoints.latest(os.path.join(path, "checkpoints"))
-    if ckpt is None:
+    if ckpt is None and run_config.epochs == 0 and run_config.task == "causal_lm":
+        # A zero-shot decoder run trained nothing and saved nothing: its model is the pretrained one.
+        source = "the pretrained model (an --epochs=0 run)"
+    elif ckpt is None and run_config.epochs == 0:
+        raise FlagError(f"{flag}={path}: an --epochs=0 run trained nothing and its new "
+                        f"{run_config.task} head is random; run it with --epochs >= 1")
+    elif ckpt is None:
         raise FlagError(f"{flag}={path}: no checkpoint under {folder}")
-    checkpoints.restore(ckpt, model.variables, None)
+    else:
+        checkpoints.restore(ckpt, model.variables, None)
+        source = ckpt.path
     methods.prepare_export(loaded.backbone, run_config)  # LoRA merged: the plain function
     logging.info("loaded run %s (%s, --method=%s, %d layers, labels %s) with the weights of %s", path,
                  run_config.backbone, run_config.method, len(backbones.transformer_layers(loaded.backbone)),
-                 names, ckpt.path)
-    return Run(path, run_config, model, loaded, names, ckpt.path, int(metrics["sequence_length"]), metrics)
+                 names, source)
+    return Run(path, run_config, model, loaded, names, source, int(metrics["sequence_length"]), metrics)

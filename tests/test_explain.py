@@ -242,3 +242,34 @@ def test_the_decoder_page_image_and_json_lines_hold_every_word_and_the_completio
         assert r["completion_ids"] and f"&rarr; {html.escape(r['completion'])}</div>" in page
         assert f"mean token probability {r['mean_token_probability']:.3f}" in page
     assert (out / "attributions.png").stat().st_size > 5_000
+
+
+def test_a_zero_shot_decoder_run_is_explained_with_the_pretrained_weights(tmp_path):
+    """An --epochs=0 decoder run saves no checkpoint; its model is the untouched pretrained one."""
+    import decoder_fixtures as fx
+
+    from kft import backbones
+    from kft.config import Config
+
+    folder = fx.write_llama_folder(str(tmp_path / "tiny_llama"))
+    train = os.path.join(tmp_path, "train.jsonl")
+    with open(train, "w") as f:
+        for i in range(4):
+            f.write(json.dumps({"prompt": f"what is the capital {i} ?", "completion": "paris"}) + "\n")
+    path = str(tmp_path / "zero_shot")
+    trainer.train_and_evaluate(Config(task="causal_lm", backbone=folder, train_file=train, validation_fraction=0.5,
+                                      epochs=0, export=False, max_new_tokens=2, drift=False), path)
+    run = runs.load_run(path)
+    assert run.checkpoint == "the pretrained model (an --epochs=0 run)"
+    pretrained = backbones.load_decoder(folder).backbone
+    for a, b in zip(run.loaded.backbone.weights, pretrained.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_zero_shot_classification_run_is_refused_its_head_is_random(tiny_preset, tmp_path):
+    from kft.config import FlagError
+
+    path = str(tmp_path / "zero_shot")
+    trainer.train_and_evaluate(tiny_config(backbone=tiny_preset, epochs=0), path)
+    with pytest.raises(FlagError, match="an --epochs=0 run trained nothing"):
+        runs.load_run(path)
