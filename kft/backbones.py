@@ -225,6 +225,11 @@ def transformer_layers(backbone: keras.Model) -> list[keras.layers.Layer]:
     layers = getattr(backbone, "transformer_layers", None)
     if layers:
         return list(layers)
+    # encoder–decoder backbones (BART, T5): the encoder's blocks, then the decoder's
+    pair = list(getattr(backbone, "encoder_transformer_layers", None) or []) + \
+        list(getattr(backbone, "decoder_transformer_layers", None) or [])
+    if pair:
+        return pair
     return [layer for layer in backbone.layers if layer.name.startswith("transformer_layer_")]
 
 

@@ -36,8 +36,8 @@ class Config:
 
     # Task and tuning method: new tasks and methods are sibling modules selected here.
     task: str = _field("classification", "What to fine-tune for: a label per text, a tag per word, an answer span in a "
-                       "context, or a decoder LLM's completions.",
-                       ("classification", "token_classification", "question_answering", "causal_lm"))
+                       "context, a decoder LLM's completions, or an encoder–decoder's (BART, T5) targets.",
+                       ("classification", "token_classification", "question_answering", "causal_lm", "seq2seq"))
     method: str = _field("full", "How the backbone is tuned; a nonzero --freeze_layers selects freeze.",
                          ("full", "freeze", "lora", "prompt", "prefix", "bitfit"))
     adapter: str = _field("", "Start from this adapter.safetensors (a run's trainable part; same backbone "
@@ -233,6 +233,9 @@ TASK_ONLY = {
     "tag_column": ("token_classification",), "stride": ("token_classification",),
     "crf": ("token_classification",),
     **{name: ("causal_lm",) for name in GROUPS["decoder LLMs (causal_lm)"] if name != "cache_dir"},
+    # encoder–decoders (seq2seq) read the same records and generate the same way, without a chat template
+    **{name: ("causal_lm", "seq2seq") for name in GROUPS["decoder LLMs (causal_lm)"]
+       if name not in ("cache_dir", "chat_template", "train_on_prompt")},
     "text_field": ("classification", "causal_lm"),
     "serving_sequence_length": ("classification", "token_classification"),
     # int8 quantization of the decoder (its generating export) is not built

@@ -47,7 +47,9 @@ class Snapshot:
 def snapshot(loaded, representations: bool = True) -> Snapshot:
     weights = loaded.backbone.weights
     snap = Snapshot([np.array(w.numpy()) for w in weights], {id(w): i for i, w in enumerate(weights)})
-    if representations:
+    # Encoder–decoder backbones (BART, T5) read two sequences: their drift is the weight distance.
+    two = isinstance(loaded.backbone.input, dict) and "encoder_token_ids" in loaded.backbone.input
+    if representations and not two:
         snap.probe = _probe_inputs(loaded, general_text())
         snap.representations = layer_representations(loaded.backbone, *snap.probe)
         if isinstance(loaded, backbones.LoadedDecoder):

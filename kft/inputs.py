@@ -220,8 +220,14 @@ def padded_matrix(encoded: Encoded, pad_value: int) -> tf.Tensor:
 
 def plan_dataset(plan: BatchPlan, matrix: tf.Tensor, lengths: np.ndarray, labels: np.ndarray,
                  example_weights: np.ndarray, num_replicas: int = 1, replica_ids=None,
-                 sizes: np.ndarray | None = None, targets: np.ndarray | None = None) -> tf.data.Dataset:
+                 sizes: np.ndarray | None = None, targets: np.ndarray | None = None,
+                 decoder: tuple | None = None) -> tf.data.Dataset:
     """Per-replica batches of `plan`, as (features, labels, weights).
+
+    With `decoder` ((ids [n, longest], lengths [n]): an encoder–decoder task's second sequence) the
+    features also hold decoder_token_ids and decoder_padding_mask, cut to the batch's longest decoder
+    sequence, and per-position labels follow the decoder's width instead of the encoder's. That
+    width is the batch's own even with static shapes (XLA then compiles one program per width met).
 
     With `targets` ([n, k] or [n, longest, k] floats, e.g. a teacher's outputs) labels are the pair
     (labels, targets), per-position targets cut to the batch width like the ids.
@@ -253,21 +259,30 @@ def plan_dataset(plan: BatchPlan, matrix: tf.Tensor, lengths: np.ndarray, labels
     lengths = tf.constant(lengths, tf.int32)
     labels = tf.constant(labels, tf.int32)
     targets = None if targets is None else tf.constant(targets, tf.float32)
+    if decoder is not None:
+        decoder_ids, decoder_lengths = tf.constant(decoder[0], tf.int32), tf.constant(decoder[1], tf.int32)
 
     def make(rows, width, w):
         safe = tf.maximum(rows, 0)
         ids = tf.gather(matrix, safe)[:, :width]
         n = tf.where(rows >= 0, tf.gather(lengths, safe), 0)
         mask = tf.cast(tf.range(width)[None, :] < n[:, None], tf.int32)
+        features = _features(ids, mask)
+        label_width = width
+        if decoder is not None:
+            m = tf.where(rows >= 0, tf.gather(decoder_lengths, safe), 0)
+            label_width = tf.maximum(tf.reduce_max(m), 1)
+            features["decoder_token_ids"] = tf.gather(decoder_ids, safe)[:, :label_width]
+            features["decoder_padding_mask"] = tf.cast(tf.range(label_width)[None, :] < m[:, None], tf.int32)
         batch_labels = tf.gather(labels, safe)
         if labels.shape.rank == 2:  # one label per position (token tasks): cut like the ids
-            batch_labels = batch_labels[:, :width]
+            batch_labels = batch_labels[:, :label_width]
         if targets is not None:
             batch_targets = tf.gather(targets, safe)
             if targets.shape.rank == 3:
                 batch_targets = batch_targets[:, :width]
             batch_labels = (batch_labels, batch_targets)
-        return _features(ids, mask), batch_labels, w
+        return features, batch_labels, w
 
     ds = tf.data.Dataset.from_tensor_slices((indices, widths, weights))
     # Fixed parallelism and no autotuning: a batch is one gather, and tf.data's autotuning thread

@@ -70,6 +70,9 @@ class Split:
     sizes: np.ndarray | None = None  # [n] labelled positions per example: the loss is a per-position mean
     # [n, k] or [n, longest, k] float32 (a teacher's log-probabilities): labels become (labels, targets)
     targets: np.ndarray | None = None
+    # encoder–decoder tasks: (ids [n, longest] int32, lengths [n]) of the decoder sequence, fed as
+    # decoder_token_ids / decoder_padding_mask; per-position labels then align with it
+    decoder: tuple | None = None
 
     @classmethod
     def from_encoded(cls, encoded: inputs.Encoded, labels: np.ndarray, pad: int,
@@ -90,13 +93,13 @@ def distributed_dataset(strategy: tf.distribute.Strategy, plan: inputs.BatchPlan
     replicas = strategy.num_replicas_in_sync
     if replicas == 1 and not distribute.uses_static_shapes(strategy):
         return inputs.plan_dataset(plan, split.matrix, split.lengths, split.labels, split.weights,
-                                   1, None, split.sizes, split.targets)
+                                   1, None, split.sizes, split.targets, split.decoder)
 
     def dataset_fn(ctx: tf.distribute.InputContext):
         local = replicas // ctx.num_input_pipelines
         ids = range(ctx.input_pipeline_id * local, (ctx.input_pipeline_id + 1) * local)
         return inputs.plan_dataset(plan, split.matrix, split.lengths, split.labels, split.weights,
-                                   replicas, ids, split.sizes, split.targets)
+                                   replicas, ids, split.sizes, split.targets, split.decoder)
 
     return strategy.distribute_datasets_from_function(dataset_fn)
 

@@ -13,10 +13,10 @@ from typing import Callable
 
 import numpy as np
 
-from kft.tasks import causal_lm, classification, question_answering, token_classification
+from kft.tasks import causal_lm, classification, question_answering, seq2seq, token_classification
 
 TASKS = {"classification": classification, "token_classification": token_classification,
-         "question_answering": question_answering, "causal_lm": causal_lm}
+         "question_answering": question_answering, "causal_lm": causal_lm, "seq2seq": seq2seq}
 
 
 def get(name: str):

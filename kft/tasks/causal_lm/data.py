@@ -146,7 +146,7 @@ def parse(record: dict, form: str, where: str, config) -> Example:
 def read_file(path: str, name: str, config, flag: str, form: str | None = None) -> Split:
     """Every record of a JSONL file as an Example; `form` forces the format found in train."""
     if not path.endswith((".jsonl", ".json")):
-        raise DataError(f"{path}: --task=causal_lm reads JSONL files (one JSON object per line) ({flag})")
+        raise DataError(f"{path}: --task={config.task} reads JSONL files (one JSON object per line) ({flag})")
     text = _read_bytes(path, flag).decode("utf-8", errors="strict")
     examples = []
     for line, record in json_records(path, text):
