@@ -60,8 +60,8 @@ def load_run(path: str, flag: str = "--model_dir") -> Run:
     model = task.build(backbone, names, run_config)
     folder = os.path.join(path, "best" if run_config.early_stopping_patience else "checkpoints")
     ckpt = checkpoints.latest(folder) or checkpoints.latest(os.path.join(path, "checkpoints"))
-    if ckpt is None and run_config.epochs == 0 and run_config.task == "causal_lm":
-        # A zero-shot decoder run trained nothing and saved nothing: its model is the pretrained one.
+    if ckpt is None and run_config.epochs == 0 and run_config.task in ("causal_lm", "seq2seq"):
+        # A zero-shot decoder (or encoder–decoder) run trained nothing and saved nothing: its model is the pretrained one.
         source = "the pretrained model (an --epochs=0 run)"
     elif ckpt is None and run_config.epochs == 0:
         raise FlagError(f"{flag}={path}: an --epochs=0 run trained nothing and its new "

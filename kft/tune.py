@@ -43,7 +43,7 @@ EXIT_INTERRUPTED = 130
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 # The score maximized by default: the eval split's headline metric ("-" = minus, lower is better).
 DEFAULT_METRICS = {"classification": "accuracy", "token_classification": "entity_f1",
-                   "question_answering": "f1", "causal_lm": "-loss"}
+                   "question_answering": "f1", "causal_lm": "-loss", "seq2seq": "-loss"}
 # Flags drawn only when the trial's method reads them (define-by-run): a LoRA rank is never
 # drawn for a full fine-tuning trial.
 METHOD_ONLY = {"lora_rank": "lora", "lora_alpha": "lora", "num_prompt_tokens": "prompt",

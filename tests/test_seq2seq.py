@@ -112,6 +112,26 @@ def test_labels_cover_the_target_and_end_token_only(bart_folder):
     assert cut and framed.tolist() == [0, 10, 11, 12, 13, 14, 15, 2]  # cut at its end
 
 
+def test_batches_carry_the_decoder_sequence_cut_to_its_own_width():
+    from kft import inputs
+
+    lengths = np.array([3, 5, 2])
+    matrix = np.arange(15, dtype=np.int32).reshape(3, 5)
+    decoder = np.array([[7, 8, 9, 0], [7, 8, 0, 0], [7, 8, 9, 6]], np.int32)
+    labels = np.where(decoder > 0, decoder, -1)
+    plan = inputs.BatchPlan(np.array([[0, 1], [2, -1]], np.int32), np.array([5, 2], np.int32))
+    batches = list(inputs.plan_dataset(plan, matrix, lengths, labels, np.ones(3, np.float32),
+                                       sizes=np.array([3, 2, 4]), decoder=(decoder, np.array([3, 2, 4]))))
+    features, batch_labels, weights = batches[0]
+    assert features["token_ids"].shape == (2, 5) and features["decoder_token_ids"].numpy().tolist() == [[7, 8, 9],
+                                                                                                      [7, 8, 0]]
+    assert features["decoder_padding_mask"].numpy().tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch_labels.shape == (2, 3)  # the decoder's width, not the encoder's
+    np.testing.assert_allclose(weights.numpy(), [1 / 5, 1 / 5])  # per trained token of the batch
+    features, batch_labels, _ = batches[1]
+    assert features["decoder_token_ids"].shape == (2, 4) and features["decoder_padding_mask"].numpy()[1].sum() == 0
+
+
 def test_training_lowers_the_eval_loss_and_writes_scored_predictions(trained, bart_folder, data, tmp_path):
     from kft import trainer
 
