@@ -8,6 +8,10 @@
 - For --task=question_answering, the Hugging Face `run_qa` recipe instead:
   `AutoModelForQuestionAnswering` + Trainer on windows padded to --sequence_length (384), n-best
   span decoding, scored by kft's SQuAD scorer.
+- For --task=causal_lm, `AutoModelForCausalLM` + Trainer with PEFT's LoRA (or full fine-tuning) on
+  the Hugging Face folder kft converts a GGUF file into, on kft's rendered prompts with labels on
+  completion tokens and EOS only, each batch padded to its longest sequence; scored by kft's eval
+  loss and generation scores (`generate`, greedy).
 
 Each returns the same row dictionary as kft's own row: seconds per phase, examples, real token
 length sums (for FLOPs), padded positions computed, dev accuracy, peak memory.
@@ -23,7 +27,7 @@ import time
 import numpy as np
 
 from kft import data as data_lib, perf
-from kft.config import Config
+from kft.config import BUNDLED_BACKBONE, Config
 
 
 def full_fine_tuning_rate(config: Config) -> float:
@@ -123,7 +127,8 @@ def hf_precision(precision: str) -> dict:
                      "float16 autocast; use float32 or mixed_bfloat16")
 
 
-def _training_arguments(config: Config, out: str, learning_rate: float, total_steps: int, precision: dict):
+def _training_arguments(config: Config, out: str, learning_rate: float, total_steps: int, precision: dict,
+                        schedule: str = "linear"):
     """The Trainer's arguments for kft's flags: same batch, rate, epochs, decay, warmup, clipping, seed."""
     from transformers import TrainingArguments
 
@@ -132,7 +137,7 @@ def _training_arguments(config: Config, out: str, learning_rate: float, total_st
         per_device_eval_batch_size=config.batch_size, learning_rate=learning_rate,
         num_train_epochs=config.epochs, weight_decay=config.weight_decay,
         # = warmup_ratio (transformers 5 takes the ratio as warmup_steps < 1; this works in 4 and 5)
-        warmup_steps=int(round(config.warmup_ratio * total_steps)), lr_scheduler_type="linear",
+        warmup_steps=int(round(config.warmup_ratio * total_steps)), lr_scheduler_type=schedule,
         max_grad_norm=config.clipnorm or 1e9, seed=config.seed, save_strategy="no",
         eval_strategy="no", report_to=[], logging_steps=max(1, total_steps // 10), use_cpu=True,
         disable_tqdm=True, **precision)
@@ -140,6 +145,15 @@ def _training_arguments(config: Config, out: str, learning_rate: float, total_st
 
 def hf_trainer_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "accelerate"))
+
+
+def hf_trainer_missing(config: Config) -> str:
+    """What the Hugging Face row lacks to run with these flags ('' when nothing)."""
+    if not hf_trainer_available():
+        return "torch, transformers or accelerate"
+    if config.task == "causal_lm" and config.method == "lora" and importlib.util.find_spec("peft") is None:
+        return "peft"
+    return ""
 
 
 def hf_trainer(config: Config, started: float) -> dict:
@@ -397,3 +411,327 @@ def hf_question_answering(config: Config, started: float) -> dict:
         "software": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "torch_threads": torch.get_num_threads()},
     }
+
+
+# -- decoder fine-tuning (--task=causal_lm): Trainer with PEFT's LoRA -----------------------------------
+
+LM_LABEL = "Hugging Face Trainer + PEFT"
+# kft's --lora_targets names -> the llama-family module names PEFT matches
+LORA_MODULES = {"query": "q_proj", "key": "k_proj", "value": "v_proj", "attention_output": "o_proj",
+                "gate": "gate_proj", "up": "up_proj", "down": "down_proj", "ffn_in": "up_proj",
+                "ffn_out": "down_proj"}
+LR_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
+def lm_label(method: str) -> str:
+    return LM_LABEL if method == "lora" else "Hugging Face Trainer"
+
+
+@dataclasses.dataclass
+class DecoderText:
+    """What kft's prompt rendering and packing read of a decoder, taken from the folder's
+    tokenizer_config.json the way kft's loader takes it, with ids from the Hugging Face tokenizer."""
+
+    chat_template: str | None
+    special_tokens: dict
+    bos_id: int | None
+    eos_id: int
+    pad_id: int
+    stop_ids: list
+
+
+def decoder_text(location: str, tokenizer, model_config) -> DecoderText:
+    """kft.backbones.load_decoder's reading of the special tokens, for a Hugging Face tokenizer."""
+    import json
+    import os
+
+    path = os.path.join(location, "tokenizer_config.json")
+    settings = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            settings = json.load(f)
+
+    def token_id(name):
+        token = settings.get(name)
+        if isinstance(token, dict):
+            token = token.get("content")
+        if token is None:
+            return None
+        found = tokenizer.convert_tokens_to_ids(token)
+        return None if found is None or (found == tokenizer.unk_token_id and token != tokenizer.unk_token) \
+            else int(found)
+
+    eos = token_id("eos_token")
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"{location}: the tokenizer has no end-of-sequence token")
+    if settings:
+        bos = token_id("bos_token") if settings.get("add_bos_token", False) else None
+    else:
+        bos = tokenizer.bos_token_id
+    pad = token_id("pad_token")
+    pad = int(pad if pad is not None else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos))
+    extra = getattr(model_config, "eos_token_id", None)
+    extra = extra if isinstance(extra, list) else [extra] if extra is not None else []
+    special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in settings.items()
+               if k.endswith("_token") and isinstance(v, (str, dict))}
+    return DecoderText(settings.get("chat_template"), special, bos, int(eos), pad,
+                       [int(eos)] + [int(i) for i in extra if int(i) != int(eos)])
+
+
+def _hf_pieces(tokenizer, split, text: DecoderText, template):
+    """(prompt ids, completion ids, cache status) as kft's inputs.tokenize gives them: the rendered
+    prompt and the completion tokenized separately, no special tokens added."""
+    from kft.tasks.causal_lm import inputs as lm_inputs
+
+    prompts = [lm_inputs.prompt_text(e, template, text.special_tokens) for e in split.examples]
+    completions = [e.completion for e in split.examples]
+
+    def ids(texts):
+        if not texts:
+            return []
+        return [np.asarray(x, np.int32) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    return ids(prompts), ids(completions), "off"
+
+
+def _lm_rows(encoded, train_on_prompt: bool) -> list[dict]:
+    """Trainer rows: the model shifts labels itself, so a trained token is labelled at its own
+    position (-100 elsewhere); the same positions kft's inputs.matrices trains."""
+    rows = []
+    for seq, start in zip(encoded.ids, encoded.prompt_lengths):
+        first = 0 if train_on_prompt else int(start) - 1
+        labels = [-100] * len(seq)
+        labels[first + 1:] = [int(t) for t in seq[first + 1:]]
+        rows.append({"input_ids": [int(t) for t in seq], "attention_mask": [1] * len(seq), "labels": labels})
+    return rows
+
+
+def _trained(rows: list[dict]) -> int:
+    return int(sum(sum(1 for t in r["labels"] if t != -100) for r in rows))
+
+
+class _CountingCollator:
+    """Pads each batch to its longest sequence (labels with -100) and counts the positions computed."""
+
+    def __init__(self, tokenizer):
+        from transformers import DataCollatorForSeq2Seq
+
+        self.collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        self.positions = 0
+
+    def __call__(self, features):
+        batch = self.collate(features)
+        self.positions += int(batch["input_ids"].numel())
+        return batch
+
+
+def _pad(rows: list, pad_id: int, left: bool, key: str = "input_ids"):
+    import torch
+
+    width = max(len(r[key]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r[key])
+        where = slice(width - n, width) if left else slice(0, n)
+        ids[i, where] = torch.as_tensor(r[key])
+        mask[i, where] = 1
+        if "labels" in r:
+            labels[i, where] = torch.as_tensor(r["labels"])
+    return ids, mask, labels
+
+
+def _lm_eval_loss(model, rows: list[dict], batch_size: int, pad_id: int, autocast) -> float:
+    """Summed cross-entropy of every trained token over their count (kft's per-token mean); only the
+    trained positions are projected to the vocabulary."""
+    import torch
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = inner.base_model, inner.get_output_embeddings()
+    total, count = 0.0, 0
+    with torch.no_grad(), autocast():
+        for i in range(0, len(rows), batch_size):
+            ids, mask, labels = _pad(rows[i:i + batch_size], pad_id, left=False)
+            hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            targets = labels[:, 1:]
+            where = targets != -100
+            logits = head(hidden[:, :-1][where]).float()
+            total += float(torch.nn.functional.cross_entropy(logits, targets[where], reduction="sum"))
+            count += int(where.sum())
+    return total / max(1, count)
+
+
+def _lm_generate(model, prompts: list, batch_size: int, max_new_tokens: int, text: DecoderText,
+                 autocast) -> tuple[list[list[int]], list[bool]]:
+    """Greedy `generate` in batches, prompts left-padded; each output cut before its first stop token."""
+    import torch
+
+    out, stopped = [], []
+    stop = set(text.stop_ids)
+    with torch.no_grad(), autocast():
+        for i in range(0, len(prompts), batch_size):
+            batch = [{"input_ids": [int(t) for t in p]} for p in prompts[i:i + batch_size]]
+            ids, mask, _ = _pad(batch, text.pad_id, left=True)
+            generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                       do_sample=False, num_beams=1, eos_token_id=text.stop_ids,
+                                       pad_token_id=text.pad_id)
+            for row in generated[:, ids.shape[1]:].tolist():
+                end = next((k for k, t in enumerate(row) if t in stop), None)
+                out.append(row if end is None else row[:end])
+                stopped.append(end is not None)
+    return out, stopped
+
+
+@dataclasses.dataclass
+class LMExamples:
+    """The Hugging Face row's decoder data: kft's records and packing, Hugging Face token ids."""
+
+    data: object  # kft.tasks.causal_lm.task.LMData
+    text: DecoderText
+    sequence_length: int
+    encoded: dict  # split -> kft.tasks.causal_lm.inputs.Encoded
+    rows: dict  # split -> Trainer rows (input_ids, attention_mask, labels)
+
+
+def lm_examples(config: Config, location: str, tokenizer, model_config, data=None) -> LMExamples:
+    """kft's records (--train_file/--eval_file, the same heads and held-out split), prompts rendered
+    with the checkpoint's chat template as kft renders them, tokenized by the Hugging Face tokenizer
+    and packed by kft's rules: [bos] prompt completion eos, --sequence_length or the 99th
+    percentile of train, prompts cut from their start."""
+    from kft.tasks.causal_lm import inputs as lm_inputs, task as lm_task
+
+    data = data if data is not None else lm_task.load_data(config)
+    text = decoder_text(location, tokenizer, model_config)
+    template = lm_task._chat_template(config, text, data.train)
+    splits = {"train": data.train, "eval": data.eval}
+    pieces = {k: _hf_pieces(tokenizer, split, text, template) for k, split in splits.items()}
+    bos = 1 if text.bos_id is not None else 0
+    full = np.asarray([len(p) + len(c) + 1 + bos for p, c in zip(*pieces["train"][:2])])
+    limit = int(getattr(model_config, "max_position_embeddings", 0) or 1 << 20)
+    sequence_length = lm_task._choose_length(config, full, limit)
+    train_on_prompt = config.train_on_prompt or data.train.plain_text
+    encoded = {k: lm_inputs.encode(split, text, template, sequence_length, config.train_on_prompt, None, None,
+                                   False, pieces[k]) for k, split in splits.items()}
+    return LMExamples(data, text, sequence_length, encoded,
+                      {k: _lm_rows(e, train_on_prompt) for k, e in encoded.items()})
+
+
+def hf_causal_lm(config: Config, started: float) -> dict:
+    """The Hugging Face Trainer (+ PEFT LoRA, or full fine-tuning) on the Hugging Face folder kft's
+    loader resolves for --backbone (a GGUF file's converted folder), on kft's prompts: the same
+    records, chat template rendering, EOS and completion-only labels, tokenized by the Hugging Face
+    tokenizer, each batch padded to its longest sequence. Scored as kft scores: the per-token eval
+    loss on completion tokens, greedy generation for the first --max_generate_examples eval prompts
+    (ROUGE, BLEU)."""
+    import contextlib
+    import os
+
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
+
+    from kft import backbones, loop as loop_lib, optim
+    from kft.tasks.causal_lm import scoring, task as lm_task
+
+    if config.method not in ("lora", "full"):
+        raise ValueError(f"--method={config.method}: the Hugging Face row trains --method=lora (PEFT) or full")
+    precision = hf_precision(config.precision)
+    location, kind = backbones.resolve_decoder("" if config.backbone == BUNDLED_BACKBONE else config.backbone,
+                                               config.cache_dir)
+    if kind not in ("bundled", "gguf", "hf_folder"):
+        raise ValueError(f"the Hugging Face row needs a Hugging Face folder or GGUF file as --backbone, "
+                         f"not {location}")
+    torch.set_num_threads(os.cpu_count() or 1)
+    transformers.set_seed(config.seed)
+    data = lm_task.load_data(config)  # records read in setup, as kft's row reads them
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    model = AutoModelForCausalLM.from_pretrained(location)
+    modules = []
+    if config.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        modules = sorted({LORA_MODULES[t] for t in config.lora_targets if t in LORA_MODULES})
+        unknown = sorted(set(config.lora_targets) - set(LORA_MODULES))
+        if unknown or not modules:
+            raise ValueError(f"--lora_targets: {unknown or 'none'} have no llama-family module name")
+        model = get_peft_model(model, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
+                                                 lora_dropout=0.0, target_modules=modules, bias="none",
+                                                 task_type="CAUSAL_LM"))
+    trainable = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+    rate = perf.torch_matmul_rate()
+    setup = time.time() - started
+
+    t0 = time.time()
+    examples = lm_examples(config, location, tokenizer, model.config, data)
+    tokenize_seconds = time.time() - t0
+    text, encoded, sequence_length = examples.text, examples.encoded, examples.sequence_length
+    train_rows, eval_rows = examples.rows["train"], examples.rows["eval"]
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = text.pad_id
+
+    total_steps = -(-len(train_rows) // config.batch_size) * config.epochs
+    learning_rate = optim.peak_learning_rate(config)[0]  # the rate kft's row trains with
+    collator = _CountingCollator(tokenizer)
+    with tempfile.TemporaryDirectory() as out:
+        args = _training_arguments(config, out, learning_rate, total_steps, precision,
+                                   LR_SCHEDULES[config.lr_schedule])
+        trainer = Trainer(model=model, args=args, train_dataset=train_rows, data_collator=collator)
+        t0 = time.time()
+        trainer.train()
+        train_seconds = time.time() - t0
+    padded = collator.positions
+
+    model.eval()
+    batch = loop_lib.eval_batch_size(config)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision else contextlib.nullcontext
+    t0 = time.time()
+    loss = _lm_eval_loss(model, eval_rows, batch, text.pad_id, autocast)
+    report = {"eval_loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
+    generation = None
+    if not data.eval.plain_text and config.max_new_tokens > 0:
+        n = min(len(data.eval), config.max_generate_examples or len(data.eval))
+        t1 = time.time()
+        ids, stopped = _lm_generate(model, encoded["eval"].prompts[:n], batch, config.max_new_tokens, text,
+                                    autocast)
+        seconds = time.time() - t1
+        texts = [tokenizer.decode(x, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                 for x in ids]
+        report.update(scoring.generation_scores(texts, [e.completion for e in data.eval.examples[:n]]))
+        generation = {"examples": n, "seconds": seconds, "mean_tokens": float(np.mean([len(x) for x in ids])),
+                      "stopped_at_eos": float(np.mean(stopped)),
+                      "tokens_per_second": sum(len(x) for x in ids) / max(seconds, 1e-9)}
+    eval_seconds = time.time() - t0
+    lengths = encoded["train"].lengths
+    real = float(lengths.sum()) * config.epochs
+    trained = _trained(train_rows)
+    return {
+        "label": lm_label(config.method),
+        "status": "full",
+        "note": f"{config.precision}; PyTorch, "
+                + (f"PEFT LoRA r={config.lora_rank} alpha={config.lora_alpha:g} on {','.join(modules)}"
+                   if config.method == "lora" else "full fine-tuning")
+                + "; DataCollatorForSeq2Seq (each shuffled batch padded to its longest sequence); eval: "
+                  "loss on completion tokens, batched generate() with left padding",
+        "seconds": {"setup": setup, "tokenize": tokenize_seconds, "train": train_seconds, "eval": eval_seconds},
+        "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+        "steps_run": total_steps, "steps_full": total_steps, "learning_rate": learning_rate,
+        "train_examples": len(train_rows) * config.epochs, "sequence_length": sequence_length,
+        "trained_tokens": trained, "trained_tokens_run": trained * config.epochs,
+        "eval_trained_tokens": _trained(eval_rows), "trainable_parameters": trainable,
+        **_lengths_row(lengths, config.epochs),
+        "padded_tokens": float(padded), "padding_share": 1.0 - real / max(float(padded), 1.0),
+        **report, "generation": generation, "dev_accuracy": None,
+        "torch_matmul_rate": rate,
+        "peak_rss_bytes": perf.peak_rss_bytes(),
+        "software": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": _version("peft"), "torch_threads": torch.get_num_threads()},
+    }
+
+
+def _version(module: str) -> str | None:
+    try:
+        return importlib.import_module(module).__version__
+    except ImportError:
+        return None

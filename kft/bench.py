@@ -5,8 +5,10 @@ Training mode runs kft's training path, keras-hub's documented recipe and the Hu
 Trainer on the same data and flags, each in a fresh process, then measures serving of kft's
 export; it prints a table and writes bench.json and bench.png to --bench_dir. With
 --task=question_answering (`--flagfile=flags/bench_squad.cfg`) the rows are kft and the Hugging
-Face `run_qa` recipe, scored by SQuAD exact match and F1. Serve mode measures
-an existing export (--saved_model) alone. All kft.train flags apply.
+Face `run_qa` recipe, scored by SQuAD exact match and F1. With --task=causal_lm
+(`--flagfile=flags/bench_dialogsum.cfg`) they are kft and the Hugging Face Trainer with PEFT, scored
+by eval loss, ROUGE-L and BLEU, and serving is the decoder export's time to first token and decode
+speed. Serve mode measures an existing export (--saved_model) alone. All kft.train flags apply.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_list("compress_sets", ["sst2", "conll2003"], "With --mode=compress: the data sets of the "
                       "table, in this order.", flag_values=fv)
     flags.DEFINE_list("rows", ["kft", "keras_hub", "hf_trainer"], "Training rows to run, in this order "
-                      "(--task=question_answering: kft, hf_trainer).",
+                      "(--task=question_answering or causal_lm: kft, hf_trainer).",
                       flag_values=fv)
     flags.DEFINE_integer("baseline_max_steps", 40, "keras-hub recipe: train at most N steps, report the "
                          "time a full run implies; 0 = all.", flag_values=fv)

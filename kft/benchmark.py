@@ -8,6 +8,9 @@ that compute efficiency is relative to.
 
 For --task=question_answering the rows are kft and the Hugging Face `run_qa` recipe (keras-hub has
 no documented recipe for it), scored by SQuAD exact match and F1, and no serving is measured.
+For --task=causal_lm the rows are kft and the Hugging Face Trainer with PEFT's LoRA on the same
+converted checkpoint and prompts, scored by eval loss on completion tokens, ROUGE-L and BLEU; the
+serving measurement is the decoder export's time to first token and decode speed.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import time
 import numpy as np
 
 from kft import baselines, perf
-from kft.config import Config, FlagError
+from kft.config import BUNDLED_BACKBONE, Config, FlagError
 
 ROWS = ("kft", "keras_hub", "hf_trainer")
 LABELS = {"kft": "kft", "keras_hub": "keras-hub TextClassifier.fit", "hf_trainer": "Hugging Face Trainer"}
@@ -36,6 +39,14 @@ TARGETS = {"kft_over_hf_train_time": 0.5, "kft_over_keras_hub_train_time": 0.1,
 # Question answering: half the Trainer's time at no lower dev F1 (the compute-efficiency target is
 # classification's, where the floor of a run is measured).
 QA_TARGETS = {"kft_over_hf_train_time": 0.5, "f1_points_below_hf": 0.0}
+LM = "causal_lm"
+# Decoder fine-tuning: half the Trainer's time at (nearly) the same eval loss and ROUGE-L, and the
+# export's first token within half a second at batch 1 (--serve_prompt_tokens=200).
+LM_TARGETS = {"kft_over_hf_train_time": 0.5, "eval_loss_above_hf": 0.02, "rougeL_points_below_hf": 0.5,
+              "serve_time_to_first_token_s_batch_1": 0.5}
+# The tasks whose rows are kft and the Hugging Face recipe only, and why keras-hub's row is not one.
+TWO_ROWS = {QA: "keras-hub documents no question-answering fine-tuning recipe",
+            LM: "the keras_hub row is keras-hub's TextClassifier recipe, a classifier"}
 
 
 @dataclasses.dataclass
@@ -50,21 +61,22 @@ class Options:
 
 
 def choose_rows(task: str, requested: list, explicit: bool) -> list:
-    """The training rows to run: --rows, except that --task=question_answering has no keras_hub row
-    (dropped from the default, refused when asked for)."""
-    if task != QA:
+    """The training rows to run: --rows, except that --task=question_answering and causal_lm have no
+    keras_hub row (dropped from the default, refused when asked for)."""
+    if task not in TWO_ROWS:
         return list(requested)
     refused = [r for r in requested if r not in QA_ROWS]
     if refused and explicit:
-        raise FlagError(f"--rows={','.join(requested)}: --task={QA} has no {', '.join(refused)} row "
-                        "(keras-hub documents no question-answering fine-tuning recipe); choose from "
-                        f"{', '.join(QA_ROWS)}")
+        raise FlagError(f"--rows={','.join(requested)}: --task={task} has no {', '.join(refused)} row "
+                        f"({TWO_ROWS[task]}); choose from {', '.join(QA_ROWS)}")
     return [r for r in requested if r in QA_ROWS]
 
 
-def label(name: str, task: str) -> str:
+def label(name: str, task: str, method: str = "lora") -> str:
     if task == QA and name == "hf_trainer":
         return baselines.QA_LABEL
+    if task == LM and name == "hf_trainer":
+        return baselines.lm_label(method)
     return LABELS.get(name, name)
 
 
@@ -74,6 +86,8 @@ def machine_row(config: Config, options: Options, started: float) -> dict:
     """The fp32 matmul rate, and the backbone's size as FLOPs need it."""
     from kft import backbones, tasks
 
+    if config.task == LM:
+        return _decoder_machine(config)
     loaded = backbones.load(config.backbone)
     hidden = int(loaded.backbone.hidden_dim)
     if config.task == QA:  # the encoder without its pooler, plus the span head (hidden -> start, end)
@@ -84,6 +98,11 @@ def machine_row(config: Config, options: Options, started: float) -> dict:
         model = tasks.get(config.task).build_model(loaded.backbone, 2, 0.0, config.pooling)
         change = 0
     parameters = perf.non_embedding_parameters(model) + change
+    return {**_rates_and_cpu(config), "non_embedding_parameters": parameters, "layers": loaded.num_layers,
+            "hidden": hidden, "total_parameters": int(model.count_params()) + change}
+
+
+def _rates_and_cpu(config: Config) -> dict:
     cpu = ""
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
@@ -92,9 +111,21 @@ def machine_row(config: Config, options: Options, started: float) -> dict:
     compute_rate = {} if dtype == "float32" else {
         "compute_dtype": dtype, "compute_dtype_matmul_rate": perf.tensorflow_matmul_rate(dtype=dtype)}
     return {"tensorflow_matmul_rate": perf.tensorflow_matmul_rate(), **compute_rate,
-            "non_embedding_parameters": parameters, "layers": loaded.num_layers, "hidden": hidden,
-            "total_parameters": int(model.count_params()) + change,
             "cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version()}
+
+
+def _decoder_machine(config: Config) -> dict:
+    """A decoder's sizes for FLOPs: its non-embedding weights, and the output projection
+    (vocabulary x hidden), which only trained positions need."""
+    from kft import backbones
+
+    spec = "" if config.backbone == BUNDLED_BACKBONE else config.backbone
+    loaded = backbones.load_decoder(spec, config.cache_dir, load_weights=False)
+    model = loaded.backbone
+    hidden = int(model.hidden_dim)
+    return {**_rates_and_cpu(config), "non_embedding_parameters": perf.non_embedding_parameters(model),
+            "head_parameters": int(model.vocabulary_size) * hidden, "layers": loaded.num_layers,
+            "hidden": hidden, "total_parameters": int(model.count_params())}
 
 
 def kft_row(config: Config, options: Options, started: float) -> dict:
@@ -118,8 +149,12 @@ def kft_row(config: Config, options: Options, started: float) -> dict:
     seconds["setup"] = time.time() - started - sum(seconds.values()) - t.get("export_seconds", 0.0)
     epochs = t["epochs_run"]
     lengths = trained.train_lengths.astype(np.float64)
-    floor = None if qa else _training_floor(trained, config, t)  # not measured for question answering
-    if qa:
+    lm = config.task == LM
+    # the floor is not measured for question answering or decoders
+    floor = None if qa or lm else _training_floor(trained, config, t)
+    if lm:
+        answers = _decoder_answers(m, epochs)
+    elif qa:
         windows = len(lengths)
         answers = {"train_examples": windows * epochs, "windows": windows,
                    "windows_per_second": windows * epochs / train,
@@ -137,7 +172,9 @@ def kft_row(config: Config, options: Options, started: float) -> dict:
         "note": f"{config.precision}; length-grouped batches padded per batch, token ids computed once; "
                 "checkpoints included in train time"
                 + (f"; windows of {m['sequence_length']} word pieces, stride {config.doc_stride}"
-                   if qa else ""),
+                   if qa else "")
+                + (f"; {_method_note(config)}; loss on completion tokens, generation over a KV cache"
+                   if lm else ""),
         "seconds": seconds, "export_seconds": t.get("export_seconds"),
         "checkpoint_seconds": split["checkpoints"], "steps_run": t["steps"], "steps_full": t["steps"],
         "real_tokens": float(lengths.sum()) * epochs,
@@ -151,6 +188,29 @@ def kft_row(config: Config, options: Options, started: float) -> dict:
 
 
 COMPUTE_DTYPES = {"float32": "float32", "mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
+SCORES = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "exact_match")
+
+
+def _method_note(config: Config) -> str:
+    if config.method == "lora":
+        return f"LoRA r={config.lora_rank} alpha={config.lora_alpha:g} on {','.join(config.lora_targets)}"
+    return f"--method={config.method}"
+
+
+def _decoder_answers(m: dict, epochs: int) -> dict:
+    """kft's causal_lm row from its metrics.json: trained (completion) tokens, eval loss, scores."""
+    data, scores = m["data"], m["eval"]
+    trained = int(data["train"]["trained_tokens"])
+    generation = None
+    if "generated_examples" in scores:
+        generation = {"examples": scores["generated_examples"], "seconds": scores["generation_seconds"],
+                      "mean_tokens": scores["mean_generated_tokens"], "stopped_at_eos": scores["stopped_at_eos"],
+                      "tokens_per_second": scores["generated_tokens_per_second"]}
+    return {"train_examples": data["train"]["examples"] * epochs, "trained_tokens": trained,
+            "trained_tokens_run": trained * epochs, "eval_trained_tokens": int(data["eval"]["trained_tokens"]),
+            "trainable_parameters": int(m["parameters"]["trainable"]),
+            "eval_loss": float(scores["loss"]), "perplexity": float(scores["perplexity"]),
+            **{k: scores.get(k) for k in SCORES}, "generation": generation, "dev_accuracy": None}
 
 
 def _training_floor(trained, config: Config, training: dict) -> dict:
@@ -176,6 +236,8 @@ def keras_hub_row(config: Config, options: Options, started: float) -> dict:
 def hf_trainer_row(config: Config, options: Options, started: float) -> dict:
     if config.task == QA:
         return baselines.hf_question_answering(config, started)
+    if config.task == LM:
+        return baselines.hf_causal_lm(config, started)
     return baselines.hf_trainer(config, started)
 
 
@@ -370,6 +432,9 @@ def summarize(machine: dict, rows: dict, serve: dict | None, config: Config) -> 
         row["flops"] = perf.training_flops(row["real_tokens"], row["real_tokens_squared"],
                                            machine["non_embedding_parameters"], machine["layers"],
                                            machine["hidden"])
+        if "head_parameters" in machine and "trained_tokens_run" in row:
+            # decoders: the vocabulary projection, at the trained positions only
+            row["flops"] += 6.0 * machine["head_parameters"] * row["trained_tokens_run"]
         row["examples_per_second"] = row["train_examples"] / train
         row["real_tokens_per_second"] = row["real_tokens"] / train
         row["compute_efficiency"] = row["flops"] / train / peak
@@ -384,8 +449,9 @@ def summarize(machine: dict, rows: dict, serve: dict | None, config: Config) -> 
                 row["efficiency_ceiling_in_compute_dtype"] = row["efficiency_ceiling"] * peak / dtype_peak
         # token counts are the full run's, also for subset rows (whose times are implied)
         row["padding_overhead"] = row["padded_tokens"] / row["real_tokens"] - 1.0
-        if config.task == QA:  # examples are windows; padding as the share of positions computed
+        if config.task == QA:  # examples are windows
             row["windows_per_second"] = row["examples_per_second"]
+        if config.task in (QA, LM):  # padding as the share of positions computed
             row["padding_share"] = 1.0 - row["real_tokens"] / row["padded_tokens"]
         row["seconds"]["total"] = sum(s[k] for k in ("setup", "tokenize", "train", "eval"))
     ratios = {}
@@ -400,13 +466,20 @@ def summarize(machine: dict, rows: dict, serve: dict | None, config: Config) -> 
     for measure in ("exact_match", "f1"):  # question answering, in percent already
         if kft.get(measure) is not None and hf.get(measure) is not None:
             ratios[f"{measure}_points_below_hf"] = hf[measure] - kft[measure]
+    if kft.get("eval_loss") is not None and hf.get("eval_loss") is not None:  # decoders
+        ratios["eval_loss_above_hf"] = kft["eval_loss"] - hf["eval_loss"]
+    for measure in ("rougeL", "bleu"):  # decoders, in points already
+        if kft.get(measure) is not None and hf.get(measure) is not None:
+            ratios[f"{measure}_points_below_hf"] = hf[measure] - kft[measure]
     if "compute_efficiency" in kft:
         ratios["kft_compute_efficiency"] = kft["compute_efficiency"]
-    if serve and "batch_1" in serve:
+    if serve and "time_to_first_token" in serve:  # a decoder export
+        ratios["serve_time_to_first_token_s_batch_1"] = serve["time_to_first_token"]["p50_ms"] / 1e3
+    elif serve and "batch_1" in serve:
         ratios["serve_p50_ms_batch_1"] = serve["batch_1"]["p50_ms"]
+    chosen = {QA: QA_TARGETS, LM: LM_TARGETS}.get(config.task, TARGETS)
     targets = {k: {"value": ratios[k], "target": v, "met": ratios[k] <= v if k != "kft_compute_efficiency"
-                   else ratios[k] >= v} for k, v in (QA_TARGETS if config.task == QA else TARGETS).items()
-               if k in ratios}
+                   else ratios[k] >= v} for k, v in chosen.items() if k in ratios}
     return {"config": dataclasses.asdict(config), "machine": machine, "rows": rows, "serve": serve,
             "ratios": ratios, "targets": targets}
 
@@ -419,6 +492,8 @@ def table(report: dict) -> str:
     """The report as a fixed-width text table (subset rows' implied numbers marked with *)."""
     if report["config"].get("task") == QA:
         return _qa_table(report)
+    if report["config"].get("task") == LM:
+        return _lm_table(report)
     head = ("system", "status", "setup s", "tokenize s", "train s", "eval s", "ex/s", "real tok/s",
             "padding", "efficiency", "peak RSS", "dev acc")
     lines = []
@@ -518,6 +593,68 @@ def _qa_table(report: dict) -> str:
     return "\n".join(out)
 
 
+def _lm_table(report: dict) -> str:
+    """Decoder fine-tuning: eval loss on completion tokens, ROUGE-L and BLEU of greedy generations,
+    the trained tokens each row counted, and the export's time to first token and decode speed."""
+    head = ("system", "status", "setup s", "tokenize s", "train s", "eval s", "real tok/s", "padding",
+            "efficiency", "peak RSS", "eval loss", "ROUGE-L", "BLEU")
+    lines = []
+    for row in report["rows"].values():
+        if "seconds" not in row:
+            lines.append((row["label"], row["status"]) + ("",) * (len(head) - 2))
+            continue
+        s = row["seconds"]
+        lines.append((row["label"], row["status"], f"{s['setup']:.1f}", f"{s['tokenize']:.1f}",
+                      f"{s['train']:.1f}", f"{s['eval']:.1f}", f"{row['real_tokens_per_second']:.0f}",
+                      f"{100 * row['padding_share']:.0f}%", f"{100 * row['compute_efficiency']:.1f}%",
+                      f"{row['peak_rss_bytes'] / 1e9:.2f} GB", _fmt(row.get("eval_loss"), ".4f"),
+                      _fmt(row.get("rougeL"), ".2f"), _fmt(row.get("bleu"), ".2f")))
+    out = _columns(head, lines)
+    m = report["machine"]
+    out.append(f"fp32 matmul rate (TensorFlow, best square matmul): "
+               f"{m['tensorflow_matmul_rate']['flops_per_second'] / 1e9:.0f} GFLOP/s on {m['cpus']} CPUs "
+               f"({m['cpu']}); efficiency = model FLOPs on real tokens (vocabulary projection at trained "
+               "positions only) / train time / that rate; padding = padded positions / all positions "
+               "trained on")
+    for row in report["rows"].values():
+        about = ""
+        if "trained_tokens" in row:
+            generation = row.get("generation") or {}
+            about = (f" [{row['train_examples']} train examples, {row['trained_tokens']} trained (completion) "
+                     f"tokens per epoch, {row.get('eval_trained_tokens')} eval tokens, "
+                     f"{row.get('trainable_parameters')} trainable parameters"
+                     + (f"; generated for {generation['examples']} prompts in {generation['seconds']:.1f} s, "
+                        f"mean {generation['mean_tokens']:.1f} tokens" if generation else "") + "]")
+        out.append(f"  {row['label']}: {row.get('note', '')}{about}")
+    kft, hf = report["rows"].get("kft", {}), report["rows"].get("hf_trainer", {})
+    if "trained_tokens" in kft and "trained_tokens" in hf:
+        gap = hf["trained_tokens"] - kft["trained_tokens"]
+        out.append(f"trained tokens per epoch: kft {kft['trained_tokens']}, Hugging Face {hf['trained_tokens']}"
+                   + (" (the same)" if gap == 0 else f" ({gap:+d}: the two tokenizers split some text "
+                                                     "differently)"))
+    ratios = report["ratios"]
+    out.append("kft train time / Hugging Face train time: "
+               f"{_fmt(ratios.get('kft_over_hf_train_time'), '.3f')}; eval loss above HF: "
+               f"{_fmt(ratios.get('eval_loss_above_hf'), '+.4f')}, ROUGE-L points below HF: "
+               f"{_fmt(ratios.get('rougeL_points_below_hf'), '+.2f')}, BLEU points below HF: "
+               f"{_fmt(ratios.get('bleu_points_below_hf'), '+.2f')}")
+    out.extend(_target_lines(report))
+    out.append("training floor: n/a for causal_lm")
+    serve = report.get("serve")
+    if serve and "time_to_first_token" in serve:
+        first, single = serve["time_to_first_token"], serve["batch_1"]
+        batch = serve.get(f"batch_{DECODER_BATCH}", {})
+        out.append(f"serving ({serve['prompts']}): time to first token p50 {first['p50_ms']:.0f} ms "
+                   f"(p90 {first['p90_ms']:.0f} ms) at batch 1; batch-1 decode "
+                   f"{single['decode_tokens_per_second']:.1f} tokens/s; batch {DECODER_BATCH}: "
+                   f"{_fmt(batch.get('generated_tokens_per_second'), '.1f')} generated tokens/s")
+    elif serve:
+        out.append(f"serving: {serve.get('status')}: {serve.get('note')}")
+    else:
+        out.append("serving: not measured (no export)")
+    return "\n".join(out)
+
+
 def chart(report: dict, path: str) -> None:
     from kft import plots
 
@@ -529,6 +666,12 @@ def chart(report: dict, path: str) -> None:
                   ("peak memory, GB", [r["peak_rss_bytes"] / 1e9 for r in rows]),
                   ("dev exact match, %", [r.get("exact_match") for r in rows]),
                   ("dev F1, %", [r.get("f1") for r in rows])]
+    elif report["config"].get("task") == LM:
+        panels = [("training time, s (lower is better)", [r["seconds"]["train"] for r in rows]),
+                  ("real training tokens/s", [r["real_tokens_per_second"] for r in rows]),
+                  ("peak memory, GB", [r["peak_rss_bytes"] / 1e9 for r in rows]),
+                  ("eval loss (lower is better)", [r.get("eval_loss") for r in rows]),
+                  ("ROUGE-L", [r.get("rougeL") for r in rows])]
     else:
         panels = [("training time, s (lower is better)", [r["seconds"]["train"] for r in rows]),
                   ("training examples/s", [r["examples_per_second"] for r in rows]),
@@ -548,12 +691,13 @@ def run_training(config: Config, options: Options) -> dict:
         raise RuntimeError(f"measuring the machine failed: {machine['note']}")
     rows = {}
     for name in options.rows:
-        if name == "hf_trainer" and not baselines.hf_trainer_available():
-            rows[name] = {"label": label(name, config.task), "status": "not run",
-                          "note": "torch, transformers or accelerate is not installed "
-                                  "(pip install -e '.[bench]')"}
+        row_label = label(name, config.task, config.method)
+        missing = name == "hf_trainer" and baselines.hf_trainer_missing(config)
+        if missing:
+            rows[name] = {"label": row_label, "status": "not run",
+                          "note": f"{missing} is not installed (pip install -e '.[bench]')"}
             continue
-        rows[name] = _child(name, options, row_label=label(name, config.task))
+        rows[name] = _child(name, options, row_label=row_label)
     serve = None
     if rows.get("kft", {}).get("export"):
         serve = _child("serve", options, (f"--saved_model={rows['kft']['export']}",))
