@@ -241,6 +241,10 @@ def test_flags_of_other_tasks_and_other_methods_are_refused(bart_folder, data, t
                         ({"method": "prompt"}, "--method=prompt is not available for --task=seq2seq")):
         with pytest.raises(FlagError, match=match):
             trainer.fit_model(_config(backbone=bart_folder, train_file=data[0], **flag), str(tmp_path / "m"))
+    from kft.backbones import BackboneError
+
+    with pytest.raises(BackboneError, match="--task=seq2seq has no bundled model"):
+        trainer.fit_model(_config(train_file=data[0]), str(tmp_path / "m"))
     with pytest.raises(FlagError, match="--max_new_tokens=9 applies to --task=causal_lm or --task=seq2seq"):
         trainer.fit_model(_config(task="classification", prompt_template="", completion_field="completion",
                                   max_new_tokens=9), str(tmp_path / "m"))

@@ -83,12 +83,11 @@ class Endpoints:
         room = self.sequence_length - len(start) - len(end)
         cut = tf.maximum(tf.cast(pieces.row_lengths(), tf.int32) - room, 0)
         kept = pieces[:, :room]
-        rows = kept.nrows()
-        parts = [tf.RaggedTensor.from_tensor(tf.tile(tf.constant([ids], tf.int32), [rows, 1]))
-                 for ids in (start,) if ids] + [kept] + \
-                [tf.RaggedTensor.from_tensor(tf.tile(tf.constant([ids], tf.int32), [rows, 1]))
-                 for ids in (end,) if ids]
-        ids = tf.concat(parts, axis=1)
+
+        def fixed(values):  # the same ids on every row
+            return tf.RaggedTensor.from_tensor(tf.tile(tf.constant([values], tf.int32), [kept.nrows(), 1]))
+
+        ids = tf.concat(([fixed(start)] if start else []) + [kept] + ([fixed(end)] if end else []), axis=1)
         mask = tf.ones_like(ids).to_tensor(0)
         return ids.to_tensor(self.loaded.pad_id), mask, cut
 
