@@ -90,8 +90,12 @@ def trained(bart_folder, data, tmp_path_factory):
 def test_the_hugging_face_bart_folder_loads_through_kft(bart_folder):
     from kft.tasks.seq2seq import backbone as backbone_lib
 
+    from kft import backbones
+
     loaded = backbone_lib.load(bart_folder)
     assert type(loaded.backbone).__name__ == "BartBackbone" and loaded.kind == "hf_folder"
+    # every tensor of the file is used (the positions' 2 offset rows are dropped by the converter)
+    assert backbones.check_weights(loaded, bart_folder) == {"unused_tensors": [], "unmatched_weights": []}
     assert (loaded.encoder_start, loaded.encoder_end, loaded.decoder_prefix, loaded.pad_id) == ([0], [2], [2, 0], 1)
     assert loaded.num_layers == 4  # 2 encoder + 2 decoder blocks
     tokens, _ = sfx.bart_vocabulary()
