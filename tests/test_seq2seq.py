@@ -175,15 +175,17 @@ def test_the_export_served_in_a_fresh_process_generates_the_in_memory_prediction
     assert all(n <= 6 for n in out["batch"]["completion_tokens"])
 
 
-def test_lora_adapts_encoder_and_decoder_blocks_and_leaves_base_weights(bart_folder, data, tmp_path):
+def test_lora_adapts_encoder_decoder_and_cross_attention_leaves_base_weights_and_merges(bart_folder, data, tmp_path):
     from kft import backbones, trainer
+    from kft.methods import lora
     from kft.methods.lora import LoRAProjection
     from kft.tasks.seq2seq import backbone as backbone_lib
 
     config = _config(backbone=bart_folder, train_file=data[0], eval_file=data[1], method="lora",
                      lora_targets=["query", "value"], max_new_tokens=0, drift=False, learning_rate=1e-2)
     fitted = trainer.fit_model(config, str(tmp_path / "m"))
-    assert fitted.metrics["method"]["adapted_layers"] == 8  # 4 blocks x (query, value)
+    # 4 blocks x (query, value), and the 2 decoder blocks' cross-attention query and value
+    assert fitted.metrics["method"]["adapted_layers"] == 12
     assert all("lora" in w.path for w in fitted.model.trainable_weights)
     fresh = backbone_lib.load(bart_folder).backbone
     trained_blocks = backbones.transformer_layers(fitted.model.layers[-1])
@@ -192,6 +194,14 @@ def test_lora_adapts_encoder_and_decoder_blocks_and_leaves_base_weights(bart_fol
         assert isinstance(wrapper, LoRAProjection)
         np.testing.assert_array_equal(wrapper.base.kernel.numpy(), start._self_attention_layer._query_dense.kernel.numpy())
         assert np.abs(wrapper.lora_b.numpy()).sum() > 0
+    assert isinstance(trained_blocks[-1]._cross_attention_layer._value_dense, LoRAProjection)
+    # merged for the export: the same function without the wrappers
+    ids = {"token_ids": np.array([[0, 50, 60, 2]]), "padding_mask": np.ones((1, 4), np.int32),
+           "decoder_token_ids": np.array([[2, 0, 70]]), "decoder_padding_mask": np.ones((1, 3), np.int32)}
+    before = np.asarray(fitted.model(ids))
+    assert lora.merge(fitted.model.layers[-1]) == 12
+    np.testing.assert_allclose(np.asarray(fitted.model(ids)), before, atol=1e-5)
+    assert not any(isinstance(layer, LoRAProjection) for layer in fitted.model._flatten_layers())
 
 
 def test_freeze_keeps_the_embeddings_and_lowest_blocks(bart_folder, data, tmp_path):

@@ -32,6 +32,11 @@ TARGETS = {
     "down": (None, "_feedforward_output_dense"),
 }
 
+# An encoder–decoder's decoder blocks (BART) also attend to the encoder: the attention targets adapt
+# that cross-attention's projections too (as PEFT's q_proj/v_proj targets do for BART).
+CROSS = {name: ("_cross_attention_layer", attribute) for name, (owner, attribute) in TARGETS.items()
+         if owner == "_self_attention_layer"}
+
 
 def _split(layer) -> int:
     """How many leading kernel axes the projection contracts with its input."""
@@ -92,6 +97,8 @@ def _slots(backbone, targets: list[str]) -> list[tuple]:
             if (id(owner), attribute) not in seen:  # up = ffn_in, down = ffn_out
                 seen.add((id(owner), attribute))
                 slots.append((owner, attribute))
+            if name in CROSS and getattr(block, CROSS[name][0], None) is not None:
+                slots.append((getattr(block, CROSS[name][0]), attribute))
     return slots
 
 
@@ -116,7 +123,7 @@ def merge(backbone) -> int:
     """
     merged = 0
     for block in backbones.transformer_layers(backbone):
-        for owner_name, attribute in TARGETS.values():
+        for owner_name, attribute in list(TARGETS.values()) + list(CROSS.values()):
             owner = getattr(block, owner_name, None) if owner_name else block
             layer = getattr(owner, attribute, None) if owner is not None else None
             if isinstance(layer, LoRAProjection):
