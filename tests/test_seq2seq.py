@@ -116,6 +116,47 @@ def test_labels_cover_the_target_and_end_token_only(bart_folder):
     assert cut and framed.tolist() == [0, 10, 11, 12, 13, 14, 15, 2]  # cut at its end
 
 
+def test_cached_generation_picks_what_the_training_graph_picks(bart_folder):
+    """model.generate (keras-hub's encoder call and decoder KV cache in a while loop) against the
+    backbone's full teacher-forced pass: each generated token is the argmax after the ones before."""
+    import tensorflow as tf
+
+    from kft.tasks.seq2seq import backbone as backbone_lib, model as s2s_model
+
+    loaded = backbone_lib.load(bart_folder)
+    lm = loaded.seq2seq_lm_class(backbone=loaded.backbone, preprocessor=None)
+    ids = np.array([[0, 50, 60, 70, 2], [0, 80, 2, 1, 1]], np.int32)
+    mask = (ids != 1).astype(np.int32)
+    # stop at a token the random model does not favour, so that every row runs to the cap
+    generated, stopped = s2s_model.generate(lm, tf.constant(ids), tf.constant(mask), loaded.decoder_prefix, 5,
+                                            [3], loaded.pad_id)
+    logits = s2s_model.logits_function(loaded.backbone)
+    for row, tokens in enumerate(generated.to_list()):
+        assert len(tokens) == 5 and not stopped.numpy()[row]
+        decoder = np.array([loaded.decoder_prefix + tokens], np.int32)
+        hidden = loaded.backbone({"encoder_token_ids": ids[row:row + 1], "encoder_padding_mask": mask[row:row + 1],
+                                  "decoder_token_ids": decoder,
+                                  "decoder_padding_mask": np.ones_like(decoder)})["decoder_sequence_output"]
+        picked = np.argmax(np.asarray(logits(hidden))[0], axis=-1)
+        assert picked[len(loaded.decoder_prefix) - 1:-1].tolist() == tokens
+
+
+def test_the_served_input_sits_in_the_training_source_text():
+    from kft.config import Config
+    from kft.tasks.causal_lm import data as data_lib
+    from kft.tasks.seq2seq import serving
+
+    config = Config(task="seq2seq", prompt_template="summarize : {dialogue}\\n", completion_field="summary")
+    split = data_lib.Split("train", "t.jsonl", [data_lib.parse({"dialogue": "hi", "summary": "x"}, "template",
+                                                               "t.jsonl:1", config)], "template")
+    assert serving.source_affixes(config, split)[:2] == ("summarize : ", "\n")
+    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                         {"role": "assistant", "content": "x"}]}
+    config = Config(task="seq2seq")
+    split = data_lib.Split("train", "t.jsonl", [data_lib.parse(chat, "messages", "t.jsonl:1", config)], "messages")
+    assert serving.source_affixes(config, split)[:2] == ("Be brief.\n\n", "")
+
+
 def test_batches_carry_the_decoder_sequence_cut_to_its_own_width():
     from kft import inputs
 
