@@ -96,7 +96,8 @@ def test_the_hugging_face_bart_folder_loads_through_kft(bart_folder):
     assert type(loaded.backbone).__name__ == "BartBackbone" and loaded.kind == "hf_folder"
     # every tensor of the file is used (the positions' 2 offset rows are dropped by the converter)
     assert backbones.check_weights(loaded, bart_folder) == {"unused_tensors": [], "unmatched_weights": []}
-    assert (loaded.encoder_start, loaded.encoder_end, loaded.decoder_prefix, loaded.pad_id) == ([0], [2], [2, 0], 1)
+    framing = (loaded.encoder_start, loaded.encoder_end, loaded.decoder_prefix, loaded.pad_id)
+    assert framing == ([0], [2], [2, 0], 1)
     assert loaded.num_layers == 4  # 2 encoder + 2 decoder blocks
     tokens, _ = sfx.bart_vocabulary()
     np.testing.assert_array_equal(loaded.backbone.token_embedding.embeddings.numpy(),
@@ -210,13 +211,15 @@ def test_the_export_served_in_a_fresh_process_generates_the_in_memory_prediction
     assert out["batch"]["stopped"] == [r["stopped"] for r in rows]
     assert out["one"]["completion"] == out["batch"]["completion"][:1]
     assert out["raw"]["completion"] == out["batch"]["completion"][:1]
-    assert out["empty_batch"] == {"completion": [], "completion_tokens": [], "stopped": [], "prompt_tokens_cut": []}
+    assert out["empty_batch"] == {"completion": [], "completion_tokens": [], "stopped": [],
+                                  "prompt_tokens_cut": []}
     assert len(out["empty_prompt"]["completion"]) == 1
     assert out["long"]["prompt_tokens_cut"][0] > 0
     assert all(n <= 6 for n in out["batch"]["completion_tokens"])
 
 
-def test_lora_adapts_encoder_decoder_and_cross_attention_leaves_base_weights_and_merges(bart_folder, data, tmp_path):
+def test_lora_adapts_both_stacks_and_cross_attention_keeps_base_weights_and_merges(bart_folder, data,
+                                                                                     tmp_path):
     from kft import backbones, trainer
     from kft.methods import lora
     from kft.methods.lora import LoRAProjection
@@ -233,7 +236,8 @@ def test_lora_adapts_encoder_decoder_and_cross_attention_leaves_base_weights_and
     for block, start in zip(trained_blocks, backbones.transformer_layers(fresh)):
         wrapper = block._self_attention_layer._query_dense
         assert isinstance(wrapper, LoRAProjection)
-        np.testing.assert_array_equal(wrapper.base.kernel.numpy(), start._self_attention_layer._query_dense.kernel.numpy())
+        np.testing.assert_array_equal(wrapper.base.kernel.numpy(),
+                                      start._self_attention_layer._query_dense.kernel.numpy())
         assert np.abs(wrapper.lora_b.numpy()).sum() > 0
     assert isinstance(trained_blocks[-1]._cross_attention_layer._value_dense, LoRAProjection)
     # merged for the export: the same function without the wrappers

@@ -133,7 +133,8 @@ def export(loaded, config, prefix: str, suffix: str, described: str, sequence_le
     differ = graph_tokenizer.check(graph_tokenize, loaded.tokenizer, check_texts)
     if differ:
         raise ExportError(f"the graph tokenizer gives other ids than training's for {len(differ)} of "
-                          f"{len(check_texts)} eval sources (first: {check_texts[differ[0]][:80]!r}); not exported")
+                          f"{len(check_texts)} eval sources (first: {check_texts[differ[0]][:80]!r}); "
+                          "not exported")
     string = [tf.TensorSpec([None], tf.string, name="prompt")]
     functions = {"serving_default": (endpoints.serve, string), "generate_raw": (endpoints.generate_raw, string)}
     sampler = {"sampler": config.export_sampler}
