@@ -327,8 +327,10 @@ def _decoder_prompts(config: Config, path: str, prompt_tokens: int) -> tuple[lis
     if prompt_tokens:
         with open(os.path.join(path, "assets.extra", "metadata.json")) as f:
             meta = json.load(f)
-        tokenizer = backbones.load_decoder(meta.get("preset") or meta["backbone"]["spec"],
-                                           load_weights=False).tokenizer
+        # the run's tokenizer: its preset when it is still there, else the backbone it started from
+        preset = meta.get("preset")
+        spec = preset if preset and os.path.isdir(preset) else meta.get("backbone", {}).get("spec", config.backbone)
+        tokenizer = backbones.load_decoder(spec, load_weights=False).tokenizer
         cut = []
         for text in texts:
             ids = np.asarray(tokenizer(text))
