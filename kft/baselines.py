@@ -610,7 +610,7 @@ def lm_examples(config: Config, location: str, tokenizer, model_config, data=Non
     bos = 1 if text.bos_id is not None else 0
     full = np.asarray([len(p) + len(c) + 1 + bos for p, c in zip(*pieces["train"][:2])])
     limit = int(getattr(model_config, "max_position_embeddings", 0) or 1 << 20)
-    sequence_length = lm_task._choose_length(config, full, limit)
+    sequence_length = lm_inputs.choose_length(config, full, limit)
     train_on_prompt = config.train_on_prompt or data.train.plain_text
     encoded = {k: lm_inputs.encode(split, text, template, sequence_length, config.train_on_prompt, None, None,
                                    False, pieces[k]) for k, split in splits.items()}

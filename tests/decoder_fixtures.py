@@ -233,3 +233,35 @@ def write_gpt2_folder(folder: str, seed: int = 0) -> str:
     with open(os.path.join(folder, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
     return folder
+
+
+def write_jsonl(path, records) -> str:
+    """The records as a JSONL file at `path`; its path as a string."""
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def chats(n: int, seed: int = 0) -> list[dict]:
+    """`n` seeded random one-turn chats over TEXT's words."""
+    rng = np.random.default_rng(seed)
+    words = TEXT.split()
+    return [{"messages": [{"role": "user", "content": " ".join(rng.choice(words, rng.integers(3, 12)))},
+                          {"role": "assistant", "content": " ".join(rng.choice(words, rng.integers(1, 5)))}]}
+            for _ in range(n)]
+
+
+def exported_chat_run(folder: str, tmp):
+    """A LoRA run of the llama in `folder` on tiny chats, exported under `tmp` (model_dir tmp/m,
+    export_dir tmp/x, run tiny_lm): the fitted run."""
+    from kft import trainer
+    from kft.config import Config
+
+    config = Config(task="causal_lm", backbone=folder, method="lora", lora_targets=["query", "value"],
+                    train_file=write_jsonl(tmp / "train.jsonl", chats(24, 0)),
+                    eval_file=write_jsonl(tmp / "eval.jsonl", chats(10, 1)), epochs=1, batch_size=4,
+                    learning_rate=1e-3, warmup_ratio=0.0, seed=3, max_new_tokens=8, export=True,
+                    export_dir=str(tmp / "x"), model_dir=str(tmp / "m"), checkpoint_every_steps=0,
+                    run_name="tiny_lm")
+    return trainer.fit_model(config, str(tmp / "m"))

@@ -33,21 +33,6 @@ def _config(**overrides):
     return Config(**base)
 
 
-def _write_jsonl(path, records) -> str:
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    return str(path)
-
-
-def _chats(n: int, seed: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    words = fx.TEXT.split()
-    return [{"messages": [{"role": "user", "content": " ".join(rng.choice(words, rng.integers(3, 12)))},
-                          {"role": "assistant", "content": " ".join(rng.choice(words, rng.integers(1, 5)))}]}
-            for _ in range(n)]
-
-
 def _logits(loaded, ids):
     x = loaded.backbone({"token_ids": ids, "padding_mask": np.ones_like(ids)})
     return np.asarray(loaded.backbone.token_embedding(x, reverse=True))
@@ -146,7 +131,7 @@ def test_loss_is_on_completion_tokens_and_eos_only(llama_folder, tmp_path):
     from kft.tasks.causal_lm import data, inputs
 
     loaded = backbones.load_decoder(llama_folder)
-    path = _write_jsonl(tmp_path / "t.jsonl", [{"prompt": "what is the capital", "completion": " paris"}])
+    path = fx.write_jsonl(tmp_path / "t.jsonl", [{"prompt": "what is the capital", "completion": " paris"}])
     split = data.read_file(path, "train", _config(), "--train_file")
     enc = inputs.encode(split, loaded, loaded.chat_template, 64, False, None, None)
     ids, lengths, labels, sizes = inputs.matrices(enc, loaded.pad_id, train_on_prompt=False)
@@ -168,7 +153,7 @@ def test_long_prompts_are_cut_from_their_start_and_long_completions_counted(llam
 
     loaded = backbones.load_decoder(llama_folder)
     long = " ".join(["the cat sat on the mat ."] * 20)
-    path = _write_jsonl(tmp_path / "t.jsonl", [{"prompt": long + " end", "completion": " paris"},
+    path = fx.write_jsonl(tmp_path / "t.jsonl", [{"prompt": long + " end", "completion": " paris"},
                                               {"prompt": "hello", "completion": long}])
     split = data.read_file(path, "train", _config(), "--train_file")
     enc = inputs.encode(split, loaded, None, 32, False, None, None)
@@ -195,7 +180,7 @@ def test_bad_records_name_file_line_and_field(tmp_path, record, flags, message):
     from kft.data import DataError
     from kft.tasks.causal_lm import data
 
-    path = _write_jsonl(tmp_path / "t.jsonl", [{"prompt": "a", "completion": "b"}
+    path = fx.write_jsonl(tmp_path / "t.jsonl", [{"prompt": "a", "completion": "b"}
                                                if "prompt_template" not in flags and "messages" not in record
                                                and "title" not in record else record, record])
     line = 1 if ("prompt_template" in flags or "messages" in record or "title" in record) else 2
@@ -305,8 +290,8 @@ def test_a_run_trains_evaluates_generates_and_writes_predictions(folder, request
     from kft import trainer
 
     backbone = request.getfixturevalue(folder)
-    train = _write_jsonl(tmp_path / "train.jsonl", _chats(24, 0))
-    dev = _write_jsonl(tmp_path / "dev.jsonl", _chats(6, 1))
+    train = fx.write_jsonl(tmp_path / "train.jsonl", fx.chats(24, 0))
+    dev = fx.write_jsonl(tmp_path / "dev.jsonl", fx.chats(6, 1))
     config = _config(backbone=backbone, train_file=train, eval_file=dev, method="lora",
                      lora_targets=["query", "value"], epochs=2, model_dir=str(tmp_path / "m"))
     metrics = trainer.train_and_evaluate(config, str(tmp_path / "m"))
@@ -323,7 +308,7 @@ def test_a_run_trains_evaluates_generates_and_writes_predictions(folder, request
 def test_epochs_zero_scores_the_untouched_model(llama_folder, tmp_path):
     from kft import trainer
 
-    train = _write_jsonl(tmp_path / "train.jsonl", _chats(8, 0))
+    train = fx.write_jsonl(tmp_path / "train.jsonl", fx.chats(8, 0))
     config = _config(backbone=llama_folder, train_file=train, validation_fraction=0.25, epochs=0,
                      model_dir=str(tmp_path / "m"))
     metrics = trainer.train_and_evaluate(config, str(tmp_path / "m"))
@@ -343,7 +328,7 @@ def test_flags_of_other_tasks_are_refused(llama_folder):
 def test_export_writes_a_merged_preset_that_loads_back_as_a_backbone(llama_folder, tmp_path):
     from kft import backbones, trainer
 
-    train = _write_jsonl(tmp_path / "train.jsonl", _chats(12, 0))
+    train = fx.write_jsonl(tmp_path / "train.jsonl", fx.chats(12, 0))
     config = _config(backbone=llama_folder, train_file=train, method="lora", lora_targets=["query", "value"],
                      learning_rate=3e-2, export=True, export_dir=str(tmp_path / "x"), max_new_tokens=0,
                      export_max_new_tokens=4, model_dir=str(tmp_path / "m"))
@@ -390,7 +375,7 @@ def test_drift_reports_general_text_perplexity_unchanged_untrained_and_changed_a
 
     rng = np.random.default_rng(0)
     words = fx.TEXT.split()
-    train = _write_jsonl(tmp_path / "train.jsonl", [{"text": " ".join(rng.choice(words, 8))} for _ in range(8)])
+    train = fx.write_jsonl(tmp_path / "train.jsonl", [{"text": " ".join(rng.choice(words, 8))} for _ in range(8)])
     common = dict(backbone=llama_folder, train_file=train, text_field="text", validation_fraction=0.25)
     still = trainer.fit_model(_config(**common, epochs=0), str(tmp_path / "a")).metrics["drift"]["perplexity"]
     assert still["before"] == still["after"] and still["change"] == still["relative_change"] == 0.0
@@ -429,8 +414,8 @@ def test_sigkill_mid_epoch_then_rerun_ends_bit_identical_to_an_uninterrupted_run
     from kft import checkpoints
     from test_preemption import _Process, _final, _history
 
-    train = _write_jsonl(tmp_path / "train.jsonl", _chats(40, 0))
-    dev = _write_jsonl(tmp_path / "dev.jsonl", _chats(6, 1))
+    train = fx.write_jsonl(tmp_path / "train.jsonl", fx.chats(40, 0))
+    dev = fx.write_jsonl(tmp_path / "dev.jsonl", fx.chats(6, 1))
 
     def args(model_dir):
         return ["-m", "kft.train", "--task=causal_lm", f"--backbone={llama_folder}", f"--train_file={train}",
@@ -558,8 +543,8 @@ def test_compare_prints_both_answers_per_input(tmp_path, capsys):
     from kft import compare
 
     row = {"line": 1, "input": "where is my parcel", "prompt": "p", "reference": "category: shipping"}
-    before = _write_jsonl(tmp_path / "a.jsonl", [{**row, "prediction": "I am an AI"}])
-    after = _write_jsonl(tmp_path / "b.jsonl", [{**row, "prediction": "category: shipping"}])
+    before = fx.write_jsonl(tmp_path / "a.jsonl", [{**row, "prediction": "I am an AI"}])
+    after = fx.write_jsonl(tmp_path / "b.jsonl", [{**row, "prediction": "category: shipping"}])
     assert compare.main(["compare", before, after]) == 0
     out = capsys.readouterr().out
     assert "where is my parcel" in out and "before: I am an AI" in out

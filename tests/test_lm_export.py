@@ -45,21 +45,6 @@ print(json.dumps(out))
 """
 
 
-def _write_jsonl(path, records) -> str:
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    return str(path)
-
-
-def _chats(n: int, seed: int) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    words = fx.TEXT.split()
-    return [{"messages": [{"role": "user", "content": " ".join(rng.choice(words, rng.integers(3, 12)))},
-                          {"role": "assistant", "content": " ".join(rng.choice(words, rng.integers(1, 5)))}]}
-            for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
 def llama_folder(tmp_path_factory) -> str:
     return fx.write_llama_folder(str(tmp_path_factory.mktemp("tiny_llama")))
@@ -68,17 +53,8 @@ def llama_folder(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def exported(llama_folder, tmp_path_factory):
     """A LoRA run on tiny chats, exported: (fitted run, SavedModel path, model_dir)."""
-    from kft import trainer
-    from kft.config import Config
-
     tmp = tmp_path_factory.mktemp("lm_export")
-    config = Config(task="causal_lm", backbone=llama_folder, method="lora", lora_targets=["query", "value"],
-                    train_file=_write_jsonl(tmp / "train.jsonl", _chats(24, 0)),
-                    eval_file=_write_jsonl(tmp / "eval.jsonl", _chats(10, 1)), epochs=1, batch_size=4,
-                    learning_rate=1e-3, warmup_ratio=0.0, seed=3, max_new_tokens=8, export=True,
-                    export_dir=str(tmp / "x"), model_dir=str(tmp / "m"), checkpoint_every_steps=0,
-                    run_name="tiny_lm")
-    fitted = trainer.fit_model(config, str(tmp / "m"))
+    fitted = fx.exported_chat_run(llama_folder, tmp)
     return fitted, fitted.metrics["export"], str(tmp / "m")
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 
 import decoder_fixtures as fx
@@ -17,36 +16,11 @@ from conftest import run_python
 FIELDS = {"prompt", "completion", "completion_tokens", "stopped", "prompt_tokens_cut"}
 
 
-def _write_jsonl(path, records) -> str:
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    return str(path)
-
-
-def _chats(n: int, seed: int) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    words = fx.TEXT.split()
-    return [{"messages": [{"role": "user", "content": " ".join(rng.choice(words, rng.integers(3, 12)))},
-                          {"role": "assistant", "content": " ".join(rng.choice(words, rng.integers(1, 5)))}]}
-            for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
 def decoder_run(tmp_path_factory):
     """A LoRA run on tiny chats, exported: (SavedModel path, the rows of its predictions.jsonl)."""
-    from kft import trainer
-    from kft.config import Config
-
     tmp = tmp_path_factory.mktemp("predict_lm")
-    folder = fx.write_llama_folder(str(tmp / "tiny_llama"))
-    config = Config(task="causal_lm", backbone=folder, method="lora", lora_targets=["query", "value"],
-                    train_file=_write_jsonl(tmp / "train.jsonl", _chats(24, 0)),
-                    eval_file=_write_jsonl(tmp / "eval.jsonl", _chats(10, 1)), epochs=1, batch_size=4,
-                    learning_rate=1e-3, warmup_ratio=0.0, seed=3, max_new_tokens=8, export=True,
-                    export_dir=str(tmp / "x"), model_dir=str(tmp / "m"), checkpoint_every_steps=0,
-                    run_name="tiny_lm")
-    fitted = trainer.fit_model(config, str(tmp / "m"))
+    fitted = fx.exported_chat_run(fx.write_llama_folder(str(tmp / "tiny_llama")), tmp)
     with open(tmp / "m" / "predictions.jsonl") as f:
         rows = [json.loads(line) for line in f]
     return fitted.metrics["export"], rows
@@ -105,7 +79,7 @@ def test_raw_takes_prompts_already_formatted_from_a_jsonl_file(decoder_run, tmp_
         generation = json.load(f)["generation"]
     formatted = [generation["prompt_prefix"] + r["input"] + generation["prompt_suffix"] for r in rows]
     assert all("\n" in p for p in formatted)  # the chat template's line breaks: one JSON line each
-    listing = _write_jsonl(tmp_path / "formatted.jsonl", [{"prompt": p} for p in formatted])
+    listing = fx.write_jsonl(tmp_path / "formatted.jsonl", [{"prompt": p} for p in formatted])
     status, lines, err = _predict(f"--model={path}", f"--input_file={listing}", "--raw")
     assert status == 0, err[-3000:]
     assert [d["prompt"] for d in lines] == formatted
@@ -132,7 +106,7 @@ def test_an_empty_or_misshapen_input_file_is_named_with_its_line(decoder_run, tm
     empty.write_text("\n  \n")
     line = _error(f"--model={path}", f"--input_file={empty}")
     assert line == f"error: --input_file={empty}: the file holds no texts"
-    misshapen = _write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hello"}, {"text": "hello"}])
+    misshapen = fx.write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hello"}, {"text": "hello"}])
     line = _error(f"--model={path}", f"--input_file={misshapen}")
     assert line == f"error: {misshapen}:2: no string field prompt"
 

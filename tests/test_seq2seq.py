@@ -42,13 +42,6 @@ def bart_folder(tmp_path_factory) -> str:
     return sfx.write_bart_folder(str(tmp_path_factory.mktemp("tiny_bart")))
 
 
-def _write_jsonl(path, records) -> str:
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    return str(path)
-
-
 def _pairs(n: int, seed: int) -> list[dict]:
     """A learnable task: the summary is the dialogue's first two words."""
     rng = np.random.default_rng(seed)
@@ -73,7 +66,7 @@ def _config(**overrides):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("s2s_data")
-    return (_write_jsonl(tmp / "train.jsonl", _pairs(32, 0)), _write_jsonl(tmp / "eval.jsonl", _pairs(10, 1)))
+    return (fx.write_jsonl(tmp / "train.jsonl", _pairs(32, 0)), fx.write_jsonl(tmp / "eval.jsonl", _pairs(10, 1)))
 
 
 @pytest.fixture(scope="module")
@@ -277,15 +270,15 @@ def test_data_errors_name_the_file_line_and_field(bart_folder, tmp_path):
     from kft.data import DataError
 
     good = _pairs(4, 0)
-    bad = _write_jsonl(tmp_path / "bad.jsonl", good[:2] + [{"dialogue": "hello"}] + good[2:])
+    bad = fx.write_jsonl(tmp_path / "bad.jsonl", good[:2] + [{"dialogue": "hello"}] + good[2:])
     with pytest.raises(DataError, match=r"bad.jsonl:3: missing field 'summary' \(--completion_field\)"):
         trainer.fit_model(_config(backbone=bart_folder, train_file=bad), str(tmp_path / "m"))
-    chats = _write_jsonl(tmp_path / "chats.jsonl", [
+    chats = fx.write_jsonl(tmp_path / "chats.jsonl", [
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
         {"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(DataError, match="chats.jsonl:2: the last turn of 'messages' is 'user'"):
         trainer.fit_model(_config(backbone=bart_folder, train_file=chats, prompt_template=""), str(tmp_path / "m"))
-    text = _write_jsonl(tmp_path / "text.jsonl", [{"sentence": "the cat sat"}] * 4)
+    text = fx.write_jsonl(tmp_path / "text.jsonl", [{"sentence": "the cat sat"}] * 4)
     with pytest.raises(FlagError, match="plain text .* --task=seq2seq trains on source/target pairs"):
         trainer.fit_model(_config(backbone=bart_folder, train_file=text, prompt_template=""), str(tmp_path / "m"))
 

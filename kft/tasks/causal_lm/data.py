@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import string
 
+import numpy as np
+
 from kft.data import DataError, _read_bytes, json_records
 from kft.tasks.causal_lm.chat import ROLES
 
@@ -162,3 +164,28 @@ def read_file(path: str, name: str, config, flag: str, form: str | None = None) 
     if not examples:
         raise DataError(f"{path}: no records ({flag})")
     return Split(name, path, examples, form)
+
+
+def read_splits(config, check=None) -> tuple[Split, Split, Split | None, str]:
+    """(train, eval, test, description) from --train_file / --eval_file / --test_file, read in the
+    train file's format; without --eval_file a seeded --validation_fraction of train is held out.
+    `check(train)` runs before the other files are read."""
+    train = read_file(config.train_file, "train", config, "--train_file")
+    if check is not None:
+        check(train)
+    eval_ = (read_file(config.eval_file, "eval", config, "--eval_file", train.format)
+             if config.eval_file else None)
+    test = (read_file(config.test_file, "test", config, "--test_file", train.format)
+            if config.test_file else None)
+    description = f"{config.train_file} ({train.format})"
+    train = train.head(config.max_train_examples)
+    if eval_ is None:
+        held = max(1, int(round(config.validation_fraction * len(train))))
+        if len(train) - held < 1:
+            raise DataError(f"{config.train_file}: {len(train)} record(s) cannot be split into train and "
+                            f"eval (--validation_fraction={config.validation_fraction} holds out {held}); "
+                            "give --eval_file or more records")
+        order = np.random.default_rng(config.seed).permutation(len(train))
+        eval_, train = train.select(sorted(order[:held]), "eval"), train.select(sorted(order[held:]), "train")
+        description += f" (eval = {held} held-out records)"
+    return train, eval_.head(config.max_eval_examples), test, description

@@ -11,10 +11,12 @@ are counted.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
 from kft import token_cache
+from kft.config import FlagError
 from kft.tasks.causal_lm import chat
 from kft.tasks.causal_lm.data import Split
 
@@ -37,6 +39,16 @@ class Encoded:
     @property
     def lengths(self) -> np.ndarray:
         return np.asarray([len(x) for x in self.ids], np.int64)
+
+
+def choose_length(config, lengths: np.ndarray, limit: int) -> int:
+    """--sequence_length, or the 99th percentile of the train lengths rounded up to 8 (at least 16)."""
+    if config.sequence_length:
+        if config.sequence_length > limit:
+            raise FlagError(f"--sequence_length={config.sequence_length} exceeds the backbone's limit of "
+                            f"{limit} positions")
+        return config.sequence_length
+    return int(min(limit, max(16, math.ceil(np.percentile(lengths, 99) / 8) * 8)))
 
 
 def prompt_text(example, template: str | None, special_tokens: dict) -> str:

@@ -1,6 +1,11 @@
-"""Scores of generated text against references: ROUGE (rouge-score), BLEU (sacreBLEU), exact match."""
+"""Scores of generated text against references: ROUGE (rouge-score), BLEU (sacreBLEU), exact match;
+and the evaluation reports and predictions files of the generating tasks (causal_lm, seq2seq)."""
 
 from __future__ import annotations
+
+import json
+import math
+import os
 
 import numpy as np
 
@@ -23,6 +28,47 @@ def generation_scores(predictions: list[str], references: list[str]) -> dict:
     out["exact_match"] = round(float(np.mean([p.strip() == r.strip() for p, r in
                                                zip(predictions, references)])), 4) if predictions else 0.0
     return out
+
+
+def epoch_scores(outputs: np.ndarray, sizes: np.ndarray) -> dict:
+    """The epoch-end eval of rows of [loss sum, correct tokens]: mean loss, accuracy, score -loss."""
+    loss = float(outputs[..., 0].sum() / max(1, sizes.sum()))
+    return {"loss": loss, "accuracy": float(outputs[..., 1].sum() / max(1, sizes.sum())), "score": -loss}
+
+
+def loss_report(outputs: np.ndarray, sizes: np.ndarray) -> dict:
+    """Teacher-forced loss, perplexity and next-token accuracy of rows of [loss sum, correct tokens]."""
+    loss = float(outputs[..., 0].sum() / max(1, sizes.sum()))
+    return {"loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 50.0)), 4),
+            "token_accuracy": round(float(outputs[..., 1].sum() / max(1, sizes.sum())), 5),
+            "trained_tokens": int(sizes.sum())}
+
+
+def detokenize(tokenizer, ids) -> list[str]:
+    """Generated ids as text; bytes that end inside a character become U+FFFD."""
+    texts = [tokenizer.detokenize(np.asarray(x, np.int32)) if len(x) else "" for x in ids]
+    return [t.numpy().decode("utf-8", "replace") if hasattr(t, "numpy") else str(t) for t in texts]
+
+
+def generation_report(texts: list[str], references: list[str], ids, stopped, seconds: float) -> dict:
+    """The scores of `texts` (generated as `ids` in `seconds`) and the generation's speed and stops."""
+    report = generation_scores(texts, references)
+    report.update(generated_examples=len(references), generation_seconds=round(seconds, 2),
+                  mean_generated_tokens=round(float(np.mean([len(x) for x in ids])), 2),
+                  stopped_at_eos=round(float(np.mean(stopped)), 4),
+                  generated_tokens_per_second=round(sum(len(x) for x in ids) / max(seconds, 1e-9), 2))
+    return report
+
+
+def write_predictions(predictions: dict, model_dir: str) -> None:
+    """predictions.jsonl (eval) and predictions_<split>.jsonl (others), a row a line."""
+    import tensorflow as tf
+
+    for k, rows in predictions.items():
+        name = "predictions.jsonl" if k == "eval" else f"predictions_{k}.jsonl"
+        with tf.io.gfile.GFile(os.path.join(model_dir, name), "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def format_report(report: dict) -> str:

@@ -97,30 +97,33 @@ def _pick(config):
     return sample
 
 
-class Endpoints:
-    """The graph functions of the export, over a (LoRA-merged) backbone and its tokenizer."""
+def export_max_new_tokens(config) -> int:
+    """The export's generation cap: --export_max_new_tokens, else --max_new_tokens."""
+    max_new_tokens = int(config.export_max_new_tokens or config.max_new_tokens)
+    if max_new_tokens < 1:
+        raise ExportError("the export generates nothing with --max_new_tokens=0; give "
+                          "--export_max_new_tokens=N")
+    return max_new_tokens
 
-    def __init__(self, loaded, config, prefix: str, suffix: str, sequence_length: int):
-        self.lm = loaded.causal_lm_class(backbone=loaded.backbone, preprocessor=None)
-        self.bpe = graph_tokenizer.for_tokenizer(loaded.tokenizer)
-        self.tokenizer = loaded.tokenizer
+
+class TextEndpoints:
+    """Text in, completion out, for the generating exports (decoder and encoder–decoder): the graph
+    tokenizer, the fixed text around the served input, and batches of any size, an empty one
+    included. A subclass gives `_completions(texts) -> (ragged ids, stopped, tokens cut)`."""
+
+    def __init__(self, lm, tokenizer, prefix: str, suffix: str):
+        self.lm = lm
+        self.bpe = graph_tokenizer.for_tokenizer(tokenizer)
+        self.tokenizer = tokenizer
         self.prefix, self.suffix = prefix, suffix
-        self.stop_ids = tf.constant(loaded.stop_ids, tf.int32)
-        self.pad_id, self.eos_id = int(loaded.pad_id), int(loaded.eos_id)
-        # encode() adds BOS unless the chat template writes it itself
-        self.bos = [loaded.bos_id] if loaded.bos_id is not None and not (
-            prefix and "bos_token" in (loaded.chat_template or "")) else []
-        self.max_new_tokens = int(config.export_max_new_tokens or config.max_new_tokens)
-        if self.max_new_tokens < 1:
-            raise ExportError("the export generates nothing with --max_new_tokens=0; give "
-                              "--export_max_new_tokens=N")
-        self.context = int(loaded.max_sequence_length)
-        if self.context <= self.max_new_tokens + len(self.bos):
-            raise ExportError(f"--export_max_new_tokens={self.max_new_tokens} leaves no room for a prompt in "
-                              f"the backbone's {self.context} positions")
-        self.pick = _pick(config)
-        self.seed = int(config.seed)
-        self.sequence_length = sequence_length
+
+    @classmethod
+    def create(cls, *args):
+        """The endpoints, or an ExportError that says why the run cannot have them."""
+        try:
+            return cls(*args)
+        except ValueError as e:
+            raise ExportError(str(e)) from None
 
     def tokenize(self, texts):
         if self.bpe is not None:
@@ -131,6 +134,57 @@ class Endpoints:
         if self.bpe is not None:
             return self.bpe.detokenize(ids)
         return self.tokenizer.detokenize(ids)
+
+    def _complete(self, texts):
+        texts = tf.convert_to_tensor(texts, tf.string)
+
+        def run():
+            ids, stopped, cut = self._completions(texts)
+            # Byte-level tokens can end inside a character: invalid UTF-8 becomes U+FFFD, as the
+            # in-memory evaluation decodes it (errors="replace").
+            text = tf.strings.unicode_transcode(self.detokenize(ids), "UTF-8", "UTF-8", errors="replace",
+                                                replace_control_characters=False)
+            return {"completion": text,
+                    "completion_tokens": tf.cast(ids.row_lengths(), tf.int32),
+                    "stopped": stopped, "prompt_tokens_cut": cut}
+
+        def nothing():  # an empty batch: the model is not called
+            return {"completion": tf.zeros([0], tf.string), "completion_tokens": tf.zeros([0], tf.int32),
+                    "stopped": tf.zeros([0], tf.bool), "prompt_tokens_cut": tf.zeros([0], tf.int32)}
+
+        return tf.cond(tf.shape(texts)[0] > 0, run, nothing)
+
+    def serve(self, prompt):
+        return self._complete(tf.strings.join([self.prefix, prompt, self.suffix]))
+
+    def generate_raw(self, prompt):
+        return self._complete(prompt)
+
+    def functions(self) -> dict:
+        """The exported endpoints: name -> (function, input signature)."""
+        string = [tf.TensorSpec([None], tf.string, name="prompt")]
+        return {"serving_default": (self.serve, string), "generate_raw": (self.generate_raw, string)}
+
+
+class Endpoints(TextEndpoints):
+    """The graph functions of the export, over a (LoRA-merged) backbone and its tokenizer."""
+
+    def __init__(self, loaded, config, prefix: str, suffix: str, sequence_length: int):
+        super().__init__(loaded.causal_lm_class(backbone=loaded.backbone, preprocessor=None), loaded.tokenizer,
+                         prefix, suffix)
+        self.stop_ids = tf.constant(loaded.stop_ids, tf.int32)
+        self.pad_id, self.eos_id = int(loaded.pad_id), int(loaded.eos_id)
+        # encode() adds BOS unless the chat template writes it itself
+        self.bos = [loaded.bos_id] if loaded.bos_id is not None and not (
+            prefix and "bos_token" in (loaded.chat_template or "")) else []
+        self.max_new_tokens = export_max_new_tokens(config)
+        self.context = int(loaded.max_sequence_length)
+        if self.context <= self.max_new_tokens + len(self.bos):
+            raise ExportError(f"--export_max_new_tokens={self.max_new_tokens} leaves no room for a prompt in "
+                              f"the backbone's {self.context} positions")
+        self.pick = _pick(config)
+        self.seed = int(config.seed)
+        self.sequence_length = sequence_length
 
     def _prompt_ids(self, texts):
         """Ragged prompt ids ([bos] + tokens, cut from the start to leave room) and tokens cut."""
@@ -188,28 +242,10 @@ class Endpoints:
         keep = generated & before_stop
         return tf.ragged.boolean_mask(ids, keep), hit
 
-    def _complete(self, texts):
-        texts = tf.convert_to_tensor(texts, tf.string)
-
-        def run():
-            prompts, cut = self._prompt_ids(texts)
-            ids, stopped = self._generate(prompts)
-            # Byte-level tokens can end inside a character: invalid UTF-8 becomes U+FFFD, as the
-            # in-memory evaluation decodes it (errors="replace").
-            text = tf.strings.unicode_transcode(self.detokenize(ids), "UTF-8", "UTF-8", errors="replace",
-                                                replace_control_characters=False)
-            return {"completion": text,
-                    "completion_tokens": tf.cast(ids.row_lengths(), tf.int32),
-                    "stopped": stopped, "prompt_tokens_cut": cut}
-
-        def nothing():  # an empty batch: the model is not called
-            return {"completion": tf.zeros([0], tf.string), "completion_tokens": tf.zeros([0], tf.int32),
-                    "stopped": tf.zeros([0], tf.bool), "prompt_tokens_cut": tf.zeros([0], tf.int32)}
-
-        return tf.cond(tf.shape(texts)[0] > 0, run, nothing)
-
-    def serve(self, prompt):
-        return self._complete(tf.strings.join([self.prefix, prompt, self.suffix]))
+    def _completions(self, texts):
+        prompts, cut = self._prompt_ids(texts)
+        ids, stopped = self._generate(prompts)
+        return ids, stopped, cut
 
     def first_token(self, prompt):
         """serving_default's first generated token only: its latency is the time to first token."""
@@ -227,9 +263,6 @@ class Endpoints:
 
         return tf.cond(tf.shape(texts)[0] > 0, run, nothing)
 
-    def generate_raw(self, prompt):
-        return self._complete(prompt)
-
     def token_ids(self, token_ids, padding_mask):
         short = tf.maximum(0, 1 - tf.shape(token_ids)[1])  # an empty request arrives as [b, 0]
         token_ids = tf.pad(token_ids, [[0, 0], [0, short]], constant_values=self.pad_id)
@@ -245,42 +278,46 @@ class Endpoints:
                 "next_token_log_probs": tf.gather(log_probs, last, batch_dims=1)}
 
 
-def export(loaded, config, prefix: str, suffix: str, described: str, sequence_length: int,
-           check_texts: list[str], metadata: dict, run_name: str) -> str:
-    """Writes the generating SavedModel as a new version under --export_dir/<run_name>/."""
+    def functions(self) -> dict:
+        string = [tf.TensorSpec([None], tf.string, name="prompt")]
+        ids = [tf.TensorSpec([None, None], tf.int32, name="token_ids"),
+               tf.TensorSpec([None, None], tf.int32, name="padding_mask")]
+        return {**super().functions(), "first_token": (self.first_token, string),
+                "serve_token_ids": (self.token_ids, ids)}
+
+
+def write_export(endpoints: TextEndpoints, config, texts: list[str], inputs: str, sequence_length: int,
+                 generation: dict, metadata: dict, run_name: str, model: str = "") -> str:
+    """Checks the graph tokenizer on `texts` (eval `inputs` as the model read them: the served ids
+    must be training's), then writes the endpoints as a new version under --export_dir/<run_name>/,
+    with the sampler and `generation` in the metadata."""
     from kft import export as export_lib
 
-    try:
-        endpoints = Endpoints(loaded, config, prefix, suffix, sequence_length)
-    except ValueError as e:
-        raise ExportError(str(e)) from None
-    # The served ids must be the ones the model was trained on: check the graph tokenizer.
     graph_tokenize = tf.function(endpoints.tokenize, input_signature=[tf.TensorSpec([None], tf.string)])
-    texts = [prefix + t + suffix for t in check_texts]
-    differ = graph_tokenizer.check(graph_tokenize, loaded.tokenizer, texts)
+    differ = graph_tokenizer.check(graph_tokenize, endpoints.tokenizer, texts)
     if differ:
         raise ExportError(f"the graph tokenizer gives other ids than training's for {len(differ)} of "
-                          f"{len(texts)} eval prompts (first: {texts[differ[0]][:80]!r}); not exported")
-    string = [tf.TensorSpec([None], tf.string, name="prompt")]
-    functions = {
-        "serving_default": (endpoints.serve, string),
-        "generate_raw": (endpoints.generate_raw, string),
-        "first_token": (endpoints.first_token, string),
-        "serve_token_ids": (endpoints.token_ids, [tf.TensorSpec([None, None], tf.int32, name="token_ids"),
-                                                  tf.TensorSpec([None, None], tf.int32, name="padding_mask")]),
-    }
+                          f"{len(texts)} eval {inputs} (first: {texts[differ[0]][:80]!r}); not exported")
     sampler = {"sampler": config.export_sampler}
     if config.export_sampler != "greedy":
         sampler.update(temperature=config.export_temperature, seed=config.seed,
                        **({"top_k": config.export_top_k} if config.export_sampler == "top_k"
                           else {"top_p": config.export_top_p}))
     metadata = {**metadata, "sequence_length": sequence_length, "generation": {
-        **sampler, "max_new_tokens": endpoints.max_new_tokens, "context_length": endpoints.context,
-        "stop_ids": list(loaded.stop_ids), "prompt_input": described, "prompt_prefix": prefix,
-        "prompt_suffix": suffix, "tokenizer_checked_on": len(texts)}}
-    tracked = [endpoints.bpe] if endpoints.bpe is not None else [loaded.tokenizer]
-    path = export_lib.write(endpoints.lm.backbone, tracked, functions, [], config.export_dir, run_name,
-                            metadata)
-    logging.info("exported the generating SavedModel (%s sampling, up to %d new tokens) to %s",
+        **sampler, "max_new_tokens": endpoints.max_new_tokens, **generation, "tokenizer_checked_on": len(texts)}}
+    tracked = [endpoints.bpe] if endpoints.bpe is not None else [endpoints.tokenizer]
+    path = export_lib.write(endpoints.lm.backbone, tracked, endpoints.functions(), [], config.export_dir,
+                            run_name, metadata)
+    logging.info("exported the generating %sSavedModel (%s sampling, up to %d new tokens) to %s", model,
                  config.export_sampler, endpoints.max_new_tokens, path)
     return path
+
+
+def export(loaded, config, prefix: str, suffix: str, described: str, sequence_length: int,
+           check_texts: list[str], metadata: dict, run_name: str) -> str:
+    """Writes the generating SavedModel as a new version under --export_dir/<run_name>/."""
+    endpoints = Endpoints.create(loaded, config, prefix, suffix, sequence_length)
+    return write_export(endpoints, config, [prefix + t + suffix for t in check_texts], "prompts", sequence_length,
+                        {"context_length": endpoints.context, "stop_ids": list(loaded.stop_ids),
+                         "prompt_input": described, "prompt_prefix": prefix, "prompt_suffix": suffix},
+                        metadata, run_name)

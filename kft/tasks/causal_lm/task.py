@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 
@@ -56,23 +55,7 @@ def load_data(config: Config) -> LMData:
     if not config.train_file:
         raise DataError("no training data: give --train_file (JSONL: messages, prompt/completion, fields "
                         "for --prompt_template, or plain text)")
-    train = data_lib.read_file(config.train_file, "train", config, "--train_file")
-    eval_ = (data_lib.read_file(config.eval_file, "eval", config, "--eval_file", train.format)
-             if config.eval_file else None)
-    test = (data_lib.read_file(config.test_file, "test", config, "--test_file", train.format)
-            if config.test_file else None)
-    description = f"{config.train_file} ({train.format})"
-    train = train.head(config.max_train_examples)
-    if eval_ is None:
-        held = max(1, int(round(config.validation_fraction * len(train))))
-        if len(train) - held < 1:
-            raise DataError(f"{config.train_file}: {len(train)} record(s) cannot be split into train and "
-                            f"eval (--validation_fraction={config.validation_fraction} holds out {held}); "
-                            "give --eval_file or more records")
-        order = np.random.default_rng(config.seed).permutation(len(train))
-        eval_, train = train.select(sorted(order[:held]), "eval"), train.select(sorted(order[held:]), "train")
-        description += f" (eval = {held} held-out records)"
-    eval_ = eval_.head(config.max_eval_examples)
+    train, eval_, test, description = data_lib.read_splits(config)
     return LMData(train, eval_, test, description)
 
 
@@ -80,15 +63,6 @@ def _chat_template(config: Config, loaded, split: data_lib.Split) -> str | None:
     if split.plain_text or config.chat_template == "none":
         return None
     return loaded.chat_template  # None when the checkpoint has none: prompts are used as written
-
-
-def _choose_length(config: Config, lengths: np.ndarray, limit: int) -> int:
-    if config.sequence_length:
-        if config.sequence_length > limit:
-            raise FlagError(f"--sequence_length={config.sequence_length} exceeds the backbone's limit of "
-                            f"{limit} positions")
-        return config.sequence_length
-    return int(min(limit, max(16, math.ceil(np.percentile(lengths, 99) / 8) * 8)))
 
 
 def prepare(config: Config, data: LMData, loaded, model_dir: str, is_chief: bool = True):
@@ -106,7 +80,7 @@ def prepare(config: Config, data: LMData, loaded, model_dir: str, is_chief: bool
               for k, s in splits.items()}
     bos = 1 if loaded.bos_id is not None else 0
     full = np.asarray([len(p) + len(c) + 1 + bos for p, c in zip(*pieces["train"][:2])])
-    sequence_length = _choose_length(config, full, loaded.max_sequence_length)
+    sequence_length = lm_inputs.choose_length(config, full, loaded.max_sequence_length)
     encoded = {k: lm_inputs.encode(s, loaded, template, sequence_length, config.train_on_prompt, cache_dir,
                                    fingerprint, is_chief, pieces[k]) for k, s in splits.items()}
     train_on_prompt = config.train_on_prompt or data.train.plain_text
@@ -141,16 +115,10 @@ def prepare(config: Config, data: LMData, loaded, model_dir: str, is_chief: bool
     state = {}
 
     def epoch_eval(outputs):
-        loss = float(outputs[..., 0].sum() / max(1, eval_sizes.sum()))
-        return {"loss": loss, "accuracy": float(outputs[..., 1].sum() / max(1, eval_sizes.sum())),
-                "score": -loss}
+        return scoring.epoch_scores(outputs, eval_sizes)
 
     def evaluate(k, outputs, model):
-        sizes = sources[k].sizes
-        loss = float(outputs[..., 0].sum() / max(1, sizes.sum()))
-        report = {"loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 50.0)), 4),
-                  "token_accuracy": round(float(outputs[..., 1].sum() / max(1, sizes.sum())), 5),
-                  "trained_tokens": int(sizes.sum())}
+        report = scoring.loss_report(outputs, sources[k].sizes)
         if splits[k].plain_text or config.max_new_tokens <= 0:
             return report
         n = len(splits[k]) if not config.max_generate_examples else min(len(splits[k]),
@@ -164,15 +132,9 @@ def prepare(config: Config, data: LMData, loaded, model_dir: str, is_chief: bool
         t = time.time()
         logging.info("generating up to %d tokens for %d %s prompts ...", config.max_new_tokens, n, k)
         ids, stopped = state["generator"](encoded[k].prompts[:n], config.max_new_tokens)
-        texts = [loaded.tokenizer.detokenize(np.asarray(x, np.int32)) if len(x) else "" for x in ids]
-        texts = [t_.numpy().decode("utf-8", "replace") if hasattr(t_, "numpy") else str(t_) for t_ in texts]
-        seconds = time.time() - t
+        texts = scoring.detokenize(loaded.tokenizer, ids)
         references = [e.completion for e in splits[k].examples[:n]]
-        report.update(scoring.generation_scores(texts, references))
-        report.update(generated_examples=n, generation_seconds=round(seconds, 2),
-                      mean_generated_tokens=round(float(np.mean([len(x) for x in ids])), 2),
-                      stopped_at_eos=round(float(np.mean(stopped)), 4),
-                      generated_tokens_per_second=round(sum(len(x) for x in ids) / max(seconds, 1e-9), 2))
+        report.update(scoring.generation_report(texts, references, ids, stopped, time.time() - t))
         predictions[k] = [{"line": e.line, "input": e.messages[-1]["content"] if e.messages else "",
                            "prompt": p, "reference": e.completion, "prediction": t_,
                            "stopped": s} for e, p, t_, s in zip(splits[k].examples, encoded[k].prompt_texts,
@@ -180,11 +142,7 @@ def prepare(config: Config, data: LMData, loaded, model_dir: str, is_chief: bool
         return report
 
     def write_outputs(results, model_dir):
-        for k, rows in predictions.items():
-            name = "predictions.jsonl" if k == "eval" else f"predictions_{k}.jsonl"
-            with tf.io.gfile.GFile(os.path.join(model_dir, name), "w") as f:
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        scoring.write_predictions(predictions, model_dir)
 
     train_lengths = sources["train"].lengths
     return Prepared(names=[], sequence_length=sequence_length, sources=sources, stats=stats,

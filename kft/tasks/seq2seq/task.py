@@ -11,8 +11,6 @@ prediction written to predictions.jsonl. `--epochs=0` scores the untouched model
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import time
 
@@ -25,7 +23,7 @@ from kft import inputs as inputs_lib, token_cache
 from kft import loop as loop_lib
 from kft.config import BUNDLED_BACKBONE, Config, FlagError
 from kft.data import DataError
-from kft.tasks.causal_lm import data as data_lib, scoring
+from kft.tasks.causal_lm import data as data_lib, inputs as lm_inputs, scoring
 from kft.tasks.seq2seq import backbone as backbone_lib, inputs as s2s_inputs, model as s2s_model
 
 HEADLINE = ("perplexity", "rougeL", "bleu")
@@ -54,36 +52,16 @@ def load_data(config: Config) -> Seq2SeqData:
     if not config.train_file:
         raise DataError("no training data: give --train_file (JSONL: prompt/completion, fields for "
                         "--prompt_template, or messages)")
-    train = data_lib.read_file(config.train_file, "train", config, "--train_file")
-    if train.plain_text:
-        raise FlagError(f"{config.train_file}: records hold plain text ('{config.text_field}') without a "
-                        f"target; --task=seq2seq trains on source/target pairs: give '{config.prompt_field}' "
-                        f"and '{config.completion_field}', a --prompt_template, or messages")
-    eval_ = (data_lib.read_file(config.eval_file, "eval", config, "--eval_file", train.format)
-             if config.eval_file else None)
-    test = (data_lib.read_file(config.test_file, "test", config, "--test_file", train.format)
-            if config.test_file else None)
-    description = f"{config.train_file} ({train.format})"
-    train = train.head(config.max_train_examples)
-    if eval_ is None:
-        held = max(1, int(round(config.validation_fraction * len(train))))
-        if len(train) - held < 1:
-            raise DataError(f"{config.train_file}: {len(train)} record(s) cannot be split into train and "
-                            f"eval (--validation_fraction={config.validation_fraction} holds out {held}); "
-                            "give --eval_file or more records")
-        order = np.random.default_rng(config.seed).permutation(len(train))
-        eval_, train = train.select(sorted(order[:held]), "eval"), train.select(sorted(order[held:]), "train")
-        description += f" (eval = {held} held-out records)"
-    return Seq2SeqData(train, eval_.head(config.max_eval_examples), test, description)
 
+    def check(train):
+        if train.plain_text:
+            raise FlagError(f"{config.train_file}: records hold plain text ('{config.text_field}') without a "
+                            f"target; --task=seq2seq trains on source/target pairs: give "
+                            f"'{config.prompt_field}' and '{config.completion_field}', a --prompt_template, "
+                            "or messages")
 
-def _choose_length(config: Config, lengths: np.ndarray, limit: int) -> int:
-    if config.sequence_length:
-        if config.sequence_length > limit:
-            raise FlagError(f"--sequence_length={config.sequence_length} exceeds the backbone's limit of "
-                            f"{limit} positions")
-        return config.sequence_length
-    return int(min(limit, max(16, math.ceil(np.percentile(lengths, 99) / 8) * 8)))
+    train, eval_, test, description = data_lib.read_splits(config, check)
+    return Seq2SeqData(train, eval_, test, description)
 
 
 def served_input(example) -> str:
@@ -105,7 +83,7 @@ def prepare(config: Config, data: Seq2SeqData, loaded, model_dir: str, is_chief:
     source_pieces, target_pieces, _ = pieces["train"]
     full = np.asarray([max(len(s) + len(loaded.encoder_start) + len(loaded.encoder_end),
                            len(t) + len(loaded.decoder_prefix) + 1) for s, t in zip(source_pieces, target_pieces)])
-    sequence_length = _choose_length(config, full, loaded.max_sequence_length)
+    sequence_length = lm_inputs.choose_length(config, full, loaded.max_sequence_length)
     if len(loaded.decoder_prefix) + max(config.max_new_tokens, config.export_max_new_tokens) \
             > loaded.max_sequence_length:
         raise FlagError(f"--max_new_tokens={config.max_new_tokens} exceeds the decoder's "
@@ -140,15 +118,10 @@ def prepare(config: Config, data: Seq2SeqData, loaded, model_dir: str, is_chief:
     predictions, state = {}, {}
 
     def epoch_eval(outputs):
-        loss = float(outputs[:, 0].sum() / max(1, eval_sizes.sum()))
-        return {"loss": loss, "accuracy": float(outputs[:, 1].sum() / max(1, eval_sizes.sum())), "score": -loss}
+        return scoring.epoch_scores(outputs, eval_sizes)
 
     def evaluate(k, outputs, model):
-        sizes = sources[k].sizes
-        loss = float(outputs[:, 0].sum() / max(1, sizes.sum()))
-        report = {"loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 50.0)), 4),
-                  "token_accuracy": round(float(outputs[:, 1].sum() / max(1, sizes.sum())), 5),
-                  "trained_tokens": int(sizes.sum())}
+        report = scoring.loss_report(outputs, sources[k].sizes)
         if config.max_new_tokens <= 0:
             return report
         n = len(splits[k]) if not config.max_generate_examples else min(len(splits[k]),
@@ -160,26 +133,17 @@ def prepare(config: Config, data: Seq2SeqData, loaded, model_dir: str, is_chief:
         t = time.time()
         logging.info("generating up to %d tokens for %d %s sources ...", config.max_new_tokens, n, k)
         ids, stopped = state["generator"](encoded[k].sources[:n], config.max_new_tokens)
-        texts = [loaded.tokenizer.detokenize(np.asarray(x, np.int32)) if len(x) else "" for x in ids]
-        texts = [t_.numpy().decode("utf-8", "replace") if hasattr(t_, "numpy") else str(t_) for t_ in texts]
-        seconds = time.time() - t
+        texts = scoring.detokenize(loaded.tokenizer, ids)
         examples = splits[k].examples[:n]
-        report.update(scoring.generation_scores(texts, [e.completion for e in examples]))
-        report.update(generated_examples=n, generation_seconds=round(seconds, 2),
-                      mean_generated_tokens=round(float(np.mean([len(x) for x in ids])), 2),
-                      stopped_at_eos=round(float(np.mean(stopped)), 4),
-                      generated_tokens_per_second=round(sum(len(x) for x in ids) / max(seconds, 1e-9), 2))
+        report.update(scoring.generation_report(texts, [e.completion for e in examples], ids, stopped,
+                                                time.time() - t))
         predictions[k] = [{"line": e.line, "input": served_input(e), "prompt": p, "reference": e.completion,
                            "prediction": t_, "stopped": s}
                           for e, p, t_, s in zip(examples, encoded[k].source_texts, texts, stopped)]
         return report
 
     def write_outputs(results, model_dir):
-        for k, rows in predictions.items():
-            name = "predictions.jsonl" if k == "eval" else f"predictions_{k}.jsonl"
-            with tf.io.gfile.GFile(os.path.join(model_dir, name), "w") as f:
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        scoring.write_predictions(predictions, model_dir)
 
     return Prepared(names=[], sequence_length=sequence_length, sources=sources, stats=stats,
                     description=data.description, seconds=seconds, train_lengths=sources["train"].lengths,
