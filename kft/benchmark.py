@@ -490,6 +490,24 @@ def _fmt(value, spec: str, none: str = "n/a") -> str:
     return none if value is None else format(value, spec)
 
 
+def _row_table(report: dict, head: tuple, cells) -> list[str]:
+    """The rows as fixed-width lines: label, status, then `cells(row, seconds)`; rows that did not
+    run show their status only."""
+    lines = []
+    for row in report["rows"].values():
+        if "seconds" not in row:
+            lines.append((row["label"], row["status"]) + ("",) * (len(head) - 2))
+        else:
+            lines.append((row["label"], row["status"]) + tuple(cells(row, row["seconds"])))
+    return _columns(head, lines)
+
+
+def _rate_line(machine: dict, efficiency: str) -> str:
+    return (f"fp32 matmul rate (TensorFlow, best square matmul): "
+            f"{machine['tensorflow_matmul_rate']['flops_per_second'] / 1e9:.0f} GFLOP/s on {machine['cpus']} "
+            f"CPUs ({machine['cpu']}); efficiency = {efficiency}")
+
+
 def table(report: dict) -> str:
     """The report as a fixed-width text table (subset rows' implied numbers marked with *)."""
     if report["config"].get("task") == QA:
@@ -498,22 +516,16 @@ def table(report: dict) -> str:
         return _lm_table(report)
     head = ("system", "status", "setup s", "tokenize s", "train s", "eval s", "ex/s", "real tok/s",
             "padding", "efficiency", "peak RSS", "dev acc")
-    lines = []
-    for row in report["rows"].values():
-        if "seconds" not in row:
-            lines.append((row["label"], row["status"]) + ("",) * (len(head) - 2))
-            continue
-        s, star = row["seconds"], "*" if row["status"] == "subset" else ""
-        lines.append((row["label"], row["status"], f"{s['setup']:.1f}", f"{s['tokenize']:.1f}",
-                      f"{s['train']:.1f}{star}", f"{s['eval']:.1f}{star}",
-                      f"{row['examples_per_second']:.1f}", f"{row['real_tokens_per_second']:.0f}",
-                      f"{100 * row['padding_overhead']:.0f}%", f"{100 * row['compute_efficiency']:.1f}%",
-                      f"{row['peak_rss_bytes'] / 1e9:.2f} GB", _fmt(row.get("dev_accuracy"), ".4f")))
-    out = _columns(head, lines)
+    def cells(row, s):
+        star = "*" if row["status"] == "subset" else ""
+        return (f"{s['setup']:.1f}", f"{s['tokenize']:.1f}", f"{s['train']:.1f}{star}", f"{s['eval']:.1f}{star}",
+                f"{row['examples_per_second']:.1f}", f"{row['real_tokens_per_second']:.0f}",
+                f"{100 * row['padding_overhead']:.0f}%", f"{100 * row['compute_efficiency']:.1f}%",
+                f"{row['peak_rss_bytes'] / 1e9:.2f} GB", _fmt(row.get("dev_accuracy"), ".4f"))
+
+    out = _row_table(report, head, cells)
     m = report["machine"]
-    out.append(f"fp32 matmul rate (TensorFlow, best square matmul): "
-               f"{m['tensorflow_matmul_rate']['flops_per_second'] / 1e9:.0f} GFLOP/s on {m['cpus']} CPUs "
-               f"({m['cpu']}); efficiency = model FLOPs on real tokens / train time / that rate")
+    out.append(_rate_line(m, "model FLOPs on real tokens / train time / that rate"))
     if "compute_dtype_matmul_rate" in m:
         rate = m["compute_dtype_matmul_rate"]["flops_per_second"]
         against = ", ".join(f"{r['label']} {100 * r['compute_efficiency_in_compute_dtype']:.1f}%"
@@ -563,23 +575,13 @@ def _qa_table(report: dict) -> str:
     examples, padding as the share of positions computed; no floor or serving."""
     head = ("system", "status", "setup s", "tokenize s", "train s", "eval s", "windows/s", "real tok/s",
             "padding", "efficiency", "peak RSS", "dev EM", "dev F1")
-    lines = []
-    for row in report["rows"].values():
-        if "seconds" not in row:
-            lines.append((row["label"], row["status"]) + ("",) * (len(head) - 2))
-            continue
-        s = row["seconds"]
-        lines.append((row["label"], row["status"], f"{s['setup']:.1f}", f"{s['tokenize']:.1f}",
-                      f"{s['train']:.1f}", f"{s['eval']:.1f}", f"{row['windows_per_second']:.1f}",
-                      f"{row['real_tokens_per_second']:.0f}", f"{100 * row['padding_share']:.0f}%",
-                      f"{100 * row['compute_efficiency']:.1f}%", f"{row['peak_rss_bytes'] / 1e9:.2f} GB",
-                      _fmt(row.get("exact_match"), ".2f"), _fmt(row.get("f1"), ".2f")))
-    out = _columns(head, lines)
-    m = report["machine"]
-    out.append(f"fp32 matmul rate (TensorFlow, best square matmul): "
-               f"{m['tensorflow_matmul_rate']['flops_per_second'] / 1e9:.0f} GFLOP/s on {m['cpus']} CPUs "
-               f"({m['cpu']}); efficiency = model FLOPs on real tokens / train time / that rate; "
-               "padding = padded positions / all positions trained on")
+    out = _row_table(report, head, lambda row, s: (
+        f"{s['setup']:.1f}", f"{s['tokenize']:.1f}", f"{s['train']:.1f}", f"{s['eval']:.1f}",
+        f"{row['windows_per_second']:.1f}", f"{row['real_tokens_per_second']:.0f}",
+        f"{100 * row['padding_share']:.0f}%", f"{100 * row['compute_efficiency']:.1f}%",
+        f"{row['peak_rss_bytes'] / 1e9:.2f} GB", _fmt(row.get("exact_match"), ".2f"), _fmt(row.get("f1"), ".2f")))
+    out.append(_rate_line(report["machine"], "model FLOPs on real tokens / train time / that rate; "
+                          "padding = padded positions / all positions trained on"))
     for row in report["rows"].values():
         questions = row.get("questions")
         about = (f" [{questions.get('train')} train / {questions.get('eval')} eval questions, "
@@ -600,24 +602,14 @@ def _lm_table(report: dict) -> str:
     the trained tokens each row counted, and the export's time to first token and decode speed."""
     head = ("system", "status", "setup s", "tokenize s", "train s", "eval s", "real tok/s", "padding",
             "efficiency", "peak RSS", "eval loss", "ROUGE-L", "BLEU")
-    lines = []
-    for row in report["rows"].values():
-        if "seconds" not in row:
-            lines.append((row["label"], row["status"]) + ("",) * (len(head) - 2))
-            continue
-        s = row["seconds"]
-        lines.append((row["label"], row["status"], f"{s['setup']:.1f}", f"{s['tokenize']:.1f}",
-                      f"{s['train']:.1f}", f"{s['eval']:.1f}", f"{row['real_tokens_per_second']:.0f}",
-                      f"{100 * row['padding_share']:.0f}%", f"{100 * row['compute_efficiency']:.1f}%",
-                      f"{row['peak_rss_bytes'] / 1e9:.2f} GB", _fmt(row.get("eval_loss"), ".4f"),
-                      _fmt(row.get("rougeL"), ".2f"), _fmt(row.get("bleu"), ".2f")))
-    out = _columns(head, lines)
-    m = report["machine"]
-    out.append(f"fp32 matmul rate (TensorFlow, best square matmul): "
-               f"{m['tensorflow_matmul_rate']['flops_per_second'] / 1e9:.0f} GFLOP/s on {m['cpus']} CPUs "
-               f"({m['cpu']}); efficiency = model FLOPs on real tokens (vocabulary projection at trained "
-               "positions only) / train time / that rate; padding = padded positions / all positions "
-               "trained on")
+    out = _row_table(report, head, lambda row, s: (
+        f"{s['setup']:.1f}", f"{s['tokenize']:.1f}", f"{s['train']:.1f}", f"{s['eval']:.1f}",
+        f"{row['real_tokens_per_second']:.0f}", f"{100 * row['padding_share']:.0f}%",
+        f"{100 * row['compute_efficiency']:.1f}%", f"{row['peak_rss_bytes'] / 1e9:.2f} GB",
+        _fmt(row.get("eval_loss"), ".4f"), _fmt(row.get("rougeL"), ".2f"), _fmt(row.get("bleu"), ".2f")))
+    out.append(_rate_line(report["machine"], "model FLOPs on real tokens (vocabulary projection at trained "
+                          "positions only) / train time / that rate; padding = padded positions / all "
+                          "positions trained on"))
     for row in report["rows"].values():
         about = ""
         if "trained_tokens" in row:
