@@ -549,3 +549,17 @@ def test_compare_prints_both_answers_per_input(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "where is my parcel" in out and "before: I am an AI" in out
     assert "answers equal to the reference: before 0, after 1" in out
+
+
+def test_a_plain_text_run_with_the_default_export_writes_the_preset_and_no_generating_model(llama_folder, tmp_path):
+    from kft import trainer
+
+    rng = np.random.default_rng(0)
+    words = fx.TEXT.split()
+    train = fx.write_jsonl(tmp_path / "train.jsonl", [{"text": " ".join(rng.choice(words, 8))} for _ in range(8)])
+    fitted = trainer.fit_model(_config(backbone=llama_folder, train_file=train, text_field="text",
+                                       validation_fraction=0.25, export=True, export_dir=str(tmp_path / "x"),
+                                       model_dir=str(tmp_path / "m")), str(tmp_path / "m"))
+    assert fitted.metrics["export"] == str(tmp_path / "m" / "preset")
+    assert os.path.exists(os.path.join(fitted.metrics["export"], "config.json"))
+    assert not os.path.exists(tmp_path / "x")

@@ -199,8 +199,10 @@ def export(model, loaded, prep, config: Config, run_name: str, metadata: dict) -
     train = prep.data.train
     template = _chat_template(config, loaded, train)
     if train.plain_text:
-        raise FlagError("--task=causal_lm on plain text has no prompts to serve; add --noexport (the "
-                        f"model is in {preset})")
+        # Continued pretraining on plain text has no prompts to serve: the preset is the artifact.
+        logging.warning("plain-text training data has no prompts to serve: no generating SavedModel was "
+                        "written; the fine-tuned model is the keras-hub preset %s", preset)
+        return preset
     prefix, suffix, described = serving.prompt_affixes(config, loaded, template, train)
     check = [_served_input(e, config, train.format) for e in prep.data.eval.examples]
     try:
