@@ -226,6 +226,11 @@ def write_gpt2_folder(folder: str, seed: int = 0) -> str:
               "n_embd": hidden, "n_layer": layers, "n_head": 4, "n_positions": positions, "n_ctx": positions,
               "n_inner": None, "layer_norm_epsilon": 1e-5, "bos_token_id": 0, "eos_token_id": 0,
               "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "activation_function": "gelu_new"}
+    return write_config_and_bpe(folder, config, tokens, merges)
+
+
+def write_config_and_bpe(folder: str, config: dict, tokens: list[str], merges: list[str]) -> str:
+    """config.json and a byte-level BPE tokenizer (vocab.json, merges.txt) in a Hugging Face folder."""
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f)
     with open(os.path.join(folder, "vocab.json"), "w") as f:

@@ -75,10 +75,4 @@ def write_bart_folder(folder: str, seed: int = 0) -> str:
               "max_position_embeddings": BART["positions"], "dropout": 0.0, "attention_dropout": 0.0,
               "activation_function": "gelu", "scale_embedding": False, "bos_token_id": 0, "pad_token_id": 1,
               "eos_token_id": 2, "decoder_start_token_id": 2, "forced_bos_token_id": 0}
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump({tok: i for i, tok in enumerate(tokens)}, f, ensure_ascii=False)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return folder
+    return fx.write_config_and_bpe(folder, config, tokens, merges)
