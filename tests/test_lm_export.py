@@ -184,6 +184,38 @@ def test_the_graph_tokenizer_gives_the_training_ids_for_chats_and_odd_whitespace
     assert [t.decode() for t in bpe.detokenize(tokenize(tf.constant(texts))).numpy()] == texts
 
 
+def _merge_whole(text: str, merges: list[str]) -> list[str]:
+    """Reference byte-level BPE over the whole text as one word: the lowest-ranked pair, leftmost."""
+    from kft.tasks.causal_lm.graph_tokenizer import bytes_to_unicode
+
+    mapping, rank = bytes_to_unicode(), {m: i for i, m in enumerate(merges)}
+    symbols = [mapping[b] for b in text.encode()]
+    while True:
+        pairs = [(rank.get(f"{a} {b}", len(rank)), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
+        best = min(pairs, default=(len(rank), 0))
+        if best[0] == len(rank):
+            return symbols
+        i = best[1]
+        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+
+
+def test_cutting_a_text_into_words_gives_the_ids_of_merging_it_whole():
+    """Texts are cut before runs of spaces, except after a byte that a merge joins to a space."""
+    import tensorflow as tf
+
+    from kft.tasks.causal_lm.graph_tokenizer import GraphBPE, bytes_to_unicode
+
+    merges = ["Ċ Ġ", "Ġ b", "a a", "Ġ Ġ", "ĠĠ b", "b Ġ"]  # newline and "b" join a following space
+    alphabet = sorted(set(bytes_to_unicode().values()))
+    tokens = alphabet + sorted({m.replace(" ", "") for m in merges})
+    bpe = GraphBPE({t: i for i, t in enumerate(tokens)}, merges, [])
+    assert bpe.joiners == b"\nb"
+    texts = ["a\n b", "a b", "aaa  b a", "b b\n\n  b", "   ", "x", "", "ab  \n b  "]
+    got = bpe.tokenize(tf.constant(texts)).to_list()
+    assert got == [[tokens.index(t) for t in _merge_whole(text, merges)] for text in texts]
+    assert bpe._words(tf.constant(["a\n x c", "aa  b x"])).to_list() == [[b"a\n x", b" c"], [b"aa", b"  b x"]]
+
+
 @pytest.mark.slow
 def test_the_graph_tokenizer_gives_smollm2s_training_ids_on_dialogsum_and_chat_prompts():
     import tensorflow as tf
@@ -218,7 +250,9 @@ def test_bench_serve_measures_time_to_first_token_and_decode_speed_of_a_decoder_
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert result["time_to_first_token"]["requests"] == 3 and result["time_to_first_token"]["p50_ms"] > 0
     assert result["batch_1"]["p50_ms"] >= result["time_to_first_token"]["p50_ms"] * 0.5
-    assert result["batch_16"]["generated_tokens_per_second"] > 0
+    batch = result["batch_16"]
+    assert batch["generated_tokens_per_second"] > 0 and batch["first_token_p50_ms"] > 0
+    assert batch["decode_tokens_per_second"] > 0
     assert "cut to their first 4 tokens" in result["prompts"]
 
 

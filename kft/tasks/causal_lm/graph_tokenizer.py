@@ -14,6 +14,12 @@ keras-hub 0.32's `BytePairTokenizer` tokenizes with the `tokenizers` library whe
 This module is the eager path's tokenization in graph ops: special tokens split out first, the byte
 to unicode map, and the merge loop over static tables. `check` compares it with the eager tokenizer
 on given texts; the export refuses to write a model whose served ids would differ.
+
+Merging a whole text as one word takes as many rounds as the text has distinct merges (hundreds
+for a 200-token prompt). The text is therefore cut where the merge table shows no merge can
+cross: before a run of spaces, unless the byte before it ends the left side of some merge whose
+right side starts with a space (in SmolLM2's table, only newlines do). The pieces merge
+independently, in parallel, to the same ids.
 """
 
 from __future__ import annotations
@@ -56,6 +62,14 @@ class GraphBPE(tf.Module):
         mapping = bytes_to_unicode()
         self.byte_to_char = _table([bytes([b]) for b in range(256)], [mapping[b] for b in range(256)], "")
         self.char_to_byte = _table([mapping[b] for b in range(256)], [bytes([b]) for b in range(256)], "")
+        # Bytes after which a space may still merge (the left side of a merge ends with them and its
+        # right side starts with a space): no cut there.
+        space = mapping[ord(" ")]
+        inverse = {c: b for b, c in mapping.items()}
+        self.joiners = bytes(sorted({inverse[m.split(" ")[0][-1]] for m in merges
+                               if len(m.split(" ")) == 2 and m.split(" ")[1].startswith(space)
+                               and m.split(" ")[0] and m.split(" ")[0][-1] != space
+                               and m.split(" ")[0][-1] in inverse}))  # bytes: not tracked by tf.Module
         specials = sorted({s for s in special_tokens if s}, key=len, reverse=True)  # longest first
         self.special_pattern = "|".join(_escape(s) for s in specials)
         self.special_id = _table(specials or [""], np.asarray([vocabulary.get(s, -1) for s in specials] or [-1],
@@ -101,14 +115,38 @@ class GraphBPE(tf.Module):
             pieces = tf.RaggedTensor.from_tensor(texts[:, None])
         flat = pieces.flat_values
         special = self.special_id.lookup(flat) >= 0
-        # Special pieces get no symbols: their id comes from the special table, not from merges.
-        symbols = self.byte_to_char.lookup(tf.strings.bytes_split(tf.where(special, "", flat)))
-        bpe_ids = self.token_to_id.lookup(self._merge(symbols))
-        bpe_ids = tf.ragged.boolean_mask(bpe_ids, bpe_ids.with_flat_values(bpe_ids.flat_values >= 0))
+        # Special pieces get no words: their id comes from the special table, not from merges.
+        words = self._words(tf.where(special, "", flat))
+        symbols = self.byte_to_char.lookup(tf.strings.bytes_split(words.flat_values))
+        word_ids = self.token_to_id.lookup(self._merge(symbols))
+        word_ids = tf.ragged.boolean_mask(word_ids, word_ids.with_flat_values(word_ids.flat_values >= 0))
+        bpe_ids = tf.RaggedTensor.from_row_splits(word_ids, words.row_splits).merge_dims(1, 2)
         special_ids = tf.RaggedTensor.from_row_lengths(
             tf.boolean_mask(self.special_id.lookup(flat), special), tf.cast(special, tf.int64))
         ids = tf.concat([special_ids, bpe_ids], axis=1)  # each piece has one or the other
         return tf.cast(tf.RaggedTensor.from_row_splits(ids, pieces.row_splits).merge_dims(1, 2), tf.int32)
+
+    def _words(self, texts: tf.Tensor) -> tf.RaggedTensor:
+        """[n] texts -> ragged [n, words] that merge independently: each word is a run of spaces
+        and the bytes up to the next space, rejoined where the preceding byte is a joiner."""
+        import tensorflow_text as tf_text
+
+        pattern = " *[^ ]+| +"
+        words = tf_text.regex_split(texts, pattern, pattern)
+        if not self.joiners:
+            return words
+        flat = words.flat_values
+        last = tf.strings.substr(flat, -1, 1)
+        joins = tf.reduce_any(tf.equal(last[:, None], tf.constant([bytes([b]) for b in self.joiners])[None, :]), axis=1)
+        starts = tf.equal(tf.strings.substr(flat, 0, 1), " ")
+        first = tf.scatter_nd(words.row_starts()[:, None], tf.ones_like(words.row_starts(), tf.bool),
+                              tf.shape(flat, out_type=tf.int64))
+        joined = starts & ~first & tf.concat([[False], joins[:-1]], axis=0)
+        new_word = tf.cast(~joined, tf.int64)
+        segment = tf.cumsum(new_word) - 1
+        flat = tf.strings.unsorted_segment_join(flat, segment, tf.reduce_sum(new_word))
+        lengths = tf.math.unsorted_segment_sum(new_word, words.value_rowids(), words.nrows())
+        return tf.RaggedTensor.from_row_lengths(flat, lengths)
 
     def detokenize(self, ids: tf.RaggedTensor) -> tf.Tensor:
         text = tf.strings.reduce_join(self.id_to_token.lookup(tf.cast(ids, tf.int64)), axis=-1)
