@@ -469,7 +469,7 @@ class Loop:
                 state["stopped_early"] = True
         state.update(epoch=state["epoch"] + 1, batch=0, epoch_loss_sum=0.0, epoch_loss_count=0)
         if self.epoch_hook is not None:
-            self.epoch_hook(entry["epoch"], score)
+            self.epoch_hook(entry["epoch"], score, result)
 
 
 def in_split_order(split: Split, plan: inputs.BatchPlan, batches) -> np.ndarray:

@@ -197,12 +197,16 @@ def suggest(trial, space: list[Param], base: Config) -> dict:
 # -- one trial ------------------------------------------------------------------------------------
 
 
-def epoch_hook(trial, epochs: int):
+def epoch_hook(trial, epochs: int, metric: str = ""):
     """Loop.epoch_hook for `trial`: reports each epoch-end score and stops the run when the
-    pruner says so; never after the last epoch, whose final score is already paid for."""
+    pruner says so; never after the last epoch, whose final score is already paid for. The score
+    is `metric` from the epoch's eval scores where they have it (entity F1 for tagging, not the
+    token accuracy), else the run's own epoch score."""
     import optuna
 
-    def report(epoch: int, score: float) -> None:
+    def report(epoch: int, score: float, scores: dict | None = None) -> None:
+        if metric and scores and metric.lstrip("-") in scores:
+            score = metric_value(scores, metric)
         trial.report(score, epoch)
         if epoch < epochs and trial.should_prune():
             trial.set_user_attr("note", f"pruned after epoch {epoch} (score {score:.4f})")
@@ -263,7 +267,7 @@ def make_objective(base: Config, space: list[Param], options: Options):
             shutil.rmtree(config.model_dir)
         logging.info("trial %d: %s", trial.number, _format_params(trial.params) or "the base flags")
         keras.backend.clear_session()
-        metrics = trainer.fit_model(config, config.model_dir, epoch_hook(trial, config.epochs)).metrics
+        metrics = trainer.fit_model(config, config.model_dir, epoch_hook(trial, config.epochs, options.metric)).metrics
         return metric_value(metrics["eval"], options.metric)
 
     def objective(trial) -> float:

@@ -109,8 +109,12 @@ def test_token_classification_trains_end_to_end_and_scores_every_word(tiny_prese
                          train_file=_write_conll(tmp_path / "train.txt", 200, 0),
                          eval_file=_write_conll(tmp_path / "valid.txt", 40, 1),
                          epochs=3, learning_rate=3e-3, sequence_length=8, stride=2)
-    metrics = trainer.fit_model(config, str(tmp_path / "m")).metrics
+    seen = []
+    metrics = trainer.fit_model(config, str(tmp_path / "m"),
+                                epoch_hook=lambda epoch, score, scores: seen.append((score, scores))).metrics
     data, report = metrics["data"], metrics["eval"]
+    # the best epoch (and a search's pruning) goes by entity F1, not by token accuracy
+    assert len(seen) == 3 and all(score == scores["score"] == scores["entity_f1"] for score, scores in seen)
     assert data["labels"] == ["O", "B-ORG", "B-PER", "I-PER"]
     assert data["eval"]["split_sentences"] > 0 and data["eval"]["windows"] > data["eval"]["sentences"]
     assert report["words"] == data["eval"]["words"]  # every word of every window-split sentence scored

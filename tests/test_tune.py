@@ -135,6 +135,16 @@ def test_a_trial_below_the_median_is_pruned_but_never_at_its_last_epoch():
     tune.epoch_hook(last, epochs=1)(1, 0.2)  # its final score is already paid for: kept
 
 
+def test_the_pruner_is_given_the_searched_metric_from_the_epoch_scores_not_the_runs_own_score():
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    hook = tune.epoch_hook(trial, epochs=3, metric="entity_f1")
+    hook(1, 0.97, {"accuracy": 0.97, "entity_f1": 0.41, "loss": 0.2})
+    tune.epoch_hook(trial, epochs=3, metric="-loss")(2, 0.97, {"accuracy": 0.97, "loss": 0.2})
+    tune.epoch_hook(trial, epochs=3, metric="f1")(3, 0.55, {"accuracy": 0.5, "score": 0.55})  # no f1: the score
+    assert trial.storage.get_trial(trial._trial_id).intermediate_values == {1: 0.41, 2: -0.2, 3: 0.55}
+
+
 def test_an_epoch_hook_that_raises_ends_the_run_and_leaves_signal_handling_as_it_was(tiny_preset, tmp_path):
     import keras
 
@@ -142,7 +152,7 @@ def test_an_epoch_hook_that_raises_ends_the_run_and_leaves_signal_handling_as_it
 
     seen = []
 
-    def hook(epoch, score):
+    def hook(epoch, score, scores):
         seen.append((epoch, score))
         raise optuna.TrialPruned("below the median")
 

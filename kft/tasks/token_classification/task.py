@@ -265,8 +265,9 @@ def prepare(config: Config, data: TokenData, loaded: backbones.Loaded, model_dir
         report = evaluate("eval", outputs, model)
         loss = ops.convert_to_numpy(loss_function(model, class_weight)(sources["eval"].labels, outputs))
         per_word = float(loss.sum() / max(1, int((sources["eval"].labels >= 0).sum())))
+        # the best epoch (and a search's pruning) goes by entity F1, the task's headline score
         return {"accuracy": report["token_accuracy"], "loss": per_word,
-                "entity_f1": report["entity_f1"]}
+                "entity_f1": report["entity_f1"], "score": report["entity_f1"]}
 
     def write_outputs(results, model_dir):
         plots.per_type_scores(results["eval"]["per_type"], os.path.join(model_dir, "entity_scores.png"),
