@@ -632,8 +632,8 @@ def hf_causal_lm(config: Config, started: float) -> dict:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
-    from kft import backbones, loop as loop_lib, optim
-    from kft.tasks.causal_lm import scoring, task as lm_task
+    from kft import backbones, loop as loop_lib, metrics, optim
+    from kft.tasks.causal_lm import task as lm_task
 
     if config.method not in ("lora", "full"):
         raise ValueError(f"--method={config.method}: the Hugging Face row trains --method=lora (PEFT) or full")
@@ -698,7 +698,7 @@ def hf_causal_lm(config: Config, started: float) -> dict:
         seconds = time.time() - t1
         texts = [tokenizer.decode(x, skip_special_tokens=False, clean_up_tokenization_spaces=False)
                  for x in ids]
-        report.update(scoring.generation_scores(texts, [e.completion for e in data.eval.examples[:n]]))
+        report.update(metrics.generation_scores(texts, [e.completion for e in data.eval.examples[:n]]))
         generation = {"examples": n, "seconds": seconds, "mean_tokens": float(np.mean([len(x) for x in ids])),
                       "stopped_at_eos": float(np.mean(stopped)),
                       "tokens_per_second": sum(len(x) for x in ids) / max(seconds, 1e-9)}

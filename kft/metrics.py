@@ -1,4 +1,5 @@
-"""Metrics computed from predictions: accuracy, macro P/R/F1, confusion matrix; entity-level P/R/F1."""
+"""Metrics computed from predictions: accuracy, macro P/R/F1, confusion matrix; entity-level P/R/F1;
+ROUGE, BLEU and exact match of generated text."""
 
 from __future__ import annotations
 
@@ -106,3 +107,23 @@ def entity_report(true_tags: list[list[str]], pred_tags: list[list[str]]) -> dic
             "entity_f1": micro["f1"], "entities": micro["support"], "predicted_entities": micro["predicted"],
             "token_accuracy": correct_words / words if words else 0.0, "words": words,
             "per_type": {kind: prf(*counts[kind]) for kind in sorted(counts)}}
+
+
+def generation_scores(predictions: list[str], references: list[str]) -> dict:
+    """ROUGE-1/2/L/Lsum F1 (x100, Porter stemming, as in the summarisation literature), corpus BLEU
+    (sacreBLEU's default 13a tokenisation), exact match after trimming whitespace."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    totals = {"rouge1": [], "rouge2": [], "rougeL": [], "rougeLsum": []}
+    for p, r in zip(predictions, references):
+        # rougeLsum splits summaries into sentences at newlines
+        scores = scorer.score(r.strip(), p.strip())
+        for k in totals:
+            totals[k].append(scores[k].fmeasure)
+    out = {k: round(100 * float(np.mean(v)), 3) if v else 0.0 for k, v in totals.items()}
+    out["bleu"] = round(float(sacrebleu.corpus_bleu(predictions, [references]).score), 3) if predictions else 0.0
+    out["exact_match"] = round(float(np.mean([p.strip() == r.strip() for p, r in
+                                               zip(predictions, references)])), 4) if predictions else 0.0
+    return out

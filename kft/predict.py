@@ -11,6 +11,8 @@ prompt's completion, generated in the graph with the run's templates applied (--
     python -m kft.predict --model=saved_models/squad/1 --input_file=questions.jsonl  # question, context
     python -m kft.predict --model=saved_models/demo_llm/1 "My invoice is wrong"
     python -m kft.predict --model=saved_models/demo_llm/1 --input_file=prompts.jsonl  # {"prompt": ...}
+    python -m kft.predict --model=saved_models/dialogsum/1 --input_file=dev.jsonl \
+        --prompt_field=dialogue --reference_field=summary --max_examples=50  # + ROUGE/BLEU on stderr
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ flags.DEFINE_integer("batch_size", 64, "Texts per call into the model.")
 flags.DEFINE_string("question", "", "Question-answering exports: the question (with --context).")
 flags.DEFINE_string("context", "", "Question-answering exports: the context the answer is taken from.")
 flags.DEFINE_boolean("raw", False, "Decoder exports: the prompts are already formatted; call generate_raw.")
+flags.DEFINE_string("prompt_field", "prompt", "Decoder exports, .jsonl --input_file: the field served as "
+                    "the prompt.")
+flags.DEFINE_string("reference_field", "", "Decoder exports, .jsonl --input_file: a field of reference "
+                    "completions; the completions are then scored (ROUGE, BLEU, exact match) on stderr.")
+flags.DEFINE_integer("max_examples", 0, "Serve the first N texts of --input_file only (0: all).")
 FLAGS = flags.FLAGS
 
 
@@ -104,12 +111,17 @@ class InputError(ValueError):
     """A model folder or input file kft.predict cannot use; reported as one line, status 2."""
 
 
-def _texts(argv: list[str], decoder: bool = False) -> list[str]:
+def _texts(argv: list[str], decoder: bool = False, references: list | None = None) -> list[str]:
     """Texts from the arguments or --input_file: one per line, or for a decoder export a .jsonl file
-    of {"prompt": ...} records (prompts that hold line breaks, such as formatted ones for --raw)."""
+    of {"prompt": ...} records (prompts that hold line breaks, such as formatted ones for --raw;
+    --prompt_field names another field, and --reference_field's values go into `references`)."""
     import tensorflow as tf
 
     texts = list(argv[1:])
+    if FLAGS.max_examples < 0:
+        raise app.UsageError(f"--max_examples={FLAGS.max_examples}: must be 0 (all) or more")
+    if FLAGS.reference_field and not (decoder and FLAGS.input_file.endswith(".jsonl")):
+        raise app.UsageError("--reference_field: scoring needs a decoder export and a .jsonl --input_file")
     if not FLAGS.input_file:
         if not texts:
             raise app.UsageError("no texts: pass them as arguments or with --input_file")
@@ -126,11 +138,16 @@ def _texts(argv: list[str], decoder: bool = False) -> list[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(f"{FLAGS.input_file}:{n}: not JSON ({e.msg})")
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise InputError(f"{FLAGS.input_file}:{n}: no string field prompt")
-            texts.append(record["prompt"])
+            for field in filter(None, (FLAGS.prompt_field, FLAGS.reference_field)):
+                if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                    raise InputError(f"{FLAGS.input_file}:{n}: no string field {field}")
+            texts.append(record[FLAGS.prompt_field])
+            if FLAGS.reference_field:
+                references.append(record[FLAGS.reference_field])
+            if len(texts) == FLAGS.max_examples:
+                break
     else:
-        texts = [line.rstrip("\n") for _, line in lines]
+        texts = [line.rstrip("\n") for _, line in lines][:FLAGS.max_examples or None]
     if not texts:
         raise InputError(f"--input_file={FLAGS.input_file}: the file holds no texts")
     return texts
@@ -170,6 +187,7 @@ def main(argv):
 
     if not FLAGS.model:
         raise app.UsageError("--model is required (an export version folder)")
+    references, completions = [], []
     try:
         model = export.load(FLAGS.model)
         decoder = "generate_raw" in model.signatures
@@ -179,7 +197,8 @@ def main(argv):
         if "context" in model.signatures["serving_default"].structured_input_signature[1]:
             results = answer(model, _question_pairs(argv), FLAGS.batch_size)
         elif decoder:
-            results = generate(model, _texts(argv, decoder=True), FLAGS.batch_size, raw=FLAGS.raw)
+            results = generate(model, _texts(argv, decoder=True, references=references), FLAGS.batch_size,
+                               raw=FLAGS.raw)
         elif "serve_words" in model.signatures:
             results = tag(model, _texts(argv), FLAGS.batch_size)
         else:
@@ -191,10 +210,17 @@ def main(argv):
     for result in results:
         count += 1
         cut += result.get("prompt_tokens_cut", 0) > 0
+        completions.append(result.get("completion"))
         print(json.dumps(result, ensure_ascii=False))
     if cut:
         print(f"{cut} of {count} prompt(s) cut from the start to leave room for the completion in the "
               "model's context (prompt_tokens_cut: tokens cut)", file=sys.stderr)
+    if references:
+        from kft import metrics  # the scores kft's evaluation reports
+
+        scores = metrics.generation_scores(completions, references)
+        print(f"scores of {count} completions against {FLAGS.reference_field}: "
+              f"{json.dumps(scores)}", file=sys.stderr)
     return 0
 
 

@@ -59,6 +59,25 @@ def test_a_decoder_export_prints_the_completions_the_run_generated(decoder_run, 
     assert "cut" not in err
 
 
+def test_a_labelled_file_is_served_and_scored_as_the_run_scored_its_own_generations(decoder_run, tmp_path):
+    from kft import metrics
+
+    path, rows = decoder_run
+    listing = fx.write_jsonl(tmp_path / "labelled.jsonl", [{"question": r["input"], "answer": r["reference"]}
+                                                            for r in rows])
+    status, lines, err = _predict(f"--model={path}", f"--input_file={listing}", "--prompt_field=question",
+                                  "--reference_field=answer", "--max_examples=6")
+    assert status == 0, err[-3000:]
+    assert [d["completion"] for d in lines] == [r["prediction"] for r in rows[:6]]
+    scored = [line for line in err.splitlines() if line.startswith("scores of 6 completions against answer: ")]
+    expected = metrics.generation_scores([r["prediction"] for r in rows[:6]], [r["reference"] for r in rows[:6]])
+    assert len(scored) == 1 and json.loads(scored[0].split(": ", 1)[1]) == expected
+    misshapen = fx.write_jsonl(tmp_path / "unlabelled.jsonl", [{"question": "hello"}])
+    line = _error(f"--model={path}", f"--input_file={misshapen}", "--prompt_field=question",
+                  "--reference_field=answer")
+    assert line == f"error: {misshapen}:1: no string field answer"
+
+
 def test_prompts_given_as_arguments_are_served_and_cut_ones_counted_in_one_line(decoder_run):
     path, rows = decoder_run
     # 80 x 7 words and the chat template do not fit in 256 positions less 8 new tokens

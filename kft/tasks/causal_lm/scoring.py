@@ -1,5 +1,5 @@
-"""Scores of generated text against references: ROUGE (rouge-score), BLEU (sacreBLEU), exact match;
-and the evaluation reports and predictions files of the generating tasks (causal_lm, seq2seq)."""
+"""The evaluation reports and predictions files of the generating tasks (causal_lm, seq2seq); the
+scores of generated text against references are kft.metrics.generation_scores."""
 
 from __future__ import annotations
 
@@ -9,25 +9,7 @@ import os
 
 import numpy as np
 
-
-def generation_scores(predictions: list[str], references: list[str]) -> dict:
-    """ROUGE-1/2/L/Lsum F1 (x100, Porter stemming, as in the summarisation literature), corpus BLEU
-    (sacreBLEU's default 13a tokenisation), exact match after trimming whitespace."""
-    import sacrebleu
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
-    totals = {"rouge1": [], "rouge2": [], "rougeL": [], "rougeLsum": []}
-    for p, r in zip(predictions, references):
-        # rougeLsum splits summaries into sentences at newlines
-        scores = scorer.score(r.strip(), p.strip())
-        for k in totals:
-            totals[k].append(scores[k].fmeasure)
-    out = {k: round(100 * float(np.mean(v)), 3) if v else 0.0 for k, v in totals.items()}
-    out["bleu"] = round(float(sacrebleu.corpus_bleu(predictions, [references]).score), 3) if predictions else 0.0
-    out["exact_match"] = round(float(np.mean([p.strip() == r.strip() for p, r in
-                                               zip(predictions, references)])), 4) if predictions else 0.0
-    return out
+from kft import metrics
 
 
 def epoch_scores(outputs: np.ndarray, sizes: np.ndarray) -> dict:
@@ -52,7 +34,7 @@ def detokenize(tokenizer, ids) -> list[str]:
 
 def generation_report(texts: list[str], references: list[str], ids, stopped, seconds: float) -> dict:
     """The scores of `texts` (generated as `ids` in `seconds`) and the generation's speed and stops."""
-    report = generation_scores(texts, references)
+    report = metrics.generation_scores(texts, references)
     report.update(generated_examples=len(references), generation_seconds=round(seconds, 2),
                   mean_generated_tokens=round(float(np.mean([len(x) for x in ids])), 2),
                   stopped_at_eos=round(float(np.mean(stopped)), 4),
