@@ -94,10 +94,13 @@ class Config:
     export_max_new_tokens: int = _field(0, "Tokens the exported decoder generates at most per prompt; "
                                         "0 = --max_new_tokens.")
     export_sampler: str = _field("greedy", "How the exported decoder picks tokens (fixed at export).",
-                                 ("greedy", "top_k", "top_p"))
+                                 ("greedy", "top_k", "top_p", "beam"))
     export_top_k: int = _field(50, "With --export_sampler=top_k: sample among the k likeliest tokens.")
     export_top_p: float = _field(0.9, "With --export_sampler=top_p: sample within this probability mass.")
     export_temperature: float = _field(1.0, "With a sampling --export_sampler: logits divided by this.")
+    export_num_beams: int = _field(4, "With --export_sampler=beam: hypotheses kept per prompt.")
+    export_length_penalty: float = _field(1.0, "With --export_sampler=beam: the best beam maximises "
+                                          "log p / tokens**this (0 = total log p).")
     cache_dir: str = _field("~/.cache/kft", "Where GGUF backbones are converted to float32 folders (once per "
                             "file, keyed by its SHA-256).")
 
@@ -207,7 +210,8 @@ GROUPS = {
     "decoder LLMs (causal_lm)": ["prompt_field", "completion_field", "messages_field", "prompt_template",
                                  "chat_template", "train_on_prompt", "max_new_tokens",
                                  "max_generate_examples", "export_max_new_tokens", "export_sampler",
-                                 "export_top_k", "export_top_p", "export_temperature", "cache_dir"],
+                                 "export_top_k", "export_top_p", "export_temperature", "export_num_beams",
+                                 "export_length_penalty", "cache_dir"],
     "model": ["backbone", "sequence_length", "dropout"],
     "tuning methods": ["freeze_layers", "lora_rank", "lora_alpha", "lora_targets", "num_prompt_tokens",
                        "prefix_length", "prefix_projection"],

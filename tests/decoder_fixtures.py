@@ -71,13 +71,15 @@ def bpe_vocabulary(num_merges: int = 60) -> tuple[list[str], list[str]]:
 
 
 def llama_weights(vocab: int, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                  intermediate: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random llama weights under Hugging Face names, [out, in] layout, tied embeddings."""
+                  intermediate: int = 64, seed: int = 0, scale: float = 0.05) -> dict[str, np.ndarray]:
+    """Random llama weights under Hugging Face names, [out, in] layout, tied embeddings. At the
+    default scale greedy decoding repeats one token whatever the prompt; scale=1 gives a model whose
+    greedy tokens depend on the prompt and the positions."""
     rng = np.random.default_rng(seed)
     head_dim = hidden // heads
 
     def w(*shape):
-        return (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
 
     t = {"model.embed_tokens.weight": w(vocab, hidden),
          "model.norm.weight": (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32)}
@@ -134,6 +136,12 @@ def write_llama_folder(folder: str, tensors: dict | None = None, chat_template: 
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump(tokenizer_config, f, ensure_ascii=False)
     return folder
+
+
+def write_sharp_llama_folder(folder: str) -> str:
+    """A llama folder whose greedy tokens depend on the prompt and the positions (weights at scale 1):
+    for checks that two generation paths agree, which a model repeating one token cannot fail."""
+    return write_llama_folder(folder, tensors=llama_weights(len(bpe_vocabulary()[0]), scale=1.0, **LLAMA))
 
 
 def write_llama_gguf(path: str, tensors: dict, quantize: tuple[str, ...] = ("mlp.",)) -> dict:

@@ -51,10 +51,10 @@ def llama_folder(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def exported(llama_folder, tmp_path_factory):
+def exported(tmp_path_factory):
     """A LoRA run on tiny chats, exported: (fitted run, SavedModel path, model_dir)."""
     tmp = tmp_path_factory.mktemp("lm_export")
-    fitted = fx.exported_chat_run(llama_folder, tmp)
+    fitted = fx.exported_chat_run(fx.write_sharp_llama_folder(str(tmp / "sharp_llama")), tmp)
     return fitted, fitted.metrics["export"], str(tmp / "m")
 
 
@@ -70,6 +70,7 @@ def test_the_export_served_in_a_fresh_process_generates_what_the_in_memory_run_g
     with open(os.path.join(model_dir, "predictions.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     out = _served(path, [r["input"] for r in rows])
+    assert len({r["prediction"] for r in rows}) > 5
     assert out["modules"] == []  # neither kft nor keras-hub is needed to serve
     assert out["batch"]["completion"] == [r["prediction"] for r in rows]
     assert out["batch"]["stopped"] == [r["stopped"] for r in rows]
@@ -133,6 +134,45 @@ def test_generate_raw_takes_the_formatted_prompt_and_token_log_probs_match_the_m
             expected[b, t] = log_probs[b, t - 1, ids[b, t]]
     np.testing.assert_allclose(got["token_log_probs"].numpy(), expected, atol=1e-4)
     np.testing.assert_allclose(got["next_token_log_probs"].numpy()[1], log_probs[1, 2], atol=1e-4)
+
+
+def test_a_prompt_tuned_run_serves_its_vectors_from_the_kv_cache_as_the_in_memory_run_did(tmp_path):
+    import tensorflow as tf
+
+    from kft import export as export_lib, trainer
+    from kft.config import Config
+    from kft.tasks.causal_lm import model as lm_model
+
+    # a vector or a token in the wrong cache slot changes this model's greedy tokens
+    sharp = fx.write_sharp_llama_folder(str(tmp_path / "sharp_llama"))
+    config = Config(task="causal_lm", backbone=sharp, method="prompt", num_prompt_tokens=4,
+                    train_file=fx.write_jsonl(tmp_path / "train.jsonl", fx.chats(24, 0)),
+                    eval_file=fx.write_jsonl(tmp_path / "eval.jsonl", fx.chats(10, 1)), epochs=1, batch_size=4,
+                    learning_rate=3e-2, warmup_ratio=0.0, seed=3, max_new_tokens=8, export=True,
+                    export_dir=str(tmp_path / "x"), checkpoint_every_steps=0, run_name="tiny_prompt")
+    fitted = trainer.fit_model(config, str(tmp_path / "m"))
+    path = fitted.metrics["export"]
+    with open(tmp_path / "m" / "predictions.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    out = _served(path, [r["input"] for r in rows])
+    assert len({r["prediction"] for r in rows}) > 5
+    assert out["batch"]["completion"] == [r["prediction"] for r in rows]
+    assert out["one_by_one"]["completion"] == out["batch"]["completion"][:1]
+    assert out["long"]["prompt_tokens_cut"][0] > 0 and out["long"]["completion_tokens"][0] > 0
+    with open(os.path.join(path, "assets.extra", "metadata.json")) as f:
+        meta = json.load(f)
+    assert meta["generation"]["prompt_vectors"] == 4
+    assert meta["variables_bytes"] < 1.5 * meta["weight_bytes"] + 1_000_000
+
+    ids = np.asarray([[5, 40, 70, 300, 9]], np.int32)
+    mask = np.ones_like(ids)
+    got = export_lib.load(path).signatures["serve_token_ids"](token_ids=tf.constant(ids),
+                                                              padding_mask=tf.constant(mask))
+    embedding = lm_model.token_embedding(fitted.model)
+    expected = tf.nn.log_softmax(embedding(fitted.model({"token_ids": ids, "padding_mask": mask}), reverse=True))
+    np.testing.assert_allclose(got["next_token_log_probs"].numpy(), expected[:, -1], atol=1e-4)
+    base = _endpoints(sharp).token_ids(tf.constant(ids), tf.constant(mask))
+    assert np.abs(base["next_token_log_probs"].numpy() - expected[:, -1]).max() > 1e-3  # the vectors count
 
 
 def _endpoints(llama_folder, **overrides):
@@ -273,3 +313,67 @@ def test_a_gpt2_decoder_generates_in_the_graph_what_the_evaluation_generator_gen
     generator = lm_model.Generator(loaded.backbone, loaded.causal_lm_class, loaded.stop_ids, loaded.pad_id, 4)
     expected, _ = generator([np.asarray(p, np.int32) for p in prompts.to_list()], 6)
     assert graph_ids.to_list() == [e.tolist() for e in expected]
+
+
+def _reference_beam(endpoints, prompt: list[int], beams: int, max_new_tokens: int, alpha: float) -> list[int]:
+    """Beam search written plainly: every hypothesis re-read whole by the model (no cache, no batch)."""
+    import tensorflow as tf
+
+    backbone, stop = endpoints.lm.backbone, set(endpoints.stop_ids.numpy().tolist())
+
+    def log_probs(ids):
+        hidden = backbone({"token_ids": tf.constant([ids]), "padding_mask": tf.ones([1, len(ids)], tf.int32)})
+        return tf.nn.log_softmax(backbone.token_embedding(hidden[:, -1:], reverse=True)[0, 0]).numpy()
+
+    hypotheses = [(list(prompt), 0.0, False, 0)]  # ids, total log p, finished, tokens generated
+    for _ in range(max_new_tokens):
+        if all(h[2] for h in hypotheses):
+            break
+        candidates = []
+        for ids, score, finished, n in hypotheses:
+            if finished:
+                candidates.append((ids + [endpoints.pad_id], score, True, n))
+                continue
+            lp = log_probs(ids)
+            for word in np.argsort(-lp)[:beams]:
+                candidates.append((ids + [int(word)], score + float(lp[word]), int(word) in stop, n + 1))
+        hypotheses = sorted(candidates, key=lambda h: -h[1])[:beams]
+    ids, _, _, _ = max(hypotheses, key=lambda h: h[1] / max(h[3], 1) ** alpha)
+    generated = ids[len(prompt):]
+    cut = [i for i, t in enumerate(generated) if t in stop]
+    return generated[:cut[0]] if cut else generated
+
+
+@pytest.fixture(scope="module")
+def sharp_folder(tmp_path_factory) -> str:
+    return fx.write_sharp_llama_folder(str(tmp_path_factory.mktemp("sharp_llama")))
+
+
+def test_beam_search_in_the_graph_finds_the_beams_a_plain_beam_search_finds(sharp_folder):
+    import tensorflow as tf
+
+    prompts = tf.constant(["what is the capital of france ?", "paris", "summarize the following dialogue ."])
+    for beams, alpha in ((3, 1.0), (2, 0.0)):
+        endpoints = _endpoints(sharp_folder, export_sampler="beam", export_num_beams=beams,
+                               export_length_penalty=alpha)
+        texts = tf.strings.join([endpoints.prefix, prompts, endpoints.suffix])
+        serve = tf.function(endpoints._completions, input_signature=[tf.TensorSpec([None], tf.string)])
+        got = serve(texts)[0].to_list()  # traced as the export traces it: any batch size
+        expected = [_reference_beam(endpoints, row, beams, 6, alpha)
+                    for row in endpoints._prompt_ids(texts)[0].to_list()]
+        assert got == expected
+    greedy = _endpoints(sharp_folder)._completions(texts)[0].to_list()
+    one_beam = _endpoints(sharp_folder, export_sampler="beam", export_num_beams=1)._completions(texts)[0]
+    assert one_beam.to_list() == greedy
+    assert len({tuple(g) for g in got}) > 1  # the model's answers depend on the prompt
+
+
+def test_beam_search_is_refused_before_training_where_the_export_has_none():
+    from kft.config import Config, FlagError
+    from kft.tasks.seq2seq import task as s2s_task
+    from kft.tasks.causal_lm import task as lm_task
+
+    with pytest.raises(FlagError, match="--export_sampler=beam is built for decoder exports"):
+        s2s_task.load_data(Config(task="seq2seq", export_sampler="beam"))
+    with pytest.raises(FlagError, match="--export_num_beams=0"):
+        lm_task.load_data(Config(task="causal_lm", export_sampler="beam", export_num_beams=0))

@@ -20,7 +20,7 @@ FIELDS = {"prompt", "completion", "completion_tokens", "stopped", "prompt_tokens
 def decoder_run(tmp_path_factory):
     """A LoRA run on tiny chats, exported: (SavedModel path, the rows of its predictions.jsonl)."""
     tmp = tmp_path_factory.mktemp("predict_lm")
-    fitted = fx.exported_chat_run(fx.write_llama_folder(str(tmp / "tiny_llama")), tmp)
+    fitted = fx.exported_chat_run(fx.write_sharp_llama_folder(str(tmp / "tiny_llama")), tmp)
     with open(tmp / "m" / "predictions.jsonl") as f:
         rows = [json.loads(line) for line in f]
     return fitted.metrics["export"], rows

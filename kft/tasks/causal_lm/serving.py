@@ -20,6 +20,8 @@ path, so TensorFlow Serving (or any process with `tensorflow` and `tensorflow_te
 Generation: the prompt rows are right-padded, prefilled into keras-hub's KV cache, and decoded one
 token per loop step with `call_with_cache`; a row keeps its own prompt tokens until its length, so
 its completion does not depend on the other rows of the batch (the loop kft evaluates with).
+--export_sampler picks each token: greedy (the default), top_k or top_p sampling with a fixed seed,
+or beam search (`Endpoints._beam`: --export_num_beams hypotheses per prompt in one widened batch).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from kft.tasks.causal_lm import chat, data as data_lib, graph_tokenizer
+from kft.methods import prompt as prompt_lib
+from kft.tasks.causal_lm import chat, data as data_lib, graph_tokenizer, model as lm_model
 
 _SENTINEL = "\ue001kft-prompt\ue001"
 
@@ -70,13 +73,26 @@ def prompt_affixes(config, loaded, template: str | None, train: data_lib.Split) 
     return parts[0], parts[1], described
 
 
+def check_sampler(config, beam: bool = True) -> None:
+    """Refuses --export_sampler settings the export cannot honour, before any training; `beam`: whether
+    the task's export has beam search."""
+    if not config.export:
+        return
+    if config.export_sampler == "beam" and not beam:
+        raise ExportError(f"--export_sampler=beam is built for decoder exports (--task=causal_lm); "
+                          f"--task={config.task} exports greedy, top_k or top_p")
+    if config.export_sampler == "beam" and config.export_num_beams < 1:
+        raise ExportError(f"--export_num_beams={config.export_num_beams}: must be at least 1")
+    if config.export_sampler in ("top_k", "top_p") and config.export_temperature <= 0:
+        raise ExportError(f"--export_temperature={config.export_temperature}: must be positive")
+
+
 def _pick(config):
     """The token chooser of --export_sampler: fn(logits [b, v] float32, step seed) -> ids [b]."""
-    if config.export_sampler == "greedy":
+    check_sampler(config)
+    if config.export_sampler in ("greedy", "beam"):  # beam search picks its own tokens (Endpoints._beam)
         return lambda logits, seed: tf.argmax(logits, axis=-1, output_type=tf.int32)
     temperature = float(config.export_temperature)
-    if temperature <= 0:
-        raise ExportError(f"--export_temperature={temperature}: must be positive")
 
     def sample(logits, seed):
         logits = logits / temperature
@@ -169,9 +185,16 @@ class TextEndpoints:
 class Endpoints(TextEndpoints):
     """The graph functions of the export, over a (LoRA-merged) backbone and its tokenizer."""
 
-    def __init__(self, loaded, config, prefix: str, suffix: str, sequence_length: int):
+    def __init__(self, loaded, config, prefix: str, suffix: str, sequence_length: int, model=None):
         super().__init__(loaded.causal_lm_class(backbone=loaded.backbone, preprocessor=None), loaded.tokenizer,
                          prefix, suffix)
+        # Prompt tuning: the learned vectors are prefilled into the KV cache after the first token
+        # (as in training and kft's evaluation), so each served step costs what the base model's does.
+        self.prompt = prompt_lib.prompt_layer(model) if model is not None else None
+        self.shift = self.prompt.num_tokens if self.prompt is not None else 0
+        if self.prompt is not None:
+            lm_model.check_prompt_generation(self.lm)
+        self.model = model
         self.stop_ids = tf.constant(loaded.stop_ids, tf.int32)
         self.pad_id, self.eos_id = int(loaded.pad_id), int(loaded.eos_id)
         # encode() adds BOS unless the chat template writes it itself
@@ -179,17 +202,19 @@ class Endpoints(TextEndpoints):
             prefix and "bos_token" in (loaded.chat_template or "")) else []
         self.max_new_tokens = export_max_new_tokens(config)
         self.context = int(loaded.max_sequence_length)
-        if self.context <= self.max_new_tokens + len(self.bos):
+        if self.context <= self.max_new_tokens + len(self.bos) + self.shift:
             raise ExportError(f"--export_max_new_tokens={self.max_new_tokens} leaves no room for a prompt in "
                               f"the backbone's {self.context} positions")
         self.pick = _pick(config)
         self.seed = int(config.seed)
+        self.beams = int(config.export_num_beams) if config.export_sampler == "beam" else 0
+        self.length_penalty = float(config.export_length_penalty)
         self.sequence_length = sequence_length
 
     def _prompt_ids(self, texts):
         """Ragged prompt ids ([bos] + tokens, cut from the start to leave room) and tokens cut."""
         pieces = self.tokenize(texts)
-        room = self.context - self.max_new_tokens - len(self.bos)
+        room = self.context - self.max_new_tokens - len(self.bos) - self.shift
         lengths = tf.cast(pieces.row_lengths(), tf.int32)
         cut = tf.maximum(lengths - room, 0)
         starts = tf.cast(pieces.row_starts(), tf.int32) + cut
@@ -217,30 +242,100 @@ class Endpoints(TextEndpoints):
         # Prefill the prompt positions only, then widen the cache ([b, layers, 2, width, heads, dim])
         # for the new tokens: the prefill's cost is the prompt's, not the prompt's plus the cap's.
         longest = tf.reduce_max(lengths)
-        _, cache = self.lm._build_cache(ids[:, :longest])
+        if self.prompt is None:
+            _, cache = self.lm._build_cache(ids[:, :longest])
+        else:  # the cache holds the prompt vectors after position 0: real tokens sit `shift` further on
+            cache = lm_model._prefill_with_prompt(self.lm, self.prompt, ids[:, :longest])
         cache = tf.pad(cache, [[0, 0], [0, 0], [0, 0], [0, width - longest], [0, 0], [0, 0]])
+        shift = self.shift
         batch = tf.shape(ids)[0]
         stop = self.stop_ids
         positions = tf.range(width)[None, :]
+        start = tf.reduce_min(lengths)
+        if shift:  # a first prompt token comes before the learned vectors
+            start = tf.maximum(start, 1)
+        if self.beams and max_new_tokens > 1:
+            ids, hit = self._beam(ids, cache, lengths, ends, start, width)
+            return self._completion_ids(ids, lengths, ends), hit
 
         def body(t, ids, cache, done, hit):
-            logits, _, cache = self.lm.call_with_cache(ids[:, t - 1:t], cache, t - 1)
+            logits, _, cache = self.lm.call_with_cache(ids[:, t - 1:t], cache, t - 1 + shift)
             token = self.pick(tf.cast(logits[:, -1, :], tf.float32), tf.stack([self.seed, t]))
             free = (t >= lengths) & ~done
             ids = tf.where(free[:, None] & tf.equal(positions, t), token[:, None], ids)
             new_hit = free & tf.reduce_any(tf.equal(token[:, None], stop[None, :]), axis=1)
             return t + 1, ids, cache, done | new_hit | (free & (t + 1 >= ends)), hit | new_hit
 
-        start = tf.reduce_min(lengths)
         _, ids, _, _, hit = tf.while_loop(
             lambda t, ids, cache, done, hit: (t < width) & ~tf.reduce_all(done), body,
             [start, ids, cache, tf.zeros([batch], tf.bool), tf.zeros([batch], tf.bool)])
+        return self._completion_ids(ids, lengths, ends), hit
+
+    def _completion_ids(self, ids, lengths, ends):
+        """The generated ids of each row, up to (not including) its first stop token."""
+        positions = tf.range(tf.shape(ids)[1])[None, :]
         generated = (positions >= lengths[:, None]) & (positions < ends[:, None])
-        is_stop = generated & tf.reduce_any(tf.equal(ids[:, :, None], stop[None, None, :]), axis=-1)
-        # up to (not including) the first stop token
+        is_stop = generated & tf.reduce_any(tf.equal(ids[:, :, None], self.stop_ids[None, None, :]), axis=-1)
         before_stop = tf.equal(tf.cumsum(tf.cast(is_stop, tf.int32), axis=1), 0)
-        keep = generated & before_stop
-        return tf.ragged.boolean_mask(ids, keep), hit
+        return tf.ragged.boolean_mask(ids, generated & before_stop)
+
+    def _beam(self, ids, cache, lengths, ends, start, width):
+        """Beam search over the prefilled cache: (ids [b, width] of each row's best beam, stopped [b]).
+
+        Each row keeps `beams` hypotheses (rows r*beams .. r*beams+beams-1 of the widened batch, the
+        prefill's cache copied to each). While a row is still inside its prompt its beams take the
+        prompt's tokens; from its first free position on, its beams' candidates (beam score + log p of
+        every word) compete for the beams' places, and the cache rows follow their hypotheses. A beam
+        that has produced a stop token is finished: it stays, its score frozen, and extends only by
+        padding. A row is done when all its beams are finished or at the length cap; its answer is the
+        beam with the best log p / generated tokens ** --export_length_penalty.
+        """
+        k, shift, stop = self.beams, self.shift, self.stop_ids
+        batch = tf.shape(ids)[0]
+        ids = tf.repeat(ids, k, axis=0)
+        cache = tf.repeat(cache, k, axis=0)
+        positions = tf.range(width)[None, :]
+        beam_range = tf.range(k)[None, :]
+        rows = tf.range(batch)[:, None] * k
+        # only beam 0 is live at the start: the k copies of one prompt must not fill the beam k times
+        scores = tf.tile(tf.concat([[0.0], tf.fill([k - 1], float("-inf"))], 0)[None, :], [batch, 1])
+
+        def body(t, ids, cache, scores, finished, generated, done):
+            logits, _, cache = self.lm.call_with_cache(ids[:, t - 1:t], cache, t - 1 + shift)
+            log_probs = tf.nn.log_softmax(tf.cast(logits[:, -1, :], tf.float32), axis=-1)
+            words = tf.shape(log_probs)[-1]
+            log_probs = tf.reshape(log_probs, [batch, k, words])
+            # a finished beam's one continuation: padding, at no cost
+            only_pad = tf.where(tf.equal(tf.range(words), self.pad_id), 0.0, float("-inf"))
+            log_probs = tf.where(finished[:, :, None], only_pad[None, None, :], log_probs)
+            candidates = tf.reshape(scores[:, :, None] + log_probs, [batch, k * words])
+            best, index = tf.math.top_k(candidates, k=k)
+            free = (t >= lengths) & ~done
+            source = tf.where(free[:, None], index // words, beam_range)
+            token = index % words
+            scores = tf.where(free[:, None], best, scores)
+            from_rows = tf.reshape(rows + source, [-1])
+            ids = tf.gather(ids, from_rows)
+            cache = tf.gather(cache, from_rows)
+            was_finished = tf.gather(finished, source, batch_dims=1)
+            generated = tf.gather(generated, source, batch_dims=1)
+            write = tf.repeat(free, k)[:, None] & tf.equal(positions, t)
+            ids = tf.where(write, tf.reshape(token, [-1])[:, None], ids)
+            counted = free[:, None] & ~was_finished
+            generated += tf.cast(counted, tf.int32)
+            is_stop = tf.reduce_any(tf.equal(token[:, :, None], stop[None, None, :]), axis=-1)
+            finished = was_finished | (counted & is_stop)
+            done = done | (free & (tf.reduce_all(finished, axis=1) | (t + 1 >= ends)))
+            return t + 1, ids, cache, scores, finished, generated, done
+
+        zeros = tf.zeros([batch, k], tf.bool)
+        _, ids, _, scores, finished, generated, _ = tf.while_loop(
+            lambda t, ids, cache, scores, finished, generated, done: (t < width) & ~tf.reduce_all(done), body,
+            [start, ids, cache, scores, zeros, tf.zeros([batch, k], tf.int32), tf.zeros([batch], tf.bool)])
+        length = tf.cast(tf.maximum(generated, 1), tf.float32)
+        chosen = tf.argmax(scores / length ** self.length_penalty, axis=1, output_type=tf.int32)
+        ids = tf.gather(ids, tf.range(batch) * k + chosen)
+        return ids, tf.gather(finished, chosen, batch_dims=1)
 
     def _completions(self, texts):
         prompts, cut = self._prompt_ids(texts)
@@ -248,7 +343,8 @@ class Endpoints(TextEndpoints):
         return ids, stopped, cut
 
     def first_token(self, prompt):
-        """serving_default's first generated token only: its latency is the time to first token."""
+        """serving_default's first generated token only: its latency is the time to first token. (With
+        beam search it is the likeliest first token: the beams choose their completion at the end.)"""
         texts = tf.strings.join([self.prefix, prompt, self.suffix])
 
         def run():
@@ -267,7 +363,9 @@ class Endpoints(TextEndpoints):
         short = tf.maximum(0, 1 - tf.shape(token_ids)[1])  # an empty request arrives as [b, 0]
         token_ids = tf.pad(token_ids, [[0, 0], [0, short]], constant_values=self.pad_id)
         padding_mask = tf.pad(padding_mask, [[0, 0], [0, short]])
-        hidden = self.lm.backbone({"token_ids": token_ids, "padding_mask": padding_mask})
+        # a prompt-tuned model inserts its vectors and strips their positions from its output
+        hidden = (self.model if self.prompt is not None else self.lm.backbone)(
+            {"token_ids": token_ids, "padding_mask": padding_mask})
         logits = tf.cast(self.lm.backbone.token_embedding(hidden, reverse=True), tf.float32)
         log_probs = tf.nn.log_softmax(logits, axis=-1)
         following = tf.gather(log_probs[:, :-1], token_ids[:, 1:], batch_dims=2)
@@ -299,13 +397,17 @@ def write_export(endpoints: TextEndpoints, config, texts: list[str], inputs: str
         raise ExportError(f"the graph tokenizer gives other ids than training's for {len(differ)} of "
                           f"{len(texts)} eval {inputs} (first: {texts[differ[0]][:80]!r}); not exported")
     sampler = {"sampler": config.export_sampler}
-    if config.export_sampler != "greedy":
+    if config.export_sampler == "beam":
+        sampler.update(num_beams=config.export_num_beams, length_penalty=config.export_length_penalty)
+    elif config.export_sampler != "greedy":
         sampler.update(temperature=config.export_temperature, seed=config.seed,
                        **({"top_k": config.export_top_k} if config.export_sampler == "top_k"
                           else {"top_p": config.export_top_p}))
     metadata = {**metadata, "sequence_length": sequence_length, "generation": {
         **sampler, "max_new_tokens": endpoints.max_new_tokens, **generation, "tokenizer_checked_on": len(texts)}}
     tracked = [endpoints.bpe] if endpoints.bpe is not None else [endpoints.tokenizer]
+    if getattr(endpoints, "prompt", None) is not None:
+        tracked.append(endpoints.prompt)  # the prompt vectors: the one variable outside the backbone
     path = export_lib.write(endpoints.lm.backbone, tracked, endpoints.functions(), [], config.export_dir,
                             run_name, metadata)
     logging.info("exported the generating %sSavedModel (%s sampling, up to %d new tokens) to %s", model,
@@ -314,10 +416,12 @@ def write_export(endpoints: TextEndpoints, config, texts: list[str], inputs: str
 
 
 def export(loaded, config, prefix: str, suffix: str, described: str, sequence_length: int,
-           check_texts: list[str], metadata: dict, run_name: str) -> str:
-    """Writes the generating SavedModel as a new version under --export_dir/<run_name>/."""
-    endpoints = Endpoints.create(loaded, config, prefix, suffix, sequence_length)
+           check_texts: list[str], metadata: dict, run_name: str, model=None) -> str:
+    """Writes the generating SavedModel as a new version under --export_dir/<run_name>/; `model`
+    (the trained model) carries a prompt-tuned run's vectors."""
+    endpoints = Endpoints.create(loaded, config, prefix, suffix, sequence_length, model)
     return write_export(endpoints, config, [prefix + t + suffix for t in check_texts], "prompts", sequence_length,
                         {"context_length": endpoints.context, "stop_ids": list(loaded.stop_ids),
-                         "prompt_input": described, "prompt_prefix": prefix, "prompt_suffix": suffix},
+                         "prompt_input": described, "prompt_prefix": prefix, "prompt_suffix": suffix,
+                         "prompt_vectors": endpoints.shift},
                         metadata, run_name)

@@ -46,9 +46,12 @@ def load_data(config: Config) -> LMData:
     if config.method == "prefix":
         raise FlagError("--method=prefix is not available for --task=causal_lm: keras-hub's decoder "
                         "attention has no hook for extra keys and values; use --method=prompt or lora")
-    if config.method == "prompt" and config.export:
-        raise FlagError("--method=prompt with --task=causal_lm: the export (a keras-hub preset) cannot "
-                        "hold the prompt vectors; add --noexport (they are saved in adapter.safetensors)")
+    from kft.tasks.causal_lm import serving
+
+    try:  # refused before training, not at export after it
+        serving.check_sampler(config, beam=True)
+    except serving.ExportError as e:
+        raise FlagError(str(e)) from None
     if config.dataset:
         raise FlagError("--dataset (TFDS) is not read by --task=causal_lm; give JSONL files with "
                         "--train_file / --eval_file")
@@ -196,6 +199,10 @@ def export(model, loaded, prep, config: Config, run_name: str, metadata: dict) -
 
     preset = os.path.join(prep.data.model_dir, "preset")
     _write_preset(loaded, prep, preset, metadata)
+    if config.method == "prompt":
+        logging.warning("--method=prompt: the keras-hub preset %s is the unchanged base model (a preset "
+                        "cannot hold prompt vectors; they are in adapter.safetensors and in the SavedModel)",
+                        preset)
     train = prep.data.train
     template = _chat_template(config, loaded, train)
     if train.plain_text:
@@ -207,7 +214,8 @@ def export(model, loaded, prep, config: Config, run_name: str, metadata: dict) -
     check = [_served_input(e, config, train.format) for e in prep.data.eval.examples]
     try:
         return serving.export(loaded, config, prefix, suffix, described, prep.sequence_length,
-                              [c for c in check if c is not None], {**metadata, "preset": preset}, run_name)
+                              [c for c in check if c is not None], {**metadata, "preset": preset}, run_name,
+                              model)
     except serving.ExportError as e:
         raise FlagError(f"export: {e}") from None
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import tensorflow as tf
 
 from kft.tasks.causal_lm import chat, data as data_lib
-from kft.tasks.causal_lm.serving import ExportError, TextEndpoints, _pick, export_max_new_tokens, write_export
+from kft.tasks.causal_lm.serving import (ExportError, TextEndpoints, _pick, check_sampler, export_max_new_tokens,
+                                        write_export)
 from kft.tasks.seq2seq import model as seq2seq_model
 
 _SENTINEL = "\ue001kft-source\ue001"
@@ -56,6 +57,7 @@ class Endpoints(TextEndpoints):
         if len(loaded.decoder_prefix) + self.max_new_tokens > loaded.max_sequence_length:
             raise ExportError(f"--export_max_new_tokens={self.max_new_tokens} exceeds the decoder's "
                               f"{loaded.max_sequence_length} positions")
+        check_sampler(config, beam=False)
         self.pick = _pick(config)
         self.seed = int(config.seed)
 

@@ -46,6 +46,12 @@ def load_data(config: Config) -> Seq2SeqData:
     if config.method not in METHODS:
         raise FlagError(f"--method={config.method} is not available for --task=seq2seq; use "
                         f"--method={', '.join(METHODS)}")
+    from kft.tasks.causal_lm import serving
+
+    try:  # refused before training, not at export after it
+        serving.check_sampler(config, beam=False)
+    except serving.ExportError as e:
+        raise FlagError(str(e)) from None
     if config.dataset:
         raise FlagError("--dataset (TFDS) is not read by --task=seq2seq; give JSONL files with "
                         "--train_file / --eval_file")
