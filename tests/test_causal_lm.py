@@ -232,10 +232,12 @@ def test_one_step_changes_only_the_methods_variables(llama_folder, method, overr
         assert all(n.endswith("lora_b") for n in names) and len(names) == 7 * fx.LLAMA["layers"]
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt"])
-def test_cached_generation_equals_decoding_the_training_graph_token_by_token(llama_folder, method):
+@pytest.mark.parametrize("folder,method", [("llama_folder", "lora"), ("llama_folder", "prompt"),
+                                           ("gpt2_folder", "lora")])
+def test_cached_generation_equals_decoding_the_training_graph_token_by_token(folder, method, request):
     """The KV-cached greedy loop (with prompt vectors placed in the cache for prompt tuning) picks the
-    tokens that argmax over the training model's full forward pass picks, one token at a time."""
+    tokens that argmax over the training model's full forward pass picks, one token at a time: over
+    the in-place llama cache and over keras-hub's own cache (gpt2)."""
     import keras
 
     from kft import backbones, methods
@@ -243,7 +245,7 @@ def test_cached_generation_equals_decoding_the_training_graph_token_by_token(lla
     from kft.tasks.causal_lm import model as lm_model
 
     keras.utils.set_random_seed(1)
-    loaded = backbones.load_decoder(llama_folder)
+    loaded = backbones.load_decoder(request.getfixturevalue(folder))
     backbone, _ = methods.apply(loaded.backbone, _config(method=method, num_prompt_tokens=3,
                                                          lora_targets=["query", "value"]))
     model = lm_model.build_model(backbone)
