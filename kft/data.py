@@ -526,7 +526,7 @@ def load(config) -> Data:
     augment.check_flags(config)
     if config.augment != "none":  # after eval is set aside and few-shot sampling: copies are train only
         train, augmentation = augmented(train, config)
-        description += f" (+{augmentation['added']} EDA copies)"
+        description += f" (+{augmentation['added']} {config.augment} copies)"
     data = Data(train, eval_, test, vocab, description, augmentation)
     for split in (eval_, test):
         if split is not None:

@@ -180,7 +180,7 @@ def load_data(config: Config) -> TokenData:
         train = token_data.Sentences(train.name, train.source, train.words + words, train.tags + tags,
                                      train.lines + [train.lines[i] for i in sources], train.one_word_per_line)
         augmentation = report.to_json()
-        description += f" (+{augmentation['added']} EDA copies)"
+        description += f" (+{augmentation['added']} {config.augment} copies)"
     vocab = token_data.TagVocab.from_sentences(train)
     for split in (eval_, test):
         if split is not None:
