@@ -77,10 +77,11 @@ class Generator:
     cache ([batch, layers, 2, width, heads, head_dim]) as a loop variable. Here one compiled decode
     step per token is called from Python (1.3x faster on CPU, same tokens), for llama-family models
     over a cache updated in place (`InPlaceLlamaCache`, 2x; PERFORMANCE.md), and the loop stops as
-    soon as every row has ended. Prompts are right-padded; every row keeps its own
-    prompt tokens until its length and only then takes generated ones, so a row's output does not
+    soon as every row has ended. Prompts are right-padded. Over the in-place cache every row decodes
+    from its own length (per-row positions); over keras-hub's cache the batch shares one position and
+    a longer row takes its own prompt tokens until its length. Either way a row's output does not
     depend on the other rows of its batch. Batches are formed in length order with a fixed row count
-    and widths rounded up to `width_step`, so the two compiled functions see few shapes.
+    and widths rounded up to `width_step`, so the compiled functions see few shapes.
     """
 
     def __init__(self, backbone: keras.Model, causal_lm_class: type, stop_ids: list[int], pad_id: int,
@@ -140,29 +141,54 @@ class Generator:
             done = np.zeros(self.batch_size, bool)
             done[len(rows):] = True
             hit = np.zeros(self.batch_size, bool)
-            cache = self._prefill(tf.constant(ids))
             if fast is not None:
-                fast.load(cache)
-            # A first prompt token must come before the learned vectors: start at position >= 1.
-            for t in range(max(int(lengths.min()), 1 if self.shift else 0), int(ends.max())):
-                if fast is not None:
-                    token = fast.step(tf.constant(ids[:, t - 1:t]), tf.constant(t - 1 + self.shift)).numpy()
-                else:
-                    token, cache = self._step(tf.constant(ids[:, t - 1:t]), cache, tf.constant(t - 1))
-                    token = token.numpy()
-                free = (t >= lengths) & ~done
-                ids[free, t] = token[free]
-                new_hit = free & np.isin(token, stop)
-                hit |= new_hit
-                done |= new_hit | (free & (t + 1 >= ends))
-                if done.all():
-                    break
+                self._decode_per_row(fast, ids, lengths, ends, done, hit, stop)
+            else:
+                self._decode_in_step(ids, lengths, ends, done, hit, stop)
             for r, i in enumerate(rows):
                 new = ids[r, lengths[r]:ends[r]]
                 cut = np.flatnonzero(np.isin(new, stop))
                 stopped[i] = bool(hit[r])
                 out[i] = new[:cut[0]] if hit[r] and cut.size else new[:max(0, ends[r] - lengths[r])]
         return out, stopped
+
+    def _decode_per_row(self, fast, ids, lengths, ends, done, hit, stop):
+        """Every row decodes from its own prompt length (in-place cache, per-row positions).
+
+        The prefill covers the longest prompt but its last token; a shorter row's cache then holds
+        its padding's keys past its prompt, which stay masked until its own steps overwrite them.
+        So no row feeds its prompt one token at a time while it waits for the longest one, and the
+        prefill stops at the prompts instead of the full width (PERFORMANCE.md).
+        """
+        rows = np.arange(len(ids))
+        done |= ends <= lengths  # no room left after the prompt
+        fast.load(self._prefill(tf.constant(ids[:, :max(int(lengths.max()) - 1, 1)])))
+        pos = lengths - 1  # each row feeds the token at `pos` and receives the one at `pos + 1`
+        while not done.all():
+            token = fast.step(tf.constant(ids[rows, pos][:, None]), tf.constant(pos + self.shift, tf.int32))
+            token = token.numpy()
+            free = ~done
+            ids[free, pos[free] + 1] = token[free]
+            new_hit = free & np.isin(token, stop)
+            hit |= new_hit
+            done |= new_hit | (free & (pos + 2 >= ends))
+            pos = np.where(done, pos, pos + 1)  # finished rows stay where they are, inside the cache
+
+    def _decode_in_step(self, ids, lengths, ends, done, hit, stop):
+        """keras-hub's cache: one position for the whole batch, from the shortest prompt on; a longer
+        row takes its own prompt tokens until its length."""
+        cache = self._prefill(tf.constant(ids))
+        # A first prompt token must come before the learned vectors: start at position >= 1.
+        for t in range(max(int(lengths.min()), 1 if self.shift else 0), int(ends.max())):
+            token, cache = self._step(tf.constant(ids[:, t - 1:t]), cache, tf.constant(t - 1))
+            token = token.numpy()
+            free = (t >= lengths) & ~done
+            ids[free, t] = token[free]
+            new_hit = free & np.isin(token, stop)
+            hit |= new_hit
+            done |= new_hit | (free & (t + 1 >= ends))
+            if done.all():
+                break
 
 
 class InPlaceLlamaCache:
@@ -198,18 +224,22 @@ class InPlaceLlamaCache:
             self.values[i][:, :w].assign(cache[:, i, 1])
 
     def _step(self, token, index):
-        """Greedy next token [batch] after `token` [batch, 1] at cache position `index`."""
+        """Greedy next token [batch] after `token` [batch, 1], each row's at its own cache position
+        `index` [batch]."""
         backbone = self.lm.backbone
         x = backbone.token_embedding(token)
-        visible = tf.range(self.width) <= index  # keys written so far, this position included
+        # Keys written so far, this position included, per row: [batch, 1, 1, width].
+        visible = (tf.range(self.width)[None, :] <= index[:, None])[:, None, None, :]
+        at = tf.stack([tf.range(tf.shape(index)[0]), index], axis=1)
+        positions = index[:, None]
         for i, layer in enumerate(backbone.transformer_layers):
             attention = layer._self_attention_layer
             residual = x
             h = layer._self_attention_layernorm(x)
-            query = attention.rotary_embedding_layer(attention._query_dense(h), start_index=index)
-            key = attention.rotary_embedding_layer(attention._key_dense(h), start_index=index)
-            self.keys[i][:, index].assign(key[:, 0])
-            self.values[i][:, index].assign(attention._value_dense(h)[:, 0])
+            query = attention.rotary_embedding_layer(attention._query_dense(h), positions=positions)
+            key = attention.rotary_embedding_layer(attention._key_dense(h), positions=positions)
+            self.keys[i].scatter_nd_update(at, key[:, 0])
+            self.values[i].scatter_nd_update(at, attention._value_dense(h)[:, 0])
             kv_heads, head_dim = self.keys[i].shape[2], self.keys[i].shape[3]
             groups = query.shape[2] // kv_heads
             grouped = tf.reshape(query, [-1, kv_heads, groups, head_dim])
