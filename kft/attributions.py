@@ -82,7 +82,7 @@ def find_backbone(model: keras.Model) -> keras.Model:
 
 
 def integrated_gradients(model: keras.Model, token_ids: np.ndarray, padding_mask: np.ndarray,
-                         content: np.ndarray, target, pad_id: int, steps: int = 64,
+                         content: np.ndarray, target, pad_id: int, steps: int,
                          rows_per_batch: int = 64, embedding: keras.layers.Layer | None = None) -> Attribution:
     """Attributions of one sequence's tokens to `target(outputs) -> [rows]` (e.g. a class's probability).
 

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import run_python, tiny_config
 from kft import attribution_report, attributions, runs, trainer
+from kft.explain import DEFAULT_IG_STEPS
 
 TEXTS = ["a lovely film with a big heart", "the plot is dull and far too long", "fine"]
 
@@ -26,7 +27,7 @@ def trained_run(tiny_preset, tmp_path_factory):
 
 def test_attributions_sum_to_the_output_change_within_one_percent_at_the_default_steps(trained_run):
     run = runs.load_run(trained_run)
-    records = attribution_report.explain(run, TEXTS, steps=64)
+    records = attribution_report.explain(run, TEXTS, steps=DEFAULT_IG_STEPS)
     assert [r["text"] for r in records] == TEXTS
     for r in records:
         assert r["completeness_error"] <= 0.01, r
@@ -179,7 +180,7 @@ def _log_probs_without_attribution(run, prompt: str, completion: list[int]) -> n
 
 def test_decoder_attributions_sum_to_the_change_of_the_completions_log_probability(decoder_run):
     run = runs.load_run(decoder_run)
-    records = attribution_report.explain(run, DECODER_TEXTS, steps=64)
+    records = attribution_report.explain(run, DECODER_TEXTS, steps=DEFAULT_IG_STEPS)
     assert [r["text"] for r in records] == DECODER_TEXTS
     for r in records:
         assert r["completeness_error"] <= 0.01, r
