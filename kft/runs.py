@@ -73,6 +73,6 @@ def load_run(path: str, flag: str = "--model_dir") -> Run:
         source = ckpt.path
     methods.prepare_export(loaded.backbone, run_config)  # LoRA merged: the plain function
     logging.info("loaded run %s (%s, --method=%s, %d layers, labels %s) with the weights of %s", path,
-                 run_config.backbone, run_config.method, len(backbones.transformer_layers(loaded.backbone)),
+                 loaded.source, run_config.method, len(backbones.transformer_layers(loaded.backbone)),
                  names, source)
     return Run(path, run_config, model, loaded, names, source, int(metrics["sequence_length"]), metrics)
