@@ -1,5 +1,7 @@
 """Model, optimizer and strategy behaviour on a tiny random backbone."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -130,6 +132,23 @@ def test_pooling_choices_ignore_padding_where_they_should(tiny_preset, pooling):
     changed = {k: v.copy() for k, v in x.items()}
     changed["token_ids"][:, 3:] = 7  # only padded positions differ
     np.testing.assert_allclose(model(x, training=False), model(changed, training=False), atol=1e-6)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_a_pooler_the_head_does_not_read_is_frozen_not_trained(tiny_preset, pooling):
+    model, loaded = _model(tiny_preset, pooling=pooling)
+    pooler = next(layer for layer in loaded.backbone.layers if layer.name == "pooled_dense")
+    before = _snapshot([pooler])
+    assert not any(w.path.startswith("pooled_dense") for w in model.trainable_weights)
+    assert any(w.path.startswith("classifier") for w in model.trainable_weights)
+    x, y = _batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # Keras warns of variables without a gradient
+        model.train_on_batch(x, y)
+    for b, a in zip(before, _snapshot([pooler])):
+        np.testing.assert_array_equal(b, a)
+    pooled, _ = _model(tiny_preset, pooling="pooled")
+    assert any(w.path.startswith("pooled_dense") for w in pooled.trainable_weights)
 
 
 def test_strategy_selection():

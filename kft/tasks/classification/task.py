@@ -45,6 +45,10 @@ def build_model(backbone: keras.Model, num_classes: int, dropout: float, pooling
     backbone_inputs = backbone.input if isinstance(backbone.input, dict) else {}
     if "segment_ids" in backbone_inputs:
         feed["segment_ids"] = keras.ops.zeros_like(token_ids)
+    if pooling in ("cls", "mean"):
+        for layer in backbone.layers:
+            if layer.name == "pooled_dense":  # the pooler is not on this head's path: no gradient
+                layer.trainable = False
     pooled = _pool(backbone(feed), padding_mask, pooling)
     x = keras.layers.Dropout(dropout, seed=seed, name="head_dropout")(pooled)
     # The head computes in float32 so softmax stays accurate under mixed precision.
