@@ -15,8 +15,6 @@ import os
 import textwrap
 
 RED, BLUE = (214, 39, 40), (31, 119, 180)
-# A text whose attributions miss f(input) - f(baseline) by more than this gets a warning.
-COMPLETENESS_TOLERANCE = 0.01
 EXPLAINABLE = ("classification", "token_classification", "causal_lm")
 
 
@@ -116,7 +114,9 @@ def image(records: list[dict], path: str, heading: str, width: float = 11.0) -> 
     plt.close(fig)
 
 
-def explain(run, texts: list[str], steps: int, target: str = "") -> list[dict]:
+def explain(run, texts: list[str], steps: int, target: str = "", max_steps: int | None = None) -> list[dict]:
+    """The run's task's records; `max_steps`: where a text's completeness gap is above 1%, its
+    intervals are halved up to this many (None: `steps` only)."""
     if run.config.task == "classification":
         from kft.tasks.classification import explain as task_explain
     elif run.config.task == "token_classification":
@@ -128,7 +128,7 @@ def explain(run, texts: list[str], steps: int, target: str = "") -> list[dict]:
 
         raise FlagError(f"--model_dir={run.path}: kft.explain covers --task={', '.join(EXPLAINABLE)}; "
                         f"this run is --task={run.config.task}")
-    return task_explain.explain(run, texts, steps, target)
+    return task_explain.explain(run, texts, steps, target, max_steps)
 
 
 def write(records: list[dict], output_dir: str, heading: str) -> dict:

@@ -6,7 +6,9 @@ x_p(a) = b + a (e_p - b). With a scale s_p in place of a at every content positi
 df/ds_p = grad_{x_p} f . (e_p - b), so the attribution of token p is the integral over a in [0, 1] of
 df/ds_p, computed by the trapezoid rule over --ig_steps intervals, all steps of one text in one
 batch (a decoder's in as few batches as its activations allow). Completeness: the attributions
-sum to f(input) - f(baseline); kft reports the gap per text.
+sum to f(input) - f(baseline); kft reports the gap per text, and where it is above 1% halves the
+intervals (up to --ig_max_steps), since a fixed number of steps that suits most texts leaves a few
+whose path bends sharply (a saturating probability, a long decoder prompt) above the gap.
 
 f is the probability the model gives the target class (classification), the target tag at a
 word's first word piece (token classification), or the log-probability of a completion given the
@@ -24,6 +26,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+# A text whose attributions miss f(input) - f(baseline) by more than this (relative) is refined
+# with more steps (up to --ig_max_steps) and, if still above, warned about.
+COMPLETENESS_TOLERANCE = 0.01
 
 @dataclasses.dataclass
 class Attribution:
@@ -83,28 +88,30 @@ def find_backbone(model: keras.Model) -> keras.Model:
 
 def integrated_gradients(model: keras.Model, token_ids: np.ndarray, padding_mask: np.ndarray,
                          content: np.ndarray, target, pad_id: int, steps: int,
-                         rows_per_batch: int = 64, embedding: keras.layers.Layer | None = None) -> Attribution:
+                         rows_per_batch: int = 64, embedding: keras.layers.Layer | None = None,
+                         max_steps: int | None = None,
+                         tolerance: float = COMPLETENESS_TOLERANCE) -> Attribution:
     """Attributions of one sequence's tokens to `target(outputs) -> [rows]` (e.g. a class's probability).
 
     token_ids, padding_mask, content: [length]; `content` marks the positions that are interpolated
     (the text's word pieces; not the special tokens). `embedding`: the token embedding layer, where
     the backbone is not a layer of `model` (a decoder's graph rebuilt by prompt tuning).
+    Refinement: while the completeness gap is above `tolerance` and 2 x steps <= `max_steps`, the
+    intervals are halved; only the new midpoints are computed (the earlier points are reused).
+    The result's `steps` is the number of intervals used.
     """
     backbone = find_backbone(model) if embedding is None else None
     layer = embedding if embedding is not None else token_embedding_layer(backbone)
     baseline = layer(tf.constant([[pad_id]], tf.int32))[0, 0]
-    alphas = np.linspace(0.0, 1.0, steps + 1, dtype=np.float32)
-    weights = np.full(steps + 1, 1.0 / steps, np.float32)
-    weights[[0, -1]] *= 0.5  # trapezoid rule
-    length = len(token_ids)
-    grads, values = [], []
     state = {"baseline": baseline}
-    with scaled_token_embeddings(backbone, state, layer):
-        for start in range(0, steps + 1, rows_per_batch):
+
+    def evaluate(alphas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(d f / d scale [len(alphas), length], f [len(alphas)]) with every content position at alpha."""
+        grads, values = [], []
+        for start in range(0, len(alphas), rows_per_batch):
             a = alphas[start:start + rows_per_batch]
             rows = len(a)
-            scale = np.where(content[None, :], a[:, None], 1.0).astype(np.float32)[:, :, None]
-            scale = tf.constant(scale)
+            scale = tf.constant(np.where(content[None, :], a[:, None], 1.0).astype(np.float32)[:, :, None])
             features = {"token_ids": tf.constant(np.tile(token_ids[None, :], (rows, 1)), tf.int32),
                         "padding_mask": tf.constant(np.tile(padding_mask[None, :], (rows, 1)), tf.int32)}
             with tf.GradientTape() as tape:
@@ -115,11 +122,38 @@ def integrated_gradients(model: keras.Model, token_ids: np.ndarray, padding_mask
                 total = tf.reduce_sum(f)  # rows are independent: d total / d scale[row] = d f[row] / d scale[row]
             grads.append(tape.gradient(total, scale).numpy()[:, :, 0])
             values.append(f.numpy())
+        return np.concatenate(grads), np.concatenate(values)
+
+    def integrate(grads: np.ndarray, values: np.ndarray, n: int) -> Attribution:
+        weights = np.full(n + 1, 1.0 / n, np.float64)
+        weights[[0, -1]] *= 0.5  # trapezoid rule
+        tokens = np.where(content, (weights[:, None] * grads).sum(0), 0.0).astype(np.float64)
+        assert tokens.shape == (len(token_ids),)
+        return Attribution(tokens, float(values[-1]), float(values[0]), n)
+
+    max_steps = steps if max_steps is None else max_steps
+    alphas = np.linspace(0.0, 1.0, steps + 1, dtype=np.float32)
+    with scaled_token_embeddings(backbone, state, layer):
+        grads, values = evaluate(alphas)
+        result = integrate(grads, values, steps)
+        while result.completeness_error > tolerance and 2 * steps <= max_steps:
+            middle = (alphas[:-1] + alphas[1:]) / 2
+            middle_grads, middle_values = evaluate(middle)
+            alphas = np.stack([alphas[:-1], middle], 1).reshape(-1)
+            alphas = np.append(alphas, np.float32(1.0))
+            grads = _interleave(grads, middle_grads)
+            values = _interleave(values, middle_values)
+            steps *= 2
+            result = integrate(grads, values, steps)
         state["scale"] = None
-    grads, values = np.concatenate(grads), np.concatenate(values)
-    tokens = np.where(content, (weights[:, None] * grads).sum(0), 0.0).astype(np.float64)
-    assert tokens.shape == (length,)
-    return Attribution(tokens, float(values[-1]), float(values[0]), steps)
+    return result
+
+
+def _interleave(points: np.ndarray, middles: np.ndarray) -> np.ndarray:
+    """[n + 1, ...] and [n, ...] -> [2n + 1, ...]: points[0], middles[0], points[1], ..., points[n]."""
+    out = np.empty((len(points) + len(middles),) + points.shape[1:], points.dtype)
+    out[0::2], out[1::2] = points, middles
+    return out
 
 
 def word_attributions(attribution: Attribution, piece_word: np.ndarray, n_words: int) -> np.ndarray:

@@ -37,6 +37,24 @@ def test_attributions_sum_to_the_output_change_within_one_percent_at_the_default
         assert r["explained"] == r["predicted"] and 0.5 <= r["probability"] <= 1.0
 
 
+def test_a_text_above_the_gap_is_refined_until_it_is_within_one_percent(trained_run):
+    run = runs.load_run(trained_run)
+    [coarse] = attribution_report.explain(run, TEXTS[:1], steps=1)
+    assert coarse["completeness_error"] > 0.01 and coarse["ig_steps"] == 1  # one interval: a real gap
+    [refined] = attribution_report.explain(run, TEXTS[:1], steps=1, max_steps=1024)
+    assert refined["completeness_error"] <= 0.01
+    steps = refined["ig_steps"]
+    assert 1 < steps <= 1024 and steps & (steps - 1) == 0  # doubled until within the gap
+    # halving reuses the earlier points: the same attributions as computing those intervals at once
+    [direct] = attribution_report.explain(run, TEXTS[:1], steps=steps)
+    np.testing.assert_allclose([w["attribution"] for w in refined["words"]],
+                               [w["attribution"] for w in direct["words"]], rtol=1e-4, atol=1e-6)
+    assert refined["f_input"] == pytest.approx(direct["f_input"]) and direct["ig_steps"] == steps
+    # a text already within the gap is not refined
+    [fine] = attribution_report.explain(run, TEXTS[:1], steps=steps, max_steps=4 * steps)
+    assert fine["ig_steps"] == steps
+
+
 def test_a_target_label_is_explained_instead_of_the_prediction_and_its_sign_flips(trained_run):
     run = runs.load_run(trained_run)
     [predicted] = attribution_report.explain(run, TEXTS[:1], 64)
@@ -95,6 +113,9 @@ def test_explain_refuses_what_it_cannot_explain_in_one_line(trained_run, tmp_pat
     assert proc.returncode == 2 and "no metrics.json" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_python(["-m", "kft.explain", f"--model_dir={trained_run}", "--target=neutral", "text"])
     assert proc.returncode == 2 and "--target=neutral" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_python(["-m", "kft.explain", f"--model_dir={trained_run}", "--ig_steps=64", "--ig_max_steps=32",
+                       "text"])
+    assert proc.returncode != 0 and "--ig_max_steps=32" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def _browser():

@@ -145,12 +145,13 @@ def completion_log_probs(embedding, hidden, start: int, completion):
 
 def attribute(model, token_ids: np.ndarray, start: int, completion: np.ndarray, content: np.ndarray,
               pad_id: int, steps: int, padding_mask: np.ndarray | None = None,
-              rows_per_batch: int | None = None) -> attributions.Attribution:
+              rows_per_batch: int | None = None, max_steps: int | None = None) -> attributions.Attribution:
     """Integrated gradients of log p(completion | token_ids[:start]) over the `content` positions.
 
     token_ids: the prompt (start token included) followed by the completion without its last token;
     completion: [n] the tokens whose log-probabilities f sums. Positions from `start` on are never
-    interpolated. Without `rows_per_batch`, all steps run in one batch.
+    interpolated. Without `rows_per_batch`, all steps run in one batch. `max_steps`: refine up to this
+many intervals where the completeness gap is above 1% (attributions.integrated_gradients).
     """
     import tensorflow as tf
 
@@ -167,7 +168,7 @@ def attribute(model, token_ids: np.ndarray, start: int, completion: np.ndarray, 
         return tf.reduce_sum(completion_log_probs(embedding, hidden, start, completion), axis=-1)
 
     return attributions.integrated_gradients(model, token_ids, padding_mask, content, target, pad_id, steps,
-                                             rows_per_batch, embedding=embedding)
+                                             rows_per_batch, embedding=embedding, max_steps=max_steps)
 
 
 def prepare_prompt(run, text: str, reserve: int):
@@ -220,7 +221,7 @@ def _completion(run, prompt_ids: np.ndarray, generated: np.ndarray, stopped: boo
     return completion, log_probs[np.arange(len(completion)), completion].astype(np.float64)
 
 
-def explain(run, texts: list[str], steps: int, target: str = "") -> list[dict]:
+def explain(run, texts: list[str], steps: int, target: str = "", max_steps: int | None = None) -> list[dict]:
     """One record per text: the completion, its probability, and attributions per word of the text."""
     from kft.config import FlagError
     from kft.methods import prompt as prompt_lib
@@ -249,7 +250,8 @@ def explain(run, texts: list[str], steps: int, target: str = "") -> list[dict]:
         token_ids = np.concatenate([prompt_ids, completion[:-1]]).astype(np.int32)
         word_map = np.concatenate([piece_word, np.full(len(completion) - 1, TEMPLATE, np.int32)])
         result = attribute(run.model, token_ids, start, completion, word_map >= 0, loaded.pad_id, steps,
-                           rows_per_batch=_rows_per_batch(loaded.backbone, len(token_ids), steps))
+                           rows_per_batch=_rows_per_batch(loaded.backbone, len(token_ids), steps),
+                           max_steps=max_steps)
         per_word = attributions.word_attributions(result, word_map, len(words))
         shown = _strings(loaded.tokenizer.detokenize([int(i) for i in new]))[0] if len(new) else ""
         probability = float(np.exp(log_probs).mean())
@@ -269,6 +271,6 @@ def explain(run, texts: list[str], steps: int, target: str = "") -> list[dict]:
                     + (f"; {cut} prompt token(s) cut from the start" if cut else ""),
             "prompt": prompt,
             "f_input": result.output, "f_baseline": result.baseline_output, "attribution_sum": result.total,
-            "completeness_error": result.completeness_error, "ig_steps": steps, "truncated_pieces": cut,
+            "completeness_error": result.completeness_error, "ig_steps": result.steps, "truncated_pieces": cut,
         })
     return records

@@ -7,7 +7,7 @@ import numpy as np
 from kft import attributions
 
 
-def explain(run, texts: list[str], steps: int, target: str = "") -> list[dict]:
+def explain(run, texts: list[str], steps: int, target: str = "", max_steps: int | None = None) -> list[dict]:
     """One record per text: the explained label, its probability, attributions per word."""
     if target and target not in run.names:
         from kft.config import FlagError
@@ -23,7 +23,7 @@ def explain(run, texts: list[str], steps: int, target: str = "") -> list[dict]:
         k = run.names.index(target) if target else predicted
         result = attributions.integrated_gradients(
             run.model, w.token_ids, mask, w.piece_word >= 0, lambda out: out[:, k],
-            run.loaded.packing.pad, steps)
+            run.loaded.packing.pad, steps, max_steps=max_steps)
         per_word = attributions.word_attributions(result, w.piece_word, len(w.words))
         records.append({
             "text": text, "predicted": run.names[predicted], "probability": float(probabilities[predicted]),
@@ -33,7 +33,7 @@ def explain(run, texts: list[str], steps: int, target: str = "") -> list[dict]:
             "words": [{"word": word, "start": a, "end": b, "attribution": float(v)}
                       for word, a, b, v in zip(w.words, w.starts, w.ends, per_word)],
             "f_input": result.output, "f_baseline": result.baseline_output, "attribution_sum": result.total,
-            "completeness_error": result.completeness_error, "ig_steps": steps,
+            "completeness_error": result.completeness_error, "ig_steps": result.steps,
             "truncated_pieces": w.cut_pieces,
         })
     return records

@@ -7,7 +7,7 @@ import numpy as np
 from kft import attributions
 
 
-def explain(run, texts: list[str], steps: int, target: str = "") -> list[dict]:
+def explain(run, texts: list[str], steps: int, target: str = "", max_steps: int | None = None) -> list[dict]:
     """One record per word tagged with an entity tag (not O), or with `target` if given."""
     import tensorflow as tf
 
@@ -37,7 +37,8 @@ def explain(run, texts: list[str], steps: int, target: str = "") -> list[dict]:
                 continue
             result = attributions.integrated_gradients(
                 run.model, w.token_ids, mask, w.piece_word >= 0,
-                lambda o, q=int(position), t=predicted: probabilities_of(o)[:, q, t], run.loaded.packing.pad, steps)
+                lambda o, q=int(position), t=predicted: probabilities_of(o)[:, q, t], run.loaded.packing.pad, steps,
+                max_steps=max_steps)
             per_word = attributions.word_attributions(result, w.piece_word, len(w.words))
             records.append({
                 "text": text, "word_index": i, "word": w.words[i], "tag": run.names[predicted],
@@ -47,6 +48,6 @@ def explain(run, texts: list[str], steps: int, target: str = "") -> list[dict]:
                           for word, a, b, v in zip(w.words, w.starts, w.ends, per_word)],
                 "f_input": result.output, "f_baseline": result.baseline_output,
                 "attribution_sum": result.total, "completeness_error": result.completeness_error,
-                "ig_steps": steps, "truncated_pieces": w.cut_pieces,
+                "ig_steps": result.steps, "truncated_pieces": w.cut_pieces,
             })
     return records
