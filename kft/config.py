@@ -148,6 +148,8 @@ class Config:
     jit_compile: str = _field("auto", "XLA-compile the train step (auto = on GPU/TPU only).",
                               ("auto", "true", "false"))
     steps_per_execution: int = _field(1, "Train steps run per call into the compiled function.")
+    gradient_checkpointing: bool = _field(False, "Recompute each transformer block's activations in the "
+                                          "backward pass: less memory, one more forward pass per step.")
 
     # Checkpoints and logging.
     checkpoint_every_steps: int = _field(500, "Checkpoint every N steps and each epoch end; 0 = epoch ends.")
@@ -218,7 +220,7 @@ GROUPS = {
     "optimisation": ["epochs", "batch_size", "eval_batch_size", "learning_rate", "weight_decay",
                      "warmup_ratio", "lr_schedule", "clipnorm", "early_stopping_patience", "seed",
                      "deterministic", "cache_tokens", "num_buckets", "precision", "jit_compile",
-                     "steps_per_execution"],
+                     "steps_per_execution", "gradient_checkpointing"],
     "checkpoints and logging": ["checkpoint_every_steps", "keep_checkpoints", "log_every_steps"],
     "distribution": ["strategy", "tpu"],
     "export": ["run_name", "model_dir", "export_dir", "export", "serving_sequence_length"],

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from kft import adapters, backbones, distribute, inputs, methods, optim, plots, progress
+from kft import adapters, backbones, distribute, inputs, methods, optim, plots, progress, recompute
 from kft import drift as drift_lib
 from kft.compression import distillation, pruning, students
 from kft import tasks
@@ -202,6 +202,9 @@ def _fit_model(config: Config, model_dir: str, epoch_hook=None) -> Trained:
     with strategy.scope():
         backbone, method_info = methods.apply(loaded.backbone, config, _vocabulary(loaded.tokenizer))
         model = task.build(backbone, prep.names, config)
+    if config.gradient_checkpointing:
+        logging.info("gradient checkpointing: %d transformer blocks recomputed in the backward pass",
+                     recompute.enable(backbone))
     prep.model = model
     if teacher is not None and config.student_layers:
         copied = students.copy_head(teacher.model, model)

@@ -1,0 +1,109 @@
+"""Gradient checkpointing (--gradient_checkpointing): the same gradients, the blocks run twice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import decoder_fixtures as fx
+from kft import backbones, recompute, trainer
+from kft.config import FlagError
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory) -> str:
+    return fx.write_llama_folder(str(tmp_path_factory.mktemp("tiny_llama")))
+
+
+def _decoder_gradients(folder: str, checkpointed: bool, calls: list) -> list[np.ndarray]:
+    """Gradients of a next-token loss over every backbone weight, in a tf.function (as the loop)."""
+    from kft.tasks.causal_lm import model as lm_model
+
+    loaded = backbones.load_decoder(folder)
+    for block in backbones.transformer_layers(loaded.backbone):
+        original = block.call
+
+        def counted(*args, _original=original, **kwargs):
+            calls.append(1)
+            return _original(*args, **kwargs)
+
+        block.call = counted
+    if checkpointed:
+        assert recompute.enable(loaded.backbone) == len(backbones.transformer_layers(loaded.backbone))
+    model = lm_model.build_model(loaded.backbone)
+    loss_fn = lm_model.loss_function(model)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 50, (2, 12)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 9:] = 0
+    labels = np.where(mask == 1, np.roll(ids, -1, axis=1), -1).astype(np.int32)
+    labels[:, -1] = -1
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            hidden = model({"token_ids": ids, "padding_mask": mask}, training=True)
+            loss = tf.reduce_sum(loss_fn(labels, hidden))
+        return tape.gradient(loss, model.trainable_weights)
+
+    grads = step()
+    assert all(g is not None for g in grads)
+    return [np.asarray(g) for g in grads]
+
+
+def test_a_checkpointed_decoder_has_the_plain_gradients_and_runs_each_block_again(llama_folder):
+    plain_calls, checkpointed_calls = [], []
+    plain = _decoder_gradients(llama_folder, False, plain_calls)
+    checkpointed = _decoder_gradients(llama_folder, True, checkpointed_calls)
+    assert len(plain) == len(checkpointed)
+    for a, b in zip(plain, checkpointed):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # traced once for the forward pass and once more for the recomputation in the backward pass
+    assert len(checkpointed_calls) == 2 * len(plain_calls) > 0
+
+
+def test_generation_and_inference_calls_are_not_recomputed(llama_folder):
+    loaded = backbones.load_decoder(llama_folder)
+    ids = np.arange(3, 11, dtype=np.int32)[None]
+    before = loaded.backbone({"token_ids": ids, "padding_mask": np.ones_like(ids)}).numpy()
+    recompute.enable(loaded.backbone)
+    block = backbones.transformer_layers(loaded.backbone)[0]
+    wrapped = block.call
+    recompute.enable(loaded.backbone)  # enabling twice wraps once
+    assert block.call is wrapped
+    after = loaded.backbone({"token_ids": ids, "padding_mask": np.ones_like(ids)}).numpy()
+    np.testing.assert_array_equal(before, after)
+
+
+def test_blocks_with_dropout_are_refused_naming_the_flag(tiny_preset):
+    loaded = backbones.load(tiny_preset)  # the tiny encoder's blocks use dropout 0.1
+    with pytest.raises(FlagError, match="--gradient_checkpointing.*dropout"):
+        recompute.enable(loaded.backbone)
+
+
+def test_a_dropout_free_encoder_trains_to_the_same_weights(tiny_preset_no_dropout, tmp_path, monkeypatch):
+    from conftest import tiny_config
+
+    wrapped = []
+
+    def counting_recompute_grad(f):
+        wrapped.append(f)
+        return original_recompute_grad(f)
+
+    original_recompute_grad = tf.recompute_grad
+    monkeypatch.setattr(recompute.tf, "recompute_grad", counting_recompute_grad)
+
+    def final_weights(checkpointing: bool, name: str):
+        config = tiny_config(backbone=tiny_preset_no_dropout, dropout=0.0, deterministic=True,
+                             gradient_checkpointing=checkpointing, max_train_examples=32)
+        fitted = trainer.fit_model(config, str(tmp_path / name))
+        return [w.numpy() for w in fitted.model.trainable_weights], fitted
+
+    plain, _ = final_weights(False, "plain")
+    assert not wrapped
+    checkpointed, fitted = final_weights(True, "checkpointed")
+    assert wrapped  # the train step went through the recomputed blocks
+    assert fitted.model is not None and len(plain) == len(checkpointed)
+    for a, b in zip(plain, checkpointed):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
