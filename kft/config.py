@@ -101,6 +101,8 @@ class Config:
     export_num_beams: int = _field(4, "With --export_sampler=beam: hypotheses kept per prompt.")
     export_length_penalty: float = _field(1.0, "With --export_sampler=beam: the best beam maximises "
                                           "log p / tokens**this (0 = total log p).")
+    pack_sequences: bool = _field(False, "Train on rows of several whole examples up to --sequence_length, "
+                                  "each attending only to itself (llama-family decoders).")
     cache_dir: str = _field("~/.cache/kft", "Where GGUF backbones are converted to float32 folders (once per "
                             "file, keyed by its SHA-256).")
 
@@ -213,7 +215,7 @@ GROUPS = {
                                  "chat_template", "train_on_prompt", "max_new_tokens",
                                  "max_generate_examples", "export_max_new_tokens", "export_sampler",
                                  "export_top_k", "export_top_p", "export_temperature", "export_num_beams",
-                                 "export_length_penalty", "cache_dir"],
+                                 "export_length_penalty", "pack_sequences", "cache_dir"],
     "model": ["backbone", "sequence_length", "dropout"],
     "tuning methods": ["freeze_layers", "lora_rank", "lora_alpha", "lora_targets", "num_prompt_tokens",
                        "prefix_length", "prefix_projection"],
@@ -241,7 +243,7 @@ TASK_ONLY = {
     **{name: ("causal_lm",) for name in GROUPS["decoder LLMs (causal_lm)"] if name != "cache_dir"},
     # encoder–decoders (seq2seq) read the same records and generate the same way, without a chat template
     **{name: ("causal_lm", "seq2seq") for name in GROUPS["decoder LLMs (causal_lm)"]
-       if name not in ("cache_dir", "chat_template", "train_on_prompt")},
+       if name not in ("cache_dir", "chat_template", "train_on_prompt", "pack_sequences")},
     "text_field": ("classification", "causal_lm"),
     "serving_sequence_length": ("classification", "token_classification"),
     # int8 quantization of the decoder (its generating export) is not built

@@ -221,7 +221,7 @@ def padded_matrix(encoded: Encoded, pad_value: int) -> tf.Tensor:
 def plan_dataset(plan: BatchPlan, matrix: tf.Tensor, lengths: np.ndarray, labels: np.ndarray,
                  example_weights: np.ndarray, num_replicas: int = 1, replica_ids=None,
                  sizes: np.ndarray | None = None, targets: np.ndarray | None = None,
-                 decoder: tuple | None = None) -> tf.data.Dataset:
+                 decoder: tuple | None = None, segments: np.ndarray | None = None) -> tf.data.Dataset:
     """Per-replica batches of `plan`, as (features, labels, weights).
 
     With `decoder` ((ids [n, longest], lengths [n]): an encoder–decoder task's second sequence) the
@@ -233,6 +233,9 @@ def plan_dataset(plan: BatchPlan, matrix: tf.Tensor, lengths: np.ndarray, labels
     (labels, targets), per-position targets cut to the batch width like the ids.
 
     `labels` is [n] (one per example) or [n, longest] (one per position, cut to each batch's width).
+
+    With `segments` ([n, longest] int32: packed rows' example index per position) the features also
+    hold segment_ids, cut like the ids.
 
     Each global batch is cut into `num_replicas` equal slices; this pipeline yields the slices of
     `replica_ids` (default: all), in order, which is how tf.distribute hands consecutive elements
@@ -261,6 +264,7 @@ def plan_dataset(plan: BatchPlan, matrix: tf.Tensor, lengths: np.ndarray, labels
     targets = None if targets is None else tf.constant(targets, tf.float32)
     if decoder is not None:
         decoder_ids, decoder_lengths = tf.constant(decoder[0], tf.int32), tf.constant(decoder[1], tf.int32)
+    segments = None if segments is None else tf.constant(segments, tf.int32)
 
     def make(rows, width, w):
         safe = tf.maximum(rows, 0)
@@ -268,6 +272,8 @@ def plan_dataset(plan: BatchPlan, matrix: tf.Tensor, lengths: np.ndarray, labels
         n = tf.where(rows >= 0, tf.gather(lengths, safe), 0)
         mask = tf.cast(tf.range(width)[None, :] < n[:, None], tf.int32)
         features = _features(ids, mask)
+        if segments is not None:
+            features["segment_ids"] = tf.gather(segments, safe)[:, :width]
         label_width = width
         if decoder is not None:
             m = tf.where(rows >= 0, tf.gather(decoder_lengths, safe), 0)

@@ -73,6 +73,11 @@ class Split:
     # encoder–decoder tasks: (ids [n, longest] int32, lengths [n]) of the decoder sequence, fed as
     # decoder_token_ids / decoder_padding_mask; per-position labels then align with it
     decoder: tuple | None = None
+    # packed rows (--pack_sequences): [n, longest] int32 example index within each row (1, 2, ...;
+    # 0 = padding), fed as segment_ids
+    segments: np.ndarray | None = None
+    # length buckets of the training plan, where not --num_buckets (packed rows: at most one per full batch)
+    buckets: int | None = None
 
     @classmethod
     def from_encoded(cls, encoded: inputs.Encoded, labels: np.ndarray, pad: int,
@@ -80,6 +85,10 @@ class Split:
         n = len(encoded)
         return cls(inputs.padded_matrix(encoded, pad), encoded.lengths, labels.astype(np.int32),
                    (np.ones(n) if weights is None else weights).astype(np.float32))
+
+
+def train_buckets(split: Split, config: Config) -> int:
+    return split.buckets if split.buckets is not None else config.num_buckets
 
 
 def distributed_dataset(strategy: tf.distribute.Strategy, plan: inputs.BatchPlan, split: Split):
@@ -93,13 +102,13 @@ def distributed_dataset(strategy: tf.distribute.Strategy, plan: inputs.BatchPlan
     replicas = strategy.num_replicas_in_sync
     if replicas == 1 and not distribute.uses_static_shapes(strategy):
         return inputs.plan_dataset(plan, split.matrix, split.lengths, split.labels, split.weights,
-                                   1, None, split.sizes, split.targets, split.decoder)
+                                   1, None, split.sizes, split.targets, split.decoder, split.segments)
 
     def dataset_fn(ctx: tf.distribute.InputContext):
         local = replicas // ctx.num_input_pipelines
         ids = range(ctx.input_pipeline_id * local, (ctx.input_pipeline_id + 1) * local)
         return inputs.plan_dataset(plan, split.matrix, split.lengths, split.labels, split.weights,
-                                   replicas, ids, split.sizes, split.targets, split.decoder)
+                                   replicas, ids, split.sizes, split.targets, split.decoder, split.segments)
 
     return strategy.distribute_datasets_from_function(dataset_fn)
 
@@ -280,7 +289,7 @@ class Loop:
 
     def _plan(self, epoch: int) -> inputs.BatchPlan:
         c = self.config
-        return inputs.train_plan(self.train.lengths, c.batch_size, c.num_buckets, c.seed, epoch,
+        return inputs.train_plan(self.train.lengths, c.batch_size, train_buckets(self.train, c), c.seed, epoch,
                                  self.static_shapes)
 
     def predict(self, split: Split) -> np.ndarray:

@@ -115,6 +115,7 @@ class Trained:
     metrics: dict
     train_lengths: np.ndarray | None = None  # tokens per training example (special tokens included)
     padded_tokens: int = 0  # positions computed in training, padding included (all epochs run)
+    train_buckets: int | None = None  # the training plan's length buckets where not --num_buckets
 
 
 def train_and_evaluate(config: Config, model_dir: str) -> dict:
@@ -227,7 +228,8 @@ def _fit_model(config: Config, model_dir: str, epoch_hook=None) -> Trained:
     # XLA (TPU, or --jit_compile) compiles one program per input shape: give it one per bucket.
     static = distribute.uses_static_shapes(strategy) or jit
     steps_per_epoch = len(inputs.train_plan(sources["train"].lengths, config.batch_size,
-                                            config.num_buckets, config.seed, 0, static))
+                                            loop_lib.train_buckets(sources["train"], config), config.seed, 0,
+                                            static))
     with strategy.scope():
         optimizer = optim.build_optimizer(config, steps_per_epoch * config.epochs)
         if config.regularize_to_pretrained == "l2sp":
@@ -385,4 +387,4 @@ def _fit_model(config: Config, model_dir: str, epoch_hook=None) -> Trained:
         tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
     padded = sum(int(np.sum(plan.widths)) * config.batch_size
                  for plan in (loop._plan(e) for e in range(epochs_now)))
-    return Trained(model, metrics, prep.train_lengths, padded)
+    return Trained(model, metrics, prep.train_lengths, padded, sources["train"].buckets)

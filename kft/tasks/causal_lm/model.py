@@ -14,11 +14,42 @@ import numpy as np
 import tensorflow as tf
 
 
-def build_model(backbone: keras.Model) -> keras.Model:
+def build_model(backbone: keras.Model, packed: bool = False) -> keras.Model:
+    """token_ids, padding_mask [batch, length] -> hidden states; `packed`: also reads segment_ids."""
+    if packed:
+        model = PackedCausalLM(backbone)
+        ones = np.ones((1, 2), np.int32)
+        model({"token_ids": ones, "padding_mask": ones, "segment_ids": ones})  # builds it
+        return model
     token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
     padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
     hidden = backbone({"token_ids": token_ids, "padding_mask": padding_mask})
     return keras.Model({"token_ids": token_ids, "padding_mask": padding_mask}, hidden, name="causal_lm")
+
+
+class PackedCausalLM(keras.Model):
+    """The decoder over packed rows (kft/tasks/causal_lm/packing.py): with segment_ids in the
+    features each position attends only to earlier positions of its own example; without them
+    (evaluation, generation) it is the backbone itself.
+
+    The llama backbone's own graph takes no attention mask, so its blocks are called here in the
+    same order (token embedding, the decoder blocks, the final norm) with one more mask.
+    """
+
+    def __init__(self, backbone: keras.Model, **kwargs):
+        super().__init__(name="causal_lm", **kwargs)
+        self.backbone = backbone
+
+    def call(self, inputs, training=False):
+        token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
+        segments = inputs.get("segment_ids")
+        if segments is None:
+            return self.backbone({"token_ids": token_ids, "padding_mask": padding_mask}, training=training)
+        same = keras.ops.cast(keras.ops.equal(segments[:, :, None], segments[:, None, :]), "int32")
+        x = self.backbone.token_embedding(token_ids)
+        for block in self.backbone.transformer_layers:  # merged with the padding and causal masks
+            x = block(x, decoder_padding_mask=padding_mask, decoder_attention_mask=same, training=training)
+        return self.backbone.layer_norm(x)
 
 
 def token_embedding(model: keras.Model):

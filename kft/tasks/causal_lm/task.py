@@ -23,7 +23,7 @@ from kft import loop as loop_lib
 from kft.config import BUNDLED_BACKBONE, Config, FlagError
 from kft.data import DataError
 from kft.methods import prompt as prompt_lib
-from kft.tasks.causal_lm import data as data_lib, inputs as lm_inputs, model as lm_model, scoring
+from kft.tasks.causal_lm import data as data_lib, inputs as lm_inputs, model as lm_model, packing, scoring
 
 HEADLINE = ("perplexity", "rougeL", "bleu")
 
@@ -68,9 +68,22 @@ def _chat_template(config: Config, loaded, split: data_lib.Split) -> str | None:
     return loaded.chat_template  # None when the checkpoint has none: prompts are used as written
 
 
+def _check_packing(backbone: keras.Model, config: Config) -> None:
+    import keras_hub
+
+    if not isinstance(backbone, keras_hub.models.LlamaBackbone):
+        raise FlagError(f"--pack_sequences supports llama-family decoders (rotary positions: a packed "
+                        f"example sees what it sees alone); {type(backbone).__name__} is not one")
+    if config.method == "prompt":
+        raise FlagError("--pack_sequences with --method=prompt: the prompt vectors would precede a row's "
+                        "first example only; use --method=lora or full")
+
+
 def prepare(config: Config, data: LMData, loaded, model_dir: str, is_chief: bool = True):
     from kft.tasks import Prepared
 
+    if config.pack_sequences:  # before tokenizing: a refused run fails at once
+        _check_packing(loaded.backbone, config)
     t0 = time.time()
     data.model_dir = model_dir
     template = _chat_template(config, loaded, data.train)
@@ -95,7 +108,23 @@ def prepare(config: Config, data: LMData, loaded, model_dir: str, is_chief: bool
                     "mean_tokens": round(float(lengths.mean()), 2), "max_tokens": int(lengths.max()),
                     "trained_tokens": int(sizes.sum()), "prompts_cut": enc.prompts_cut,
                     "completions_cut": enc.completions_cut, "token_cache": enc.cache}
-    plan = inputs_lib.train_plan(sources["train"].lengths, config.batch_size, config.num_buckets, config.seed, 0)
+    if config.pack_sequences:
+        train = sources["train"]
+        rows = packing.pack(train.matrix.numpy(), train.lengths, train.labels, sequence_length, loaded.pad_id)
+        # Rows are nearly full: length buckets only split them into part-empty batches. At most one
+        # bucket per full batch of rows.
+        buckets = max(1, min(config.num_buckets, len(rows.lengths) // config.batch_size))
+        sources["train"] = loop_lib.Split(tf.constant(rows.ids), rows.lengths, rows.labels,
+                                          np.ones(len(rows.lengths), np.float32), rows.sizes,
+                                          segments=rows.segments, buckets=buckets)
+        stats["train"]["packed"] = {"rows": len(rows.lengths), "examples": len(train.lengths),
+                                    "mean_examples_per_row": round(len(train.lengths) / len(rows.lengths), 2),
+                                    "fill": round(float(rows.lengths.sum()) / (len(rows.lengths) * sequence_length), 4)}
+        logging.info("  packed: %d train examples into %d rows of up to %d tokens (%.2f per row, %.1f%% full)",
+                     len(train.lengths), len(rows.lengths), sequence_length,
+                     stats["train"]["packed"]["mean_examples_per_row"], 100 * stats["train"]["packed"]["fill"])
+    plan = inputs_lib.train_plan(sources["train"].lengths, config.batch_size,
+                                 loop_lib.train_buckets(sources["train"], config), config.seed, 0)
     computed = int(plan.widths.sum()) * config.batch_size
     stats["train"]["padding_share"] = round(computed / max(1, int(sources["train"].lengths.sum())) - 1, 4)
     seconds = time.time() - t0
@@ -156,7 +185,7 @@ def prepare(config: Config, data: LMData, loaded, model_dir: str, is_chief: bool
 
 
 def build(backbone: keras.Model, names: list[str], config: Config) -> keras.Model:
-    return lm_model.build_model(backbone)
+    return lm_model.build_model(backbone, packed=config.pack_sequences)
 
 
 def loss_function(model: keras.Model, class_weight: dict | None = None):
