@@ -59,9 +59,10 @@ def main(argv):
         raise app.UsageError("--model_dir is required (a finished kft run)")
     if FLAGS.ig_steps < 1:
         raise app.UsageError(f"--ig_steps={FLAGS.ig_steps}: must be at least 1")
-    if FLAGS.ig_max_steps < FLAGS.ig_steps:
+    if FLAGS["ig_max_steps"].present and FLAGS.ig_max_steps < FLAGS.ig_steps:
         raise app.UsageError(f"--ig_max_steps={FLAGS.ig_max_steps}: must be at least --ig_steps={FLAGS.ig_steps} "
                              "(equal: no refinement)")
+    max_steps = max(FLAGS.ig_max_steps, FLAGS.ig_steps)  # --ig_steps above the default cap: no refinement
     texts = list(argv[1:])
     if FLAGS.input_file:
         if texts:
@@ -74,7 +75,7 @@ def main(argv):
         raise app.UsageError("no texts: pass them as arguments or with --input_file")
     try:
         run = runs.load_run(FLAGS.model_dir)
-        records = attribution_report.explain(run, texts, FLAGS.ig_steps, FLAGS.target, FLAGS.ig_max_steps)
+        records = attribution_report.explain(run, texts, FLAGS.ig_steps, FLAGS.target, max_steps)
     except FlagError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -33,7 +33,7 @@ EXIT_DIVERGED = 3
 RESUMABLE_CHANGES = {"model_dir", "export", "export_dir", "run_name", "strategy", "tpu", "data_dir",
                      "steps_per_execution", "jit_compile", "checkpoint_every_steps",
                      "keep_checkpoints", "log_every_steps", "cache_tokens",
-                     "eval_batch_size", "quantize", "serving_sequence_length"}
+                     "eval_batch_size", "quantize", "serving_sequence_length", "gradient_checkpointing"}
 
 
 class Preempted(Exception):

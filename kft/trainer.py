@@ -264,10 +264,12 @@ def _fit_model(config: Config, model_dir: str, epoch_hook=None) -> Trained:
                  "of the replica count); %d steps/epoch, %d epochs; worker %d of %d",
                  config.batch_size, config.batch_size // replicas, replicas, optim.format_rate(rate),
                  loop.steps_per_epoch, config.epochs, worker.index, worker.count)
+    packed = sources["train"].segments is not None  # rows of several examples (--pack_sequences)
+    train_examples = len(prep.train_lengths) if packed else len(sources["train"].lengths)
     if 0 < loop.total_steps < FEW_STEPS:
         logging.warning("only %d training steps (%d training examples, --batch_size=%d, --epochs=%d): a "
                         "model fine-tuned this briefly often stays near chance; with little data, raise "
-                        "--epochs (or lower --batch_size)", loop.total_steps, len(sources["train"].lengths),
+                        "--epochs (or lower --batch_size)", loop.total_steps, train_examples,
                         config.batch_size, config.epochs)
 
     state = loop.restore_or_start()
@@ -340,7 +342,8 @@ def _fit_model(config: Config, model_dir: str, epoch_hook=None) -> Trained:
             "eval_seconds": round(eval_seconds, 2), "class_weights": prep.class_weight,
             "learning_rate": rate, "learning_rate_source": rate_source,
             "examples_per_second": round(
-                loop.steps_per_epoch * config.batch_size * epochs_now / max(train_seconds, 1e-9), 2),
+                (train_examples if packed else loop.steps_per_epoch * config.batch_size) * epochs_now
+                / max(train_seconds, 1e-9), 2),
             "history": state["history"],
         },
         **results,

@@ -99,7 +99,9 @@ def test_a_packed_run_trains_on_fewer_fuller_rows(llama_folder, tmp_path):
     assert rows["examples"] == 24 and rows["rows"] < 24 and rows["mean_examples_per_row"] > 1
     assert packed["training"]["steps"] < plain["training"]["steps"]
     assert packed["data"]["train"]["padding_share"] < plain["data"]["train"]["padding_share"]
-    assert packed["data"]["train"]["trained_tokens"] == plain["data"]["train"]["trained_tokens"]
+    # the rows hold every trained token of the examples, none lost or added by packing
+    assert rows["trained_tokens"] == plain["data"]["train"]["trained_tokens"]
+    assert rows["tokens"] == round(plain["data"]["train"]["mean_tokens"] * 24)
     history = packed["training"]["history"]  # evaluation (not packed) sees the packed training help
     assert len(history) == 2 and history[1]["val_loss"] < history[0]["val_loss"]
     saved = json.load(open(os.path.join(tmp_path, "packed", "metrics.json")))

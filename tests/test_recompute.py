@@ -63,17 +63,30 @@ def test_a_checkpointed_decoder_has_the_plain_gradients_and_runs_each_block_agai
     assert len(checkpointed_calls) == 2 * len(plain_calls) > 0
 
 
-def test_generation_and_inference_calls_are_not_recomputed(llama_folder):
+def test_generation_and_inference_calls_are_not_recomputed(llama_folder, monkeypatch):
+    from kft.tasks.causal_lm.model import Generator
+
+    wrapped = []
+    original_recompute_grad = tf.recompute_grad
+    monkeypatch.setattr(recompute.tf, "recompute_grad", lambda f: wrapped.append(f) or original_recompute_grad(f))
     loaded = backbones.load_decoder(llama_folder)
     ids = np.arange(3, 11, dtype=np.int32)[None]
-    before = loaded.backbone({"token_ids": ids, "padding_mask": np.ones_like(ids)}).numpy()
+    features = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    before = loaded.backbone(features).numpy()
+    generate = Generator(loaded.backbone, loaded.causal_lm_class, loaded.stop_ids, loaded.pad_id, 1)
+    tokens_before, _ = generate([ids[0]], 4)
     recompute.enable(loaded.backbone)
     block = backbones.transformer_layers(loaded.backbone)[0]
-    wrapped = block.call
+    wrapped_call = block.call
     recompute.enable(loaded.backbone)  # enabling twice wraps once
-    assert block.call is wrapped
-    after = loaded.backbone({"token_ids": ids, "padding_mask": np.ones_like(ids)}).numpy()
+    assert block.call is wrapped_call
+    after = loaded.backbone(features).numpy()
+    tokens_after, _ = generate([ids[0]], 4)
     np.testing.assert_array_equal(before, after)
+    assert [list(t) for t in tokens_after] == [list(t) for t in tokens_before]
+    assert not wrapped  # neither the inference call nor the cached generation went through it
+    loaded.backbone(features, training=True)
+    assert len(wrapped) == len(backbones.transformer_layers(loaded.backbone))  # a training call does
 
 
 def test_blocks_with_dropout_are_refused_naming_the_flag(tiny_preset):

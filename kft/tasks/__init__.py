@@ -33,7 +33,7 @@ class Prepared:
     stats: dict  # per-split statistics for metrics.json
     description: str
     seconds: float  # reading + tokenizing
-    train_lengths: np.ndarray  # tokens per training row, special tokens included
+    train_lengths: np.ndarray  # tokens per training example, special tokens included
     evaluate: Callable  # (split name, model outputs, model) -> report dict
     epoch_eval: Callable  # eval outputs -> {"accuracy", "loss"} for the loop's epoch ends
     format: Callable  # report -> text for the log

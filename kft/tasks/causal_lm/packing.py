@@ -2,19 +2,20 @@
 
 Length-grouped batches still pad (17% of the positions on 250 DialogSum dialogues at batch 8),
 and short examples make short rows whose per-step overhead is the same. Packing fills each row up
-to --sequence_length with whole examples (first-fit decreasing: longest first, each into the first
-row with room), so nearly every position is a real token.
+to --sequence_length with whole examples (best-fit decreasing: longest first, each into the row it
+fills most), so nearly every position is a real token.
 
 Each example attends only to itself: the rows carry segment ids (1, 2, ... per example, 0 for
 padding) from which the model builds a block-diagonal causal mask. A llama-family decoder's rotary
 positions make attention depend on relative positions only, so an example's loss in a packed row
-is the loss it has alone (tests/test_causal_lm.py checks it); decoders with learned absolute
+is the loss it has alone (tests/test_packing.py checks it); decoders with learned absolute
 positions (GPT-2) would see shifted positions, and are refused. Labels never cross examples: an
 example's last position has no target. Evaluation is not packed.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 
 import numpy as np
@@ -33,23 +34,25 @@ class Packed:
 
 
 def bins(lengths: np.ndarray, capacity: int) -> list[list[int]]:
-    """First-fit decreasing: example indices grouped into rows of at most `capacity` tokens.
+    """Best-fit decreasing: example indices grouped into rows of at most `capacity` tokens, each
+    example (longest first) into the row it fills most. The open rows' free space is kept sorted,
+    so each example costs a bisection, not a scan of every row (10^5 examples in seconds).
     Deterministic (ties broken by index), so a resumed run packs the same rows."""
     order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
     rows: list[list[int]] = []
-    room: list[int] = []
+    free: list[tuple[int, int]] = []  # (free tokens, row), sorted
     for i in order:
         n = int(lengths[i])
         if n > capacity:
             raise ValueError(f"example {i} has {n} tokens, more than the row capacity {capacity}")
-        for r, free in enumerate(room):
-            if n <= free:
-                rows[r].append(i)
-                room[r] -= n
-                break
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            room, r = free.pop(k)
+            rows[r].append(i)
+            bisect.insort(free, (room - n, r))
         else:
             rows.append([i])
-            room.append(capacity - n)
+            bisect.insort(free, (capacity - n, len(rows) - 1))
     return rows
 
 
