@@ -7,29 +7,17 @@ import os
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import decoder_fixtures as fx
 from kft import backbones, trainer
 from kft.config import Config, FlagError
 from kft.tasks.causal_lm import model as lm_model, packing
-
-
-@pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory) -> str:
-    return fx.write_llama_folder(str(tmp_path_factory.mktemp("tiny_llama")))
-
-
-@pytest.fixture(scope="module")
-def gpt2_folder(tmp_path_factory) -> str:
-    return fx.write_gpt2_folder(str(tmp_path_factory.mktemp("tiny_gpt2")))
+from test_causal_lm import gpt2_folder, llama_folder  # noqa: F401 (the tiny decoders, as fixtures)
+from test_causal_lm import _config as _lm_config
 
 
 def _config(**overrides):
-    base = dict(task="causal_lm", epochs=1, batch_size=4, learning_rate=1e-3, warmup_ratio=0.0,
-                export=False, seed=3, max_new_tokens=0, checkpoint_every_steps=0)
-    base.update(overrides)
-    return Config(**base)
+    return _lm_config(**({"max_new_tokens": 0} | overrides))
 
 
 def test_rows_hold_every_example_once_and_never_exceed_the_capacity():

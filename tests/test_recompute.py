@@ -6,21 +6,23 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import decoder_fixtures as fx
 from kft import backbones, recompute, trainer
 from kft.config import FlagError
+from test_causal_lm import llama_folder  # noqa: F401 (the tiny llama, as a fixture)
 
 
-@pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory) -> str:
-    return fx.write_llama_folder(str(tmp_path_factory.mktemp("tiny_llama")))
+def _decoder_gradients(folder: str, checkpointed: bool, calls: list, method: str = "full") -> list[np.ndarray]:
+    """Gradients of a next-token loss over every trainable weight, in a tf.function (as the loop)."""
+    import keras
 
-
-def _decoder_gradients(folder: str, checkpointed: bool, calls: list) -> list[np.ndarray]:
-    """Gradients of a next-token loss over every backbone weight, in a tf.function (as the loop)."""
+    from kft import methods
+    from kft.config import Config
     from kft.tasks.causal_lm import model as lm_model
 
+    keras.utils.set_random_seed(0)  # the same LoRA initialisation both times
     loaded = backbones.load_decoder(folder)
+    if method != "full":
+        methods.apply(loaded.backbone, Config(task="causal_lm", method=method, lora_rank=2))
     for block in backbones.transformer_layers(loaded.backbone):
         original = block.call
 
@@ -52,11 +54,13 @@ def _decoder_gradients(folder: str, checkpointed: bool, calls: list) -> list[np.
     return [np.asarray(g) for g in grads]
 
 
-def test_a_checkpointed_decoder_has_the_plain_gradients_and_runs_each_block_again(llama_folder):
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_checkpointed_decoder_has_the_plain_gradients_and_runs_each_block_again(llama_folder, method):
     plain_calls, checkpointed_calls = [], []
-    plain = _decoder_gradients(llama_folder, False, plain_calls)
-    checkpointed = _decoder_gradients(llama_folder, True, checkpointed_calls)
+    plain = _decoder_gradients(llama_folder, False, plain_calls, method)
+    checkpointed = _decoder_gradients(llama_folder, True, checkpointed_calls, method)
     assert len(plain) == len(checkpointed)
+    assert any(np.abs(g).max() > 0 for g in checkpointed)
     for a, b in zip(plain, checkpointed):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     # traced once for the forward pass and once more for the recomputation in the backward pass
