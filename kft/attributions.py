@@ -30,6 +30,7 @@ import tensorflow as tf
 # with more steps (up to --ig_max_steps) and, if still above, warned about.
 COMPLETENESS_TOLERANCE = 0.01
 
+
 @dataclasses.dataclass
 class Attribution:
     """One text's (or one tagged word's) attributions per token, with the completeness check."""

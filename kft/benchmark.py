@@ -220,8 +220,7 @@ def _training_floor(trained, config: Config, training: dict) -> dict:
     backbone = next(layer for layer in trained.model.layers if hasattr(layer, "hidden_dim"))
     hidden, layers = int(backbone.hidden_dim), int(backbone.num_layers)
     widths = np.concatenate([
-        inputs.train_plan(trained.train_lengths, config.batch_size, trained.train_buckets or config.num_buckets,
-                          config.seed, e,
+        inputs.train_plan(trained.train_lengths, config.batch_size, config.num_buckets, config.seed, e,
                           training["static_shapes"]).widths for e in range(training["epochs_run"])])
     rows = widths.astype(np.int64) * config.batch_size
     attention = 12.0 * layers * hidden * config.batch_size * float(np.sum(widths.astype(np.float64) ** 2))

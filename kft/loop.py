@@ -76,7 +76,7 @@ class Split:
     # packed rows (--pack_sequences): [n, longest] int32 example index within each row (1, 2, ...;
     # 0 = padding), fed as segment_ids
     segments: np.ndarray | None = None
-    # length buckets of the training plan, where not --num_buckets (packed rows: at most one per full batch)
+    # length buckets of the training plan, where not --num_buckets (packed rows, nearly full: one)
     buckets: int | None = None
 
     @classmethod

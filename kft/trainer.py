@@ -115,7 +115,6 @@ class Trained:
     metrics: dict
     train_lengths: np.ndarray | None = None  # tokens per training example (special tokens included)
     padded_tokens: int = 0  # positions computed in training, padding included (all epochs run)
-    train_buckets: int | None = None  # the training plan's length buckets where not --num_buckets
 
 
 def train_and_evaluate(config: Config, model_dir: str) -> dict:
@@ -390,4 +389,4 @@ def _fit_model(config: Config, model_dir: str, epoch_hook=None) -> Trained:
         tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
     padded = sum(int(np.sum(plan.widths)) * config.batch_size
                  for plan in (loop._plan(e) for e in range(epochs_now)))
-    return Trained(model, metrics, prep.train_lengths, padded, sources["train"].buckets)
+    return Trained(model, metrics, prep.train_lengths, padded)
