@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from kft import data as data_lib, perf
+from kft.methods import lora_targets as lora
 from kft.config import BUNDLED_BACKBONE, Config
 
 
@@ -652,8 +653,10 @@ def hf_causal_lm(config: Config, started: float) -> dict:
     if config.method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        modules = sorted({LORA_MODULES[t] for t in config.lora_targets if t in LORA_MODULES})
-        unknown = sorted(set(config.lora_targets) - set(LORA_MODULES))
+        # auto: kft's decoder default, every linear projection (PEFT's all-linear on a llama block)
+        targets = lora.ALL_LINEAR if list(config.lora_targets) == ["auto"] else config.lora_targets
+        modules = sorted({LORA_MODULES[t] for t in targets if t in LORA_MODULES})
+        unknown = sorted(set(targets) - set(LORA_MODULES))
         if unknown or not modules:
             raise ValueError(f"--lora_targets: {unknown or 'none'} have no llama-family module name")
         model = get_peft_model(model, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,

@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from kft import baselines, perf
+from kft.methods import lora_targets as lora
 from kft.config import BUNDLED_BACKBONE, Config, FlagError
 
 ROWS = ("kft", "keras_hub", "hf_trainer")
@@ -193,7 +194,11 @@ SCORES = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "exact_match")
 
 def _method_note(config: Config) -> str:
     if config.method == "lora":
-        return f"LoRA r={config.lora_rank} alpha={config.lora_alpha:g} on {','.join(config.lora_targets)}"
+        targets = ",".join(config.lora_targets)
+        if targets == "auto":
+            targets = "auto (" + ",".join(lora.ALL_LINEAR if config.task in lora.DECODER_TASKS
+                                          else lora.ENCODER_DEFAULT) + ")"
+        return f"LoRA r={config.lora_rank} alpha={config.lora_alpha:g} on {targets}"
     return f"--method={config.method}"
 
 

@@ -119,9 +119,9 @@ class Config:
     freeze_layers: int = _field(0, "Freeze embeddings + the lowest N transformer layers; -1 = all.")
     lora_rank: int = _field(8, "--method=lora: rank of each low-rank update.")
     lora_alpha: float = _field(16.0, "--method=lora: the update is scaled by lora_alpha / lora_rank.")
-    lora_targets: list = _field(["query", "value"], "--method=lora: projections adapted in every block: "
-                                "query, key, value, attention_output, ffn_in, ffn_out (decoders also: "
-                                "gate, up, down).")
+    lora_targets: list = _field(["auto"], "--method=lora: projections adapted in every block: auto (decoders: "
+                                "every linear projection; encoders: query,value), or some of query, key, "
+                                "value, attention_output, ffn_in, ffn_out (decoders also: gate, up, down).")
     num_prompt_tokens: int = _field(20, "--method=prompt: learned vectors inserted after the first token.")
     prefix_length: int = _field(20, "--method=prefix: learned key/value positions in every layer.")
     prefix_projection: int = _field(0, "--method=prefix: hidden size of the training-time MLP that "

@@ -232,6 +232,44 @@ def test_one_step_changes_only_the_methods_variables(llama_folder, method, overr
         assert all(n.endswith("lora_b") for n in names) and len(names) == 7 * fx.LLAMA["layers"]
 
 
+@pytest.mark.parametrize("folder,task,expected", [
+    ("llama_folder", "causal_lm", ["query", "key", "value", "attention_output", "gate", "ffn_in", "ffn_out"]),
+    ("gpt2_folder", "causal_lm", ["query", "key", "value", "attention_output", "ffn_in", "ffn_out"]),
+])
+def test_lora_on_a_decoder_adapts_every_linear_projection_by_default(folder, task, expected, request):
+    """--lora_targets left at auto: a llama block's seven projections (a gpt2 block's six), and the
+    description says they are the task's default; naming targets keeps exactly those."""
+    from kft import backbones, methods
+
+    loaded = backbones.load_decoder(request.getfixturevalue(folder))
+    config = _config(method="lora")
+    assert config.lora_targets == ["auto"]
+    backbone, info = methods.apply(loaded.backbone, config)
+    assert info["targets"] == expected
+    assert info["targets_source"].startswith("default for --task=causal_lm")
+    blocks = len(backbones.transformer_layers(backbone))
+    assert info["adapted_layers"] == blocks * len(expected)
+    rank = config.lora_rank
+    lora_params = sum(int(np.prod(v.shape)) for v in backbone.trainable_weights)
+    wrapped = [layer for layer in backbone._flatten_layers() if type(layer).__name__ == "LoRAProjection"]
+    assert len(wrapped) == blocks * len(expected)
+    assert lora_params == sum(rank * (w.lora_a.shape[0] + w.lora_b.shape[1]) for w in wrapped)
+
+    named = backbones.load_decoder(request.getfixturevalue(folder))
+    _, info = methods.apply(named.backbone, _config(method="lora", lora_targets=["query", "value"]))
+    assert info["targets"] == ["query", "value"] and info["targets_source"] == "--lora_targets"
+    assert info["adapted_layers"] == blocks * 2
+
+
+def test_lora_targets_auto_cannot_be_mixed_with_names(llama_folder):
+    from kft import backbones, methods
+    from kft.config import FlagError
+
+    loaded = backbones.load_decoder(llama_folder)
+    with pytest.raises(FlagError, match="auto stands alone"):
+        methods.apply(loaded.backbone, _config(method="lora", lora_targets=["auto", "gate"]))
+
+
 @pytest.mark.parametrize("folder,method", [("llama_folder", "lora"), ("llama_folder", "prompt"),
                                            ("gpt2_folder", "lora")])
 def test_cached_generation_equals_decoding_the_training_graph_token_by_token(folder, method, request):

@@ -72,6 +72,13 @@ def test_lora_trains_only_the_low_rank_factors_and_the_head(tiny_preset, rank, t
     assert not any(p.endswith("/kernel") and "classifier" not in p for p in changed)
 
 
+def test_lora_on_an_encoder_adapts_query_and_value_by_default(tiny_preset):
+    model, info, _ = _build(tiny_preset, method="lora")
+    assert info["targets"] == ["query", "value"]
+    assert info["targets_source"] == "default for --task=classification (encoder: query,value)"
+    assert info["adapted_layers"] == LAYERS * 2
+
+
 def test_lora_starts_from_the_pretrained_function(tiny_preset):
     plain, _, _ = _build(tiny_preset)
     lora, _, _ = _build(tiny_preset, method="lora")

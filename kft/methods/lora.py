@@ -17,6 +17,7 @@ import keras
 
 from kft import backbones
 from kft.config import FlagError
+from kft.methods.lora_targets import ALL_LINEAR, DECODER_TASKS, ENCODER_DEFAULT
 
 # --lora_targets names -> (sublayer holding the projection, attribute) in a keras-hub TransformerEncoder.
 TARGETS = {
@@ -36,6 +37,7 @@ TARGETS = {
 # that cross-attention's projections too (as PEFT's q_proj/v_proj targets do for BART).
 CROSS = {name: ("_cross_attention_layer", attribute) for name, (owner, attribute) in TARGETS.items()
          if owner == "_self_attention_layer"}
+
 
 
 def _split(layer) -> int:
@@ -102,17 +104,42 @@ def _slots(backbone, targets: list[str]) -> list[tuple]:
     return slots
 
 
+def _has(block, name: str) -> bool:
+    owner_name, attribute = TARGETS[name]
+    owner = getattr(block, owner_name, None) if owner_name else block
+    return owner is not None and hasattr(getattr(owner, attribute, None), "kernel")
+
+
+def resolve_targets(backbone, config) -> tuple[list[str], str]:
+    """The projections --lora_targets names, and why: the flag, or the task's default (auto)."""
+    targets = list(config.lora_targets)
+    if targets != ["auto"]:
+        if "auto" in targets:
+            raise FlagError(f"--lora_targets={','.join(targets)}: auto stands alone")
+        return targets, "--lora_targets"
+    if config.task not in DECODER_TASKS:
+        return list(ENCODER_DEFAULT), f"default for --task={config.task} (encoder: query,value)"
+    blocks = backbones.transformer_layers(backbone)
+    # every projection the first block has (all blocks of a kft backbone are alike; _slots checks)
+    found = [name for name in ALL_LINEAR if blocks and _has(blocks[0], name)]
+    if not found:
+        raise FlagError(f"--lora_targets=auto: {type(backbone).__name__}'s blocks have none of the "
+                        f"projections LoRA wraps ({', '.join(ALL_LINEAR)}); name them with --lora_targets")
+    return found, f"default for --task={config.task} (every linear projection of a block)"
+
+
 def apply(backbone, config, vocabulary=None):
     if config.lora_rank < 1:
         raise FlagError(f"--lora_rank={config.lora_rank}: must be at least 1")
-    slots = _slots(backbone, list(config.lora_targets))
+    targets, source = resolve_targets(backbone, config)
+    slots = _slots(backbone, targets)
     for variable in backbone.weights:
         variable.trainable = False
     for owner, attribute in slots:
         wrapper = LoRAProjection(getattr(owner, attribute), config.lora_rank, config.lora_alpha)
         backbones.replace_sublayer(owner, attribute, wrapper)
     return backbone, {"method": "lora", "rank": config.lora_rank, "alpha": config.lora_alpha,
-            "targets": list(config.lora_targets), "adapted_layers": len(slots)}
+            "targets": targets, "targets_source": source, "adapted_layers": len(slots)}
 
 
 def merge(backbone) -> int:
