@@ -63,7 +63,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
     startup.import_tensorflow()
-    from kft import benchmark
+    from kft.benchmarks import rows as benchmark
 
     config = config_lib.from_flags(FLAGS)
     unknown = set(FLAGS.rows) - set(benchmark.ROWS)

@@ -9,7 +9,7 @@ toward the explained output, blue against) and attributions.png; prints one JSON
 Classification explains the predicted label (or --target); token classification explains each
 word tagged with an entity tag (or --target); a decoder run explains the log-probability of the
 completion it generates for the text as its prompt (or of the --target completion), toward the
-words of the text. See kft/attributions.py for the method.
+words of the text. See kft/analysis/attributions.py for the method.
 """
 
 from __future__ import annotations
@@ -52,7 +52,10 @@ def main(argv):
     import tensorflow as tf
     from absl import logging
 
-    from kft import attribution_report, attributions, runs
+    from kft.analysis import attribution_report
+    from kft.analysis import attributions
+    from kft.training import runs
+    import kft.tasks  # noqa: F401  (registers the tasks with the trainer)
     from kft.config import FlagError
 
     if not FLAGS.model_dir:

@@ -183,7 +183,7 @@ def _question_pairs(argv: list[str]) -> list[dict]:
 def main(argv):
     startup.import_tensorflow()
 
-    from kft import export
+    from kft.models import savedmodel as export
 
     if not FLAGS.model:
         raise app.UsageError("--model is required (an export version folder)")
@@ -216,7 +216,7 @@ def main(argv):
         print(f"{cut} of {count} prompt(s) cut from the start to leave room for the completion in the "
               "model's context (prompt_tokens_cut: tokens cut)", file=sys.stderr)
     if references:
-        from kft import metrics  # the scores kft's evaluation reports
+        from kft.reporting import metrics  # the scores kft's evaluation reports
 
         scores = metrics.generation_scores(completions, references)
         print(f"scores of {count} completions against {FLAGS.reference_field}: "

@@ -43,7 +43,12 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
     startup.import_tensorflow()
-    from kft import backbones, checkpoints, data, loop, trainer
+    from kft.models import backbones
+    from kft.training import checkpoints
+    from kft.data import sources as data
+    from kft.training import loop
+    from kft.training import trainer
+    import kft.tasks  # noqa: F401  (registers the tasks with the trainer)
 
     config = config_lib.from_flags(FLAGS)
     model_dir = trainer.default_model_dir(config)

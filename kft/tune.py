@@ -176,7 +176,7 @@ def parse_space(specs: list[str], base: Config) -> list[Param]:
 
 def default_space(base: Config) -> list[Param]:
     """Without --search: the learning rate around the method's default (or the given rate) and epochs."""
-    from kft import optim
+    from kft.training import optim
 
     rate, _ = optim.peak_learning_rate(base)
     return parse_space([f"learning_rate:loguniform:{rate / 4:.6g}:{rate * 4:.6g}",
@@ -240,7 +240,8 @@ class Options:
 def trial_config(base: Config, chosen: dict, number: int, options: Options) -> Config:
     """A trial's run: the base flags, the drawn ones, its own model_dir and run_name, and (unless
     given) no export and checkpoints only at epoch ends, one kept: a search trains many models."""
-    from kft import trainer
+    from kft.training import trainer
+    import kft.tasks  # noqa: F401  (registers the tasks with the trainer)
 
     changes = dict(chosen, model_dir=trial_dir(options.tune_dir, number),
                    run_name=f"{trainer.default_run_name(base)}_trial{number}")
@@ -258,7 +259,9 @@ def make_objective(base: Config, space: list[Param], options: Options):
     import keras
     import optuna
 
-    from kft import loop, trainer
+    from kft.training import loop
+    from kft.training import trainer
+    import kft.tasks  # noqa: F401  (registers the tasks with the trainer)
 
     def run_trial(trial) -> float:
         config = trial_config(base, suggest(trial, space, base), trial.number, options)
@@ -294,7 +297,7 @@ def make_objective(base: Config, space: list[Param], options: Options):
 def _setup_record(base: Config, space: list[Param], metric: str) -> dict:
     """What must stay the same for a rerun to continue a study (flags that do not change a run's
     result, such as --export, may differ)."""
-    from kft import loop
+    from kft.training import loop
 
     flags_now = {k: v for k, v in config_lib.to_dict(base).items() if k not in loop.RESUMABLE_CHANGES}
     return json.loads(json.dumps({"flags": flags_now, "search": [p.spec for p in space], "metric": metric}))
@@ -608,7 +611,10 @@ def main(argv):
                       frozenset(f.name for f in config_lib.fields() if FLAGS[f.name].present),
                       " ".join(["python -m kft.tune", *sys.argv[1:]]))
     startup.import_tensorflow()
-    from kft import backbones, checkpoints, data, loop
+    from kft.models import backbones
+    from kft.training import checkpoints
+    from kft.data import sources as data
+    from kft.training import loop
 
     try:
         report = search(base, space, options)

@@ -2,7 +2,7 @@
 
 `tiny_preset` is a keras-hub preset folder (written by save_to_preset); `tiny_hf_folder` is a
 Hugging Face-format BERT folder (config.json + model.safetensors + vocab.txt). Both go through the
-same `kft.backbones.load` path as a real checkpoint.
+same `kft.models.backbones.load` path as a real checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ os.environ.setdefault("KFT_QUIET", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+import kft.tasks  # noqa: E402,F401  (registers the tasks with the trainer)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")

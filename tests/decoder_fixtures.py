@@ -152,7 +152,7 @@ def write_llama_gguf(path: str, tensors: dict, quantize: tuple[str, ...] = ("mlp
     """
     import gguf
 
-    from kft.gguf_import import permute
+    from kft.models.gguf_import import permute
 
     tokens, merges = bpe_vocabulary()
     writer = gguf.GGUFWriter(path, "llama")
@@ -268,7 +268,7 @@ def chats(n: int, seed: int = 0) -> list[dict]:
 def exported_chat_run(folder: str, tmp):
     """A LoRA run of the llama in `folder` on tiny chats, exported under `tmp` (model_dir tmp/m,
     export_dir tmp/x, run tiny_lm): the fitted run."""
-    from kft import trainer
+    from kft.training import trainer
     from kft.config import Config
 
     config = Config(task="causal_lm", backbone=folder, method="lora", lora_targets=["query", "value"],

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import run_python, tiny_config
-from kft import augment, data as data_lib, trainer
+from kft.data import augment
+from kft.data import sources as data_lib
+from kft.training import trainer
 from kft.config import FlagError
 from kft.tasks.token_classification import task as token_task
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config, write_tiny_hf_folder
-from kft import backbones
-from kft.backbones import BackboneError
+from kft.models import backbones
+from kft.models.backbones import BackboneError
 from kft.config import FlagError
 from kft.methods import freeze
 

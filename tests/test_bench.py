@@ -7,7 +7,11 @@ import numpy as np
 import pytest
 
 from conftest import run_python
-from kft import backbones, baselines, benchmark, perf, tasks
+from kft import tasks
+from kft.models import backbones
+from kft.benchmarks import hf_peers as baselines
+from kft.benchmarks import rows as benchmark
+from kft.benchmarks import perf
 
 
 def test_non_embedding_parameters_are_the_transformer_pooler_and_head_weights(tiny_preset):

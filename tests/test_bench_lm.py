@@ -10,7 +10,8 @@ import pytest
 
 import decoder_fixtures as fx
 from conftest import run_python
-from kft import baselines, benchmark
+from kft.benchmarks import hf_peers as baselines
+from kft.benchmarks import rows as benchmark
 
 needs_hf = pytest.mark.skipif(bool(baselines.hf_trainer_missing(benchmark.Config(task="causal_lm",
                                                                                method="lora"))),
@@ -61,7 +62,8 @@ def test_the_hf_rows_tokens_labels_and_untrained_loss_are_kfts(lm_setup, tmp_pat
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kft import backbones, trainer
+    from kft.models import backbones
+    from kft.training import trainer
     from kft.tasks.causal_lm import inputs as lm_inputs, task as lm_task
 
     config = _config(lm_setup, epochs=0, max_new_tokens=0, model_dir=str(tmp_path / "m"))

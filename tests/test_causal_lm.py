@@ -41,7 +41,7 @@ def _logits(loaded, ids):
 # -- GGUF -----------------------------------------------------------------------------------------------
 
 def test_permute_and_unpermute_are_inverse_and_not_identity():
-    from kft.gguf_import import permute, unpermute
+    from kft.models.gguf_import import permute, unpermute
 
     w = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
     assert not np.array_equal(permute(w, 2), w)
@@ -51,7 +51,7 @@ def test_permute_and_unpermute_are_inverse_and_not_identity():
 def test_gguf_file_gives_the_same_logits_as_its_weights_written_directly(tmp_path):
     """F32 and Q8_0 tensors, llama.cpp's query/key row order: dequantised and un-permuted, the GGUF
     model computes exactly what a Hugging Face folder holding the same values computes."""
-    from kft import backbones
+    from kft.models import backbones
 
     tokens, _ = fx.bpe_vocabulary()
     source = fx.llama_weights(len(tokens), **fx.LLAMA)
@@ -72,7 +72,7 @@ def test_gguf_file_gives_the_same_logits_as_its_weights_written_directly(tmp_pat
 
 
 def test_gguf_conversion_is_cached_by_content(tmp_path):
-    from kft import gguf_import
+    from kft.models import gguf_import
 
     tokens, _ = fx.bpe_vocabulary()
     fx.write_llama_gguf(str(tmp_path / "a.gguf"), fx.llama_weights(len(tokens), **fx.LLAMA))
@@ -87,7 +87,7 @@ def test_gguf_conversion_is_cached_by_content(tmp_path):
 def test_gguf_of_another_architecture_is_refused_by_name(tmp_path):
     import gguf
 
-    from kft import gguf_import
+    from kft.models import gguf_import
 
     writer = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "mamba")
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
@@ -127,7 +127,7 @@ def test_chat_template_errors_are_reported_not_raised_raw():
 
 
 def test_loss_is_on_completion_tokens_and_eos_only(llama_folder, tmp_path):
-    from kft import backbones
+    from kft.models import backbones
     from kft.tasks.causal_lm import data, inputs
 
     loaded = backbones.load_decoder(llama_folder)
@@ -148,7 +148,7 @@ def test_loss_is_on_completion_tokens_and_eos_only(llama_folder, tmp_path):
 
 
 def test_long_prompts_are_cut_from_their_start_and_long_completions_counted(llama_folder, tmp_path):
-    from kft import backbones
+    from kft.models import backbones
     from kft.tasks.causal_lm import data, inputs
 
     loaded = backbones.load_decoder(llama_folder)
@@ -177,7 +177,7 @@ def test_long_prompts_are_cut_from_their_start_and_long_completions_counted(llam
     ({"title": "x"}, {}, "neither a chat"),
 ])
 def test_bad_records_name_file_line_and_field(tmp_path, record, flags, message):
-    from kft.data import DataError
+    from kft.data.sources import DataError
     from kft.tasks.causal_lm import data
 
     path = fx.write_jsonl(tmp_path / "t.jsonl", [{"prompt": "a", "completion": "b"}
@@ -221,7 +221,7 @@ def _one_step(loaded, config):
     ("prompt", {"num_prompt_tokens": 3}),
 ])
 def test_one_step_changes_only_the_methods_variables(llama_folder, method, overrides):
-    from kft import backbones
+    from kft.models import backbones
 
     loaded = backbones.load_decoder(llama_folder)
     changed, trainable, model = _one_step(loaded, _config(method=method, **overrides))
@@ -239,7 +239,8 @@ def test_one_step_changes_only_the_methods_variables(llama_folder, method, overr
 def test_lora_on_a_decoder_adapts_every_linear_projection_by_default(folder, task, expected, request):
     """--lora_targets left at auto: a llama block's seven projections (a gpt2 block's six), and the
     description says they are the task's default; naming targets keeps exactly those."""
-    from kft import backbones, methods
+    from kft import methods
+    from kft.models import backbones
 
     loaded = backbones.load_decoder(request.getfixturevalue(folder))
     config = _config(method="lora")
@@ -262,7 +263,8 @@ def test_lora_on_a_decoder_adapts_every_linear_projection_by_default(folder, tas
 
 
 def test_lora_targets_auto_cannot_be_mixed_with_names(llama_folder):
-    from kft import backbones, methods
+    from kft import methods
+    from kft.models import backbones
     from kft.config import FlagError
 
     loaded = backbones.load_decoder(llama_folder)
@@ -278,7 +280,8 @@ def test_cached_generation_equals_decoding_the_training_graph_token_by_token(fol
     the in-place llama cache and over keras-hub's own cache (gpt2)."""
     import keras
 
-    from kft import backbones, methods
+    from kft import methods
+    from kft.models import backbones
     from kft.methods.prompt import prompt_layer
     from kft.tasks.causal_lm import model as lm_model
 
@@ -303,7 +306,7 @@ def test_cached_generation_equals_decoding_the_training_graph_token_by_token(fol
 
 
 def test_bitfit_is_refused_for_a_decoder_without_biases(llama_folder):
-    from kft import backbones
+    from kft.models import backbones
     from kft.config import FlagError
     from kft.tasks import causal_lm
 
@@ -312,7 +315,7 @@ def test_bitfit_is_refused_for_a_decoder_without_biases(llama_folder):
 
 
 def test_greedy_generation_does_not_depend_on_the_batch_it_is_in(llama_folder):
-    from kft import backbones
+    from kft.models import backbones
     from kft.tasks.causal_lm.model import Generator
 
     loaded = backbones.load_decoder(llama_folder)
@@ -327,7 +330,7 @@ def test_greedy_generation_does_not_depend_on_the_batch_it_is_in(llama_folder):
 
 @pytest.mark.parametrize("folder", ["llama_folder", "gpt2_folder"])
 def test_a_run_trains_evaluates_generates_and_writes_predictions(folder, request, tmp_path):
-    from kft import trainer
+    from kft.training import trainer
 
     backbone = request.getfixturevalue(folder)
     train = fx.write_jsonl(tmp_path / "train.jsonl", fx.chats(24, 0))
@@ -346,7 +349,7 @@ def test_a_run_trains_evaluates_generates_and_writes_predictions(folder, request
 
 
 def test_epochs_zero_scores_the_untouched_model(llama_folder, tmp_path):
-    from kft import trainer
+    from kft.training import trainer
 
     train = fx.write_jsonl(tmp_path / "train.jsonl", fx.chats(8, 0))
     config = _config(backbone=llama_folder, train_file=train, validation_fraction=0.25, epochs=0,
@@ -356,7 +359,7 @@ def test_epochs_zero_scores_the_untouched_model(llama_folder, tmp_path):
 
 
 def test_flags_of_other_tasks_are_refused(llama_folder):
-    from kft import trainer
+    from kft.training import trainer
     from kft.config import FlagError
 
     with pytest.raises(FlagError, match="--crf applies to --task=token_classification"):
@@ -366,7 +369,8 @@ def test_flags_of_other_tasks_are_refused(llama_folder):
 
 
 def test_export_writes_a_merged_preset_that_loads_back_as_a_backbone(llama_folder, tmp_path):
-    from kft import backbones, trainer
+    from kft.models import backbones
+    from kft.training import trainer
 
     train = fx.write_jsonl(tmp_path / "train.jsonl", fx.chats(12, 0))
     config = _config(backbone=llama_folder, train_file=train, method="lora", lora_targets=["query", "value"],
@@ -392,11 +396,12 @@ def test_export_writes_a_merged_preset_that_loads_back_as_a_backbone(llama_folde
 
 @pytest.mark.parametrize("folder", ["llama_folder", "gpt2_folder"])  # without BOS, and with it
 def test_general_text_perplexity_is_exp_of_the_mean_negative_log_softmax_of_the_logits(folder, request):
-    from kft import backbones, drift
+    from kft.models import backbones
+    from kft.tasks.causal_lm import perplexity as scorer
 
     loaded = backbones.load_decoder(request.getfixturevalue(folder))
     texts = ["the cat sat on the mat .", "hello , how are you ? i am fine , thank you ."]
-    value, tokens = drift.perplexity(loaded.backbone, drift.plain_texts(loaded, texts), batch_size=2)
+    value, tokens = scorer.perplexity(loaded.backbone, scorer.plain_texts(loaded, texts), batch_size=2)
     nll = []
     for text in texts:
         ids = [loaded.bos_id] if loaded.bos_id is not None else []
@@ -411,7 +416,8 @@ def test_general_text_perplexity_is_exp_of_the_mean_negative_log_softmax_of_the_
 
 def test_drift_reports_general_text_perplexity_unchanged_untrained_and_changed_after_training(
         llama_folder, tmp_path):
-    from kft import drift, trainer
+    from kft.training import drift
+    from kft.training import trainer
 
     rng = np.random.default_rng(0)
     words = fx.TEXT.split()
@@ -431,11 +437,13 @@ def test_drift_reports_general_text_perplexity_unchanged_untrained_and_changed_a
 
 
 def test_prompt_tuning_perplexity_is_the_backbones_unless_the_model_with_its_vectors_is_given(llama_folder):
-    from kft import backbones, drift, methods
-    from kft.tasks.causal_lm import model as lm_model
+    from kft import methods
+    from kft.models import backbones
+    from kft.training import drift
+    from kft.tasks.causal_lm import model as lm_model, perplexity as perplexity_scorer
 
     loaded = backbones.load_decoder(llama_folder)
-    start = drift.snapshot(loaded)
+    start = drift.snapshot(loaded, scorer=perplexity_scorer)
     config = _config(method="prompt", num_prompt_tokens=3)
     model = lm_model.build_model(methods.apply(loaded.backbone, config)[0])
     plain = drift.measure(start, loaded, config)
@@ -451,7 +459,7 @@ def test_sigkill_mid_epoch_then_rerun_ends_bit_identical_to_an_uninterrupted_run
     import signal
 
     from conftest import run_python
-    from kft import checkpoints
+    from kft.training import checkpoints
     from test_preemption import _Process, _final, _history
 
     train = fx.write_jsonl(tmp_path / "train.jsonl", fx.chats(40, 0))
@@ -484,7 +492,7 @@ def test_sigkill_mid_epoch_then_rerun_ends_bit_identical_to_an_uninterrupted_run
 
 @pytest.mark.slow
 def test_bundled_smollm2_answers_with_its_chat_template():
-    from kft import backbones
+    from kft.models import backbones
     from kft.tasks.causal_lm import chat
     from kft.tasks.causal_lm.model import Generator
 
@@ -516,7 +524,7 @@ def test_keras_hub_tokenizer_against_the_reference_on_dialogsum_and_its_two_know
     ("\n\n" -> one token, the reference "\n", "\n"), and it splits an apostrophe after punctuation
     off as a contraction ("#'s" -> "#", "'s"; the reference "#'", "s")."""
     tokenizers = pytest.importorskip("tokenizers")
-    from kft import backbones
+    from kft.models import backbones
 
     rows = _dialogsum_dev(200)
     loaded = backbones.load_decoder("")
@@ -539,7 +547,8 @@ def test_keras_hub_tokenizer_against_the_reference_on_dialogsum_and_its_two_know
 def test_tokenizing_a_split_gives_the_ids_of_one_text_at_a_time():
     """keras-hub's BPE tokenizer traced in a tf.function gave other ids from run to run (a cache race);
     kft calls it eagerly, so a split's ids equal each text tokenized on its own."""
-    from kft import backbones, inputs
+    from kft.models import backbones
+    from kft.data import inputs
     from kft.tasks.causal_lm import chat
 
     loaded = backbones.load_decoder("")
@@ -592,7 +601,7 @@ def test_compare_prints_both_answers_per_input(tmp_path, capsys):
 
 
 def test_a_plain_text_run_with_the_default_export_writes_the_preset_and_no_generating_model(llama_folder, tmp_path):
-    from kft import trainer
+    from kft.training import trainer
 
     rng = np.random.default_rng(0)
     words = fx.TEXT.split()

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from kft import checkpoints, trainer
+from kft.training import checkpoints
+from kft.training import trainer
 
 
 def _variables(seed=0):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import run_python, tiny_config
-from kft import trainer
+from kft.training import trainer
 
 SERVE = r"""
 import json, sys
@@ -34,7 +34,8 @@ def test_a_quantized_export_serves_what_the_quantized_model_computes_in_a_fresh_
     proc = run_python(["-c", SERVE, info["export"], json.dumps(texts)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     served = np.array(json.loads(proc.stdout.strip().splitlines()[-1]))
-    from kft import backbones, inputs
+    from kft.models import backbones
+    from kft.data import inputs
 
     loaded = backbones.load(tiny_preset)
     enc = inputs.encode(loaded.tokenizer, loaded.packing, texts, 64)
@@ -105,7 +106,7 @@ def teacher_run(tiny_preset, tmp_path_factory):
 
 def test_a_student_copies_the_teachers_chosen_layers_and_head_and_the_teacher_runs_once(
         teacher_run, tiny_preset, tmp_path, monkeypatch):
-    from kft import backbones
+    from kft.models import backbones
     from kft.compression import distillation
 
     calls = []

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from kft import data
-from kft.data import DataError
+from kft.data import sources as data
+from kft.data.sources import DataError
 
 
 def write(tmp_path, name, content, mode="w"):
@@ -196,7 +196,7 @@ def test_tfds_download_code_path_has_its_imports():
 # -- files too small for the hold-out, through the path kft.train takes (trainer -> task -> data) --
 
 def _train(tmp_path, **overrides):
-    from kft import trainer
+    from kft.training import trainer
 
     return trainer.train_and_evaluate(tiny_config(dataset="", text_field="text", label_field="stars",
                                                   **overrides), str(tmp_path / "model"))
@@ -285,7 +285,7 @@ def test_a_resolver_that_hangs_counts_as_unresolved_after_the_timeout(monkeypatc
 
 
 def test_a_one_sentence_token_file_without_eval_data_is_an_error_naming_it(tmp_path):
-    from kft import trainer
+    from kft.training import trainer
 
     train = write(tmp_path, "train.txt", "EU B-ORG\nrejects O\n")
     message = rf"{train}: 1 sentence\(s\); --validation_fraction=0.1 needs at least 2"

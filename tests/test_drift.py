@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from kft import drift, trainer
+from kft.training import drift
+from kft.training import trainer
 
 
 def test_linear_cka_is_one_for_the_same_representation_up_to_rotation_and_scale_and_low_for_noise():
@@ -41,7 +42,8 @@ def test_lora_drift_counts_the_merged_update_and_frozen_prompts_leave_the_weight
 def test_l2sp_pulls_the_backbone_toward_its_start_and_decays_only_the_head_toward_zero(tiny_preset):
     import keras
 
-    from kft import backbones, optim
+    from kft.models import backbones
+    from kft.training import optim
     from kft.tasks import classification
 
     loaded = backbones.load(tiny_preset)

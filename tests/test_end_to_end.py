@@ -6,7 +6,7 @@ import os
 import pytest
 
 from conftest import SHARED_DATA, run_python
-from kft import trainer
+from kft.training import trainer
 from kft.config import Config
 
 SST2 = os.path.abspath(os.path.join(SHARED_DATA, "sst2"))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kft.metrics import entity_report, entity_spans
+from kft.reporting.metrics import entity_report, entity_spans
 
 
 def test_spans_follow_the_conll_rules():

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import run_python, tiny_config
-from kft import attribution_report, attributions, runs, trainer
+from kft.analysis import attribution_report
+from kft.analysis import attributions
+from kft.training import runs
+from kft.training import trainer
 from kft.explain import DEFAULT_IG_STEPS
 
 TEXTS = ["a lovely film with a big heart", "the plot is dull and far too long", "fine"]
@@ -270,7 +273,7 @@ def test_a_zero_shot_decoder_run_is_explained_with_the_pretrained_weights(tmp_pa
     """An --epochs=0 decoder run saves no checkpoint; its model is the untouched pretrained one."""
     import decoder_fixtures as fx
 
-    from kft import backbones
+    from kft.models import backbones
     from kft.config import Config
 
     folder = fx.write_llama_folder(str(tmp_path / "tiny_llama"))

@@ -7,7 +7,9 @@ import pytest
 import tensorflow as tf
 
 from conftest import run_python
-from kft import backbones, export, inputs
+from kft.models import backbones
+from kft.models import savedmodel as export
+from kft.data import inputs
 from kft.tasks import classification
 
 TEXTS = ["a gorgeous, witty, seductive movie.", "the plot is nothing but boilerplate clichés",

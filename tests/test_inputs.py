@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kft import backbones, inputs
+from kft.models import backbones
+from kft.data import inputs
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,7 @@ def test_one_replica_input_pipelines_run_without_tf_data_autotuning():
     in PERFORMANCE.md). A wall-clock bound on deletion was too noisy for a shared CI machine, so this
     checks the two things that remove the wait: one replica gets a plain dataset (no
     MultiDeviceIterator with its own default-option pipeline) and that dataset has autotuning off."""
-    from kft import loop
+    from kft.training import loop
 
     rng = np.random.default_rng(0)
     n = 64

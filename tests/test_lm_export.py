@@ -108,7 +108,7 @@ def test_the_export_stores_each_weight_once_and_says_how_it_generates(exported):
 def test_generate_raw_takes_the_formatted_prompt_and_token_log_probs_match_the_model(exported):
     import tensorflow as tf
 
-    from kft import export as export_lib
+    from kft.models import savedmodel as export_lib
     from kft.tasks.causal_lm import model as lm_model
 
     fitted, path, _ = exported
@@ -139,7 +139,8 @@ def test_generate_raw_takes_the_formatted_prompt_and_token_log_probs_match_the_m
 def test_a_prompt_tuned_run_serves_its_vectors_from_the_kv_cache_as_the_in_memory_run_did(tmp_path):
     import tensorflow as tf
 
-    from kft import export as export_lib, trainer
+    from kft.models import savedmodel as export_lib
+    from kft.training import trainer
     from kft.config import Config
     from kft.tasks.causal_lm import model as lm_model
 
@@ -176,7 +177,7 @@ def test_a_prompt_tuned_run_serves_its_vectors_from_the_kv_cache_as_the_in_memor
 
 
 def _endpoints(llama_folder, **overrides):
-    from kft import backbones
+    from kft.models import backbones
     from kft.config import Config
     from kft.tasks.causal_lm import serving
 
@@ -212,7 +213,7 @@ def test_top_k_of_one_is_greedy_and_sampling_is_fixed_by_the_seed(llama_folder):
 def test_the_graph_tokenizer_gives_the_training_ids_for_chats_and_odd_whitespace(llama_folder):
     import tensorflow as tf
 
-    from kft import backbones
+    from kft.models import backbones
     from kft.tasks.causal_lm import graph_tokenizer
 
     loaded = backbones.load_decoder(llama_folder)
@@ -260,7 +261,7 @@ def test_cutting_a_text_into_words_gives_the_ids_of_merging_it_whole():
 def test_the_graph_tokenizer_gives_smollm2s_training_ids_on_dialogsum_and_chat_prompts():
     import tensorflow as tf
 
-    from kft import backbones
+    from kft.models import backbones
     from kft.tasks.causal_lm import chat, graph_tokenizer
 
     path = os.path.join(SHARED_DATA, "dialogsum", "dev.jsonl")
@@ -300,7 +301,7 @@ def test_a_gpt2_decoder_generates_in_the_graph_what_the_evaluation_generator_gen
     """GPT-2's cache has its own layout and BOS; the graph loop and the evaluation loop agree."""
     import tensorflow as tf
 
-    from kft import backbones
+    from kft.models import backbones
     from kft.config import Config
     from kft.tasks.causal_lm import model as lm_model, serving
 

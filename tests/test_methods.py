@@ -5,7 +5,11 @@ import pytest
 import tensorflow as tf
 
 from conftest import run_python, tiny_config
-from kft import adapters, backbones, methods, optim, trainer
+from kft import methods
+from kft.models import adapters
+from kft.models import backbones
+from kft.training import optim
+from kft.training import trainer
 from kft.methods import lora, prefix
 from kft.config import FlagError
 from kft.tasks import classification

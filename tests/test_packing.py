@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import decoder_fixtures as fx
-from kft import backbones, trainer
+from kft.models import backbones
+from kft.training import trainer
 from kft.config import Config, FlagError
 from kft.tasks.causal_lm import model as lm_model, packing
 from test_causal_lm import gpt2_folder, llama_folder  # noqa: F401 (the tiny decoders, as fixtures)
@@ -95,7 +96,7 @@ def test_a_packed_run_trains_on_fewer_fuller_rows(llama_folder, tmp_path):
     saved = json.load(open(os.path.join(tmp_path, "packed", "metrics.json")))
     assert saved["config"]["pack_sequences"] is True
     # the run loads back (kft.explain, kft.predict) with its trained weights
-    from kft import runs
+    from kft.training import runs
 
     loaded_run = runs.load_run(str(tmp_path / "packed"))
     ids = np.arange(3, 15, dtype=np.int32)[None]
@@ -126,7 +127,7 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 sys.path.insert(0, "tests")
 import decoder_fixtures as fx
 from test_causal_lm import _config
-from kft import trainer
+from kft.training import trainer
 folder, tmp = sys.argv[1:3]
 train = fx.write_jsonl(tmp + "/train.jsonl", fx.chats(24, 0))
 dev = fx.write_jsonl(tmp + "/dev.jsonl", fx.chats(4, 1))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_python, tiny_config
-from kft import trainer
+from kft.training import trainer
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_tfds_dataset_trains_end_to_end(tiny_preset, tmp_path):
 
 def test_export_versions_increase(run, tiny_preset):
     result, _ = run
-    from kft import export
+    from kft.models import savedmodel as export
 
     run_dir = os.path.dirname(result["export"])
     assert export.next_version(run_dir) == 2
@@ -93,7 +93,8 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 sys.path.insert(0, "tests")
 from conftest import tiny_config
-from kft import distribute, trainer
+from kft.training import distribute
+from kft.training import trainer
 strategy = distribute.get_strategy("mirrored")
 result = trainer.train_and_evaluate(tiny_config(backbone=sys.argv[1], strategy="mirrored"), sys.argv[2])
 print(json.dumps({"replicas": strategy.num_replicas_in_sync, "steps": result["training"]["steps"],
@@ -114,7 +115,7 @@ import json, os, sys
 import numpy as np
 sys.path.insert(0, "tests")
 from conftest import tiny_config
-from kft import trainer
+from kft.training import trainer
 preset, model_dir, strategy, out = sys.argv[1:5]
 config = tiny_config(backbone=preset, strategy=strategy, dropout=0.0, epochs=2, batch_size=16)
 trained = trainer.fit_model(config, model_dir)

@@ -29,7 +29,8 @@ def decoder_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def classifier(tiny_preset, tmp_path_factory) -> str:
     """An untrained classification export: a SavedModel without generate_raw."""
-    from kft import backbones, export
+    from kft.models import backbones
+    from kft.models import savedmodel as export
     from kft.tasks import classification
 
     loaded = backbones.load(tiny_preset)
@@ -60,7 +61,7 @@ def test_a_decoder_export_prints_the_completions_the_run_generated(decoder_run, 
 
 
 def test_a_labelled_file_is_served_and_scored_as_the_run_scored_its_own_generations(decoder_run, tmp_path):
-    from kft import metrics
+    from kft.reporting import metrics
 
     path, rows = decoder_run
     listing = fx.write_jsonl(tmp_path / "labelled.jsonl", [{"question": r["input"], "answer": r["reference"]}

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_python
-from kft import checkpoints
+from kft.training import checkpoints
 
 EPOCHS = 3
 
@@ -154,7 +154,7 @@ def test_ctrl_c_saves_the_current_step_exits_75_without_a_traceback_and_the_reru
 
 
 def test_a_first_ctrl_c_asks_the_loop_to_stop_and_a_second_raises_at_once():
-    from kft import loop
+    from kft.training import loop
 
     # as in a terminal, even when this suite runs as a background job (which ignores SIGINT)
     inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -172,7 +172,8 @@ def test_a_first_ctrl_c_asks_the_loop_to_stop_and_a_second_raises_at_once():
 
 
 def test_an_immediate_ctrl_c_is_one_line_naming_the_last_checkpoint_and_status_130(tmp_path, monkeypatch, capsys):
-    from kft import train, trainer
+    from kft import train
+    from kft.training import trainer
 
     model_dir = tmp_path / "model"
     (model_dir / "checkpoints").mkdir(parents=True)
@@ -300,7 +301,7 @@ def test_sigterm_to_one_worker_stops_both_at_the_same_step_and_the_job_resumes(t
 
 
 def test_after_training_sigterm_raises_at_once_naming_the_phase_and_the_saved_step(tmp_path):
-    from kft import loop
+    from kft.training import loop
 
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(loop.PreemptedAfterTraining) as e:

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from kft import progress
+from kft.training import progress
 
 
 class FakeClock:

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from conftest import SHARED_DATA
-from kft.data import DataError
+from kft.data.sources import DataError
 from kft.tasks.question_answering import data as qa_data
 from kft.tasks.question_answering import scoring
 

@@ -8,7 +8,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import SAMPLE_DIR, run_python
-from kft import backbones, inputs
+from kft.models import backbones
+from kft.data import inputs
 from kft.config import Config, FlagError
 from kft.tasks.question_answering import data as qa_data, features
 
@@ -167,7 +168,7 @@ def _qa_config(tiny_preset, tmp_path, **overrides):
 
 
 def test_training_reduces_the_loss_and_the_export_answers_as_the_in_memory_model(tiny_preset, tmp_path):
-    from kft import trainer
+    from kft.training import trainer
 
     # unanswerable questions in train turn on null answers, in evaluation and in the serving graph
     config = _qa_config(tiny_preset, tmp_path, epochs=4, export=True,
@@ -211,7 +212,7 @@ def test_training_reduces_the_loss_and_the_export_answers_as_the_in_memory_model
 
 @pytest.mark.parametrize("method", ["full", "freeze", "lora", "prompt", "prefix", "bitfit"])
 def test_each_tuning_method_trains_on_question_answering(tiny_preset, tmp_path, method):
-    from kft import trainer
+    from kft.training import trainer
 
     overrides = {"freeze_layers": 1} if method == "freeze" else {"method": method}
     if method in ("prompt", "prefix"):
@@ -240,7 +241,7 @@ SQUAD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
                     reason="../shared/data/squad/ (SQuAD 1.1) is not present")
 def test_bundled_minilm_on_squad_serves_the_answers_it_was_evaluated_with(tmp_path):
     """End to end on real data: the bundled MiniLM, SQuAD train -> dev, export in a fresh process."""
-    from kft import trainer
+    from kft.training import trainer
 
     config = Config(task="question_answering", train_file=os.path.join(SQUAD, "train.json"),
                     eval_file=os.path.join(SQUAD, "dev.json"), max_train_examples=64, max_eval_examples=40,

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kft import backbones, recompute, trainer
+from kft.models import backbones
+from kft.training import recompute
+from kft.training import trainer
 from kft.config import FlagError
 from test_causal_lm import llama_folder  # noqa: F401 (the tiny llama, as a fixture)
 

@@ -72,7 +72,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(bart_folder, data, tmp_path_factory):
     """Full fine-tuning for 3 epochs, exported: (fitted run, model_dir)."""
-    from kft import trainer
+    from kft.training import trainer
 
     tmp = tmp_path_factory.mktemp("s2s_run")
     config = _config(backbone=bart_folder, train_file=data[0], eval_file=data[1], epochs=3, learning_rate=1e-2,
@@ -83,7 +83,7 @@ def trained(bart_folder, data, tmp_path_factory):
 def test_the_hugging_face_bart_folder_loads_through_kft(bart_folder):
     from kft.tasks.seq2seq import backbone as backbone_lib
 
-    from kft import backbones
+    from kft.models import backbones
 
     loaded = backbone_lib.load(bart_folder)
     assert type(loaded.backbone).__name__ == "BartBackbone" and loaded.kind == "hf_folder"
@@ -152,7 +152,7 @@ def test_the_served_input_sits_in_the_training_source_text():
 
 
 def test_batches_carry_the_decoder_sequence_cut_to_its_own_width():
-    from kft import inputs
+    from kft.data import inputs
 
     lengths = np.array([3, 5, 2])
     matrix = np.arange(15, dtype=np.int32).reshape(3, 5)
@@ -172,7 +172,7 @@ def test_batches_carry_the_decoder_sequence_cut_to_its_own_width():
 
 
 def test_training_lowers_the_eval_loss_and_writes_scored_predictions(trained, bart_folder, data, tmp_path):
-    from kft import trainer
+    from kft.training import trainer
 
     fitted, model_dir = trained
     history = fitted.metrics["training"]["history"]
@@ -213,7 +213,8 @@ def test_the_export_served_in_a_fresh_process_generates_the_in_memory_prediction
 
 def test_lora_adapts_both_stacks_and_cross_attention_keeps_base_weights_and_merges(bart_folder, data,
                                                                                      tmp_path):
-    from kft import backbones, trainer
+    from kft.models import backbones
+    from kft.training import trainer
     from kft.methods import lora
     from kft.methods.lora import LoRAProjection
     from kft.tasks.seq2seq import backbone as backbone_lib
@@ -243,7 +244,8 @@ def test_lora_adapts_both_stacks_and_cross_attention_keeps_base_weights_and_merg
 
 
 def test_freeze_keeps_the_embeddings_and_lowest_blocks(bart_folder, data, tmp_path):
-    from kft import backbones, trainer
+    from kft.models import backbones
+    from kft.training import trainer
     from kft.config import FlagError
     from kft.tasks.seq2seq import backbone as backbone_lib
 
@@ -265,9 +267,9 @@ def test_freeze_keeps_the_embeddings_and_lowest_blocks(bart_folder, data, tmp_pa
 
 
 def test_data_errors_name_the_file_line_and_field(bart_folder, tmp_path):
-    from kft import trainer
+    from kft.training import trainer
     from kft.config import FlagError
-    from kft.data import DataError
+    from kft.data.sources import DataError
 
     good = _pairs(4, 0)
     bad = fx.write_jsonl(tmp_path / "bad.jsonl", good[:2] + [{"dialogue": "hello"}] + good[2:])
@@ -284,7 +286,7 @@ def test_data_errors_name_the_file_line_and_field(bart_folder, tmp_path):
 
 
 def test_flags_of_other_tasks_and_other_methods_are_refused(bart_folder, data, tmp_path):
-    from kft import trainer
+    from kft.training import trainer
     from kft.config import FlagError
 
     for flag, match in (({"chat_template": "none"}, "--chat_template=none applies to --task=causal_lm"),
@@ -293,7 +295,7 @@ def test_flags_of_other_tasks_and_other_methods_are_refused(bart_folder, data, t
                         ({"method": "prompt"}, "--method=prompt is not available for --task=seq2seq")):
         with pytest.raises(FlagError, match=match):
             trainer.fit_model(_config(backbone=bart_folder, train_file=data[0], **flag), str(tmp_path / "m"))
-    from kft.backbones import BackboneError
+    from kft.models.backbones import BackboneError
 
     with pytest.raises(BackboneError, match="--task=seq2seq has no bundled model"):
         trainer.fit_model(_config(train_file=data[0]), str(tmp_path / "m"))

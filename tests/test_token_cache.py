@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import sample_vocabulary, tiny_config
-from kft import backbones, inputs, token_cache, trainer
+from kft.models import backbones
+from kft.data import inputs
+from kft.data import token_cache
+from kft.training import trainer
 
 TEXTS = ["a fine film", "dull", "the plot is thin but the acting is strong", "fine"]
 

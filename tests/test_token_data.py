@@ -7,7 +7,7 @@ import pytest
 
 from conftest import SHARED_DATA
 from kft.tasks.token_classification import data as token_data
-from kft.data import DataError
+from kft.data.sources import DataError
 
 CONLL = """-DOCSTART- -X- O O
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kft import backbones
+from kft.models import backbones
 from kft.tasks.token_classification import inputs as token_inputs
 from kft.tasks.token_classification.inputs import IGNORE
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kft import backbones, export
+from kft.models import backbones
+from kft.models import savedmodel as export
 from kft.tasks.token_classification import crf as crf_lib
 from kft.tasks import token_classification as task
 
@@ -103,7 +104,7 @@ def _write_conll(path, n, seed):
 @pytest.mark.parametrize("use_crf", [False, True], ids=["softmax", "crf"])
 def test_token_classification_trains_end_to_end_and_scores_every_word(tiny_preset, tmp_path, use_crf):
     from conftest import tiny_config
-    from kft import trainer
+    from kft.training import trainer
 
     config = tiny_config(dataset="", backbone=tiny_preset, task="token_classification", crf=use_crf,
                          train_file=_write_conll(tmp_path / "train.txt", 200, 0),
@@ -124,7 +125,7 @@ def test_token_classification_trains_end_to_end_and_scores_every_word(tiny_prese
 
 def test_balanced_tag_weights_scale_the_loss_of_each_tagged_position(tiny_preset, tmp_path):
     from conftest import tiny_config
-    from kft import trainer
+    from kft.training import trainer
     from kft.config import FlagError
 
     probabilities = np.random.default_rng(0).dirichlet(np.ones(5), size=(2, 6)).astype("float32")
@@ -169,9 +170,9 @@ np.savez(out, **by_text, **by_words)
 @pytest.mark.parametrize("use_crf", [False, True], ids=["softmax", "crf"])
 def test_token_export_round_trips_in_a_fresh_process(tiny_preset, tmp_path, use_crf):
     from conftest import run_python, tiny_config
-    from kft import trainer
+    from kft.training import trainer
     from kft.tasks.token_classification import inputs as token_inputs
-    from kft.metrics import entity_spans
+    from kft.reporting.metrics import entity_spans
 
     config = tiny_config(dataset="", backbone=tiny_preset, task="token_classification", crf=use_crf,
                          train_file=_write_conll(tmp_path / "train.txt", 200, 0),
@@ -222,7 +223,7 @@ def test_token_export_round_trips_in_a_fresh_process(tiny_preset, tmp_path, use_
             (kind, " ".join(split[0][a:b])) for kind, a, b in entity_spans(expected[0])]
         assert [t for _, t in line["tags"]] == expected[0]
         # kft.bench --mode=serve times the token export on the eval sentences, read back in full
-        from kft import benchmark
+        from kft.benchmarks import rows as benchmark
 
         options = benchmark.Options([], 0, "", trained.metrics["export"], 20, [])
         row = benchmark.serve_row(config, options, 0.0)
@@ -270,7 +271,7 @@ def test_train_cli_runs_a_token_task_and_prints_entity_scores(tiny_preset, tmp_p
 ])
 def test_flags_of_the_other_task_are_refused_not_ignored(tiny_preset, tmp_path, overrides, message):
     from conftest import tiny_config
-    from kft import trainer
+    from kft.training import trainer
     from kft.config import FlagError
 
     train = _write_conll(tmp_path / "train.txt", 5, 0)
@@ -281,7 +282,7 @@ def test_flags_of_the_other_task_are_refused_not_ignored(tiny_preset, tmp_path, 
 
 def test_a_token_classification_student_distils_per_tagged_word(tiny_preset, tmp_path):
     from conftest import tiny_config
-    from kft import trainer
+    from kft.training import trainer
     from kft.compression import distillation
 
     files = dict(dataset="", backbone=tiny_preset, task="token_classification", sequence_length=8, stride=2,

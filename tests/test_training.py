@@ -8,7 +8,12 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_config
-from kft import backbones, data, distribute, metrics, optim, trainer
+from kft.models import backbones
+from kft.data import sources as data
+from kft.training import distribute
+from kft.reporting import metrics
+from kft.training import optim
+from kft.training import trainer
 from kft import config as config_lib
 from kft.config import Config, FlagError
 from kft.methods import freeze
@@ -242,7 +247,7 @@ def test_the_run_logs_the_learning_rate_it_uses_and_why(overrides, line, tmp_pat
 
 def test_a_run_of_very_few_steps_warns_that_it_may_stay_near_chance(tiny_preset, tmp_path, caplog):
     from conftest import tiny_config
-    from kft import trainer
+    from kft.training import trainer
 
     config = tiny_config(backbone=tiny_preset, max_train_examples=40, batch_size=16, epochs=2)
     with caplog.at_level("WARNING", logger="absl"):

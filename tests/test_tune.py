@@ -148,7 +148,7 @@ def test_the_pruner_is_given_the_searched_metric_from_the_epoch_scores_not_the_r
 def test_an_epoch_hook_that_raises_ends_the_run_and_leaves_signal_handling_as_it_was(tiny_preset, tmp_path):
     import keras
 
-    from kft import trainer
+    from kft.training import trainer
 
     seen = []
 
@@ -174,7 +174,7 @@ def _fresh_train_flags():
 
 
 def test_a_search_writes_the_study_the_table_best_cfg_and_a_plot(tiny_preset, tmp_path):
-    from kft import trainer
+    from kft.training import trainer
 
     fv = flags.FlagValues()
     tune.define_flags(fv)

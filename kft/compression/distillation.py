@@ -24,8 +24,10 @@ import tensorflow as tf
 from absl import logging
 from keras import ops
 
-from kft import config as config_lib, inputs, runs
-from kft import loop as loop_lib
+from kft import config as config_lib
+from kft.data import inputs
+from kft.training import runs
+from kft.training import loop as loop_lib
 from kft.config import Config, FlagError
 
 CACHE = "teacher_outputs.npz"
@@ -74,7 +76,7 @@ def predict_log_probabilities(model: keras.Model, split, config: Config, counter
 def teacher_source(teacher: Teacher, config: Config, train, data, loaded):
     """The training split as the teacher reads it: the run's own token ids when both tokenize
     alike, else (classification) the training texts tokenized by the teacher's tokenizer."""
-    from kft import token_cache
+    from kft.data import token_cache
 
     same = token_cache.tokenizer_fingerprint(teacher.loaded.tokenizer) == \
         token_cache.tokenizer_fingerprint(loaded.tokenizer) and teacher.loaded.packing == loaded.packing

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from kft import backbones
+from kft.models import backbones
 from kft.config import FlagError
 
 

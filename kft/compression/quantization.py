@@ -23,7 +23,7 @@ MODES = ("none", "int8", "int8_dynamic", "int4")
 
 def quantize(model: keras.Model, mode: str) -> dict:
     """Quantizes `model` in place; returns which layers changed (by class) and the weight bytes."""
-    from kft import export
+    from kft.models import savedmodel as export
 
     before = export.weight_bytes(model)
     with warnings.catch_warnings():
@@ -54,7 +54,7 @@ def serving_latency(path: str, texts: list[str], requests: int = 100, batches: i
     import numpy as np
     import tensorflow as tf
 
-    from kft import export
+    from kft.models import savedmodel as export
 
     serve = export.load(path).signatures["serving_default"]
     rng = np.random.default_rng(0)

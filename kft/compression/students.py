@@ -11,7 +11,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from kft import backbones
+from kft.models import backbones
 from kft.config import FlagError
 
 

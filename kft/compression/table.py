@@ -80,7 +80,9 @@ def long_texts(export: str, dev_tsv: str) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from kft import backbones, export as export_lib, inputs
+    from kft.models import backbones
+    from kft.models import savedmodel as export_lib
+    from kft.data import inputs
 
     with open(os.path.join(export, "assets.extra", "metadata.json")) as f:
         meta = json.load(f)

@@ -6,7 +6,7 @@ backbone so only the head trains. A nonzero N selects this method even under the
 
 from __future__ import annotations
 
-from kft import backbones
+from kft.models import backbones
 from kft.config import FlagError
 
 

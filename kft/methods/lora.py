@@ -15,7 +15,7 @@ import math
 
 import keras
 
-from kft import backbones
+from kft.models import backbones
 from kft.config import FlagError
 from kft.methods.lora_targets import ALL_LINEAR, DECODER_TASKS, ENCODER_DEFAULT
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 
-from kft.data import DataError
+from kft.data.sources import DataError
 
 ROLES = ("system", "user", "assistant")
 

@@ -18,7 +18,7 @@ import string
 
 import numpy as np
 
-from kft.data import DataError, _read_bytes, json_records
+from kft.data.sources import DataError, _read_bytes, json_records
 from kft.tasks.causal_lm.chat import ROLES
 
 

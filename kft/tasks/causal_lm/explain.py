@@ -27,7 +27,7 @@ import re
 
 import numpy as np
 
-from kft import attributions
+from kft.analysis import attributions
 
 TEMPLATE = -1  # piece_word of a token that is not the text's (start token, templates, completion)
 # Rows x positions x layers x hidden units per batch of interpolation steps (for SmolLM2, about

@@ -176,7 +176,7 @@ def for_tokenizer(tokenizer) -> GraphBPE | None:
 
 def check(graph_tokenize, tokenizer, texts: list[str]) -> list[int]:
     """Indices of `texts` whose graph ids differ from the eager tokenizer's (training) ids."""
-    from kft import inputs
+    from kft.data import inputs
 
     if not texts:
         return []

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from kft import token_cache
+from kft.data import token_cache
 from kft.config import FlagError
 from kft.tasks.causal_lm import chat
 from kft.tasks.causal_lm.data import Split

@@ -1,5 +1,5 @@
 """The evaluation reports and predictions files of the generating tasks (causal_lm, seq2seq); the
-scores of generated text against references are kft.metrics.generation_scores."""
+scores of generated text against references are kft.reporting.metrics.generation_scores."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from kft import metrics
+from kft.reporting import metrics
 
 
 def epoch_scores(outputs: np.ndarray, sizes: np.ndarray) -> dict:

@@ -389,7 +389,7 @@ def write_export(endpoints: TextEndpoints, config, texts: list[str], inputs: str
     """Checks the graph tokenizer on `texts` (eval `inputs` as the model read them: the served ids
     must be training's), then writes the endpoints as a new version under --export_dir/<run_name>/,
     with the sampler and `generation` in the metadata."""
-    from kft import export as export_lib
+    from kft.models import savedmodel as export_lib
 
     graph_tokenize = tf.function(endpoints.tokenize, input_signature=[tf.TensorSpec([None], tf.string)])
     differ = graph_tokenizer.check(graph_tokenize, endpoints.tokenizer, texts)

@@ -18,10 +18,12 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from kft import backbones, inputs as inputs_lib, token_cache
-from kft import loop as loop_lib
+from kft.models import backbones
+from kft.data import inputs as inputs_lib
+from kft.data import token_cache
+from kft.training import loop as loop_lib
 from kft.config import BUNDLED_BACKBONE, Config, FlagError
-from kft.data import DataError
+from kft.data.sources import DataError
 from kft.methods import prompt as prompt_lib
 from kft.tasks.causal_lm import data as data_lib, inputs as lm_inputs, model as lm_model, packing, scoring
 
@@ -80,7 +82,7 @@ def _check_packing(backbone: keras.Model, config: Config) -> None:
 
 
 def prepare(config: Config, data: LMData, loaded, model_dir: str, is_chief: bool = True):
-    from kft.tasks import Prepared
+    from kft.training.task_api import Prepared
 
     if config.pack_sequences:  # before tokenizing: a refused run fails at once
         _check_packing(loaded.backbone, config)

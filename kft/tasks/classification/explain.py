@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kft import attributions
+from kft.analysis import attributions
 
 
 def explain(run, texts: list[str], steps: int, target: str = "", max_steps: int | None = None) -> list[dict]:

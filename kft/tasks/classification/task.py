@@ -12,8 +12,14 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from kft import backbones, data as data_lib, export as export_lib, inputs, metrics, plots, token_cache
-from kft import loop as loop_lib
+from kft.models import backbones
+from kft.data import sources as data_lib
+from kft.models import savedmodel as export_lib
+from kft.data import inputs
+from kft.reporting import metrics
+from kft.reporting import plots
+from kft.data import token_cache
+from kft.training import loop as loop_lib
 from kft.config import Config
 
 
@@ -160,8 +166,8 @@ def load_data(config: Config) -> data_lib.Data:
 
 def prepare(config: Config, data: data_lib.Data, loaded: backbones.Loaded, model_dir: str,
             is_chief: bool = True):
-    """Tokenizes every split once and returns what the trainer needs (a tasks.Prepared)."""
-    from kft.tasks import Prepared
+    """Tokenizes every split once and returns what the trainer needs (a task_api.Prepared)."""
+    from kft.training.task_api import Prepared
 
     prep = _prepare_inputs(config, data, loaded, model_dir, is_chief)
     vocab, label_ids = data.vocab, prep.label_ids

@@ -16,7 +16,7 @@ import json
 import tensorflow as tf
 from absl import logging
 
-from kft.data import DataError, download_and_prepare, json_records
+from kft.data.sources import DataError, download_and_prepare, json_records
 
 FIX_FLAG = "--fix_answer_offsets"
 _SHOW = 60  # characters of context shown in messages

@@ -27,8 +27,8 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from kft import inputs
-from kft.backbones import Packing
+from kft.data import inputs
+from kft.models.backbones import Packing
 
 # Units: split at whitespace (dropped) and at punctuation and symbols (kept, one character each).
 UNIT_DELIMITERS = r"\s+|\pP|\pS"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from kft import backbones
+from kft.models import backbones
 from kft.config import Config
 from kft.tasks.question_answering import features
 

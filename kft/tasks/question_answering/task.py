@@ -21,10 +21,12 @@ import tensorflow as tf
 from absl import logging
 from keras import ops
 
-from kft import backbones, inputs, plots
-from kft import loop as loop_lib
+from kft.models import backbones
+from kft.data import inputs
+from kft.reporting import plots
+from kft.training import loop as loop_lib
 from kft.config import Config, FlagError
-from kft.data import DataError
+from kft.data.sources import DataError
 from kft.tasks.question_answering import data as qa_data, features, scoring
 
 DEFAULT_SEQUENCE_LENGTH = 384  # as the BERT and Hugging Face SQuAD recipes
@@ -216,8 +218,8 @@ def sequence_length_for(config: Config, loaded: backbones.Loaded) -> int:
 
 
 def prepare(config: Config, data: QAData, loaded: backbones.Loaded, model_dir: str, is_chief: bool = True):
-    """Windows once per split; returns a tasks.Prepared."""
-    from kft.tasks import Prepared
+    """Windows once per split; returns a task_api.Prepared."""
+    from kft.training.task_api import Prepared
 
     t0 = time.time()
     length = sequence_length_for(config, loaded)
@@ -331,7 +333,7 @@ def load_backbone(config: Config) -> backbones.Loaded:
 
 def export(model, loaded: backbones.Loaded, prep, config: Config, run_name: str, metadata: dict) -> str:
     """SavedModel whose `serving_default` answers (question, context) pairs (see serving.py)."""
-    from kft import export as export_lib
+    from kft.models import savedmodel as export_lib
     from kft.tasks.question_answering import serving
 
     null_answers = prep.stats["train"]["unanswerable"] > 0

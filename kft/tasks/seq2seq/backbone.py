@@ -15,8 +15,8 @@ import keras
 import keras_hub
 from absl import logging
 
-from kft import backbones
-from kft.backbones import BackboneError
+from kft.models import backbones
+from kft.models.backbones import BackboneError
 
 
 @dataclasses.dataclass

@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 
-from kft import token_cache
+from kft.data import token_cache
 from kft.tasks.causal_lm import chat
 from kft.tasks.causal_lm.data import Split
 

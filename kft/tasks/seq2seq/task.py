@@ -19,10 +19,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from kft import inputs as inputs_lib, token_cache
-from kft import loop as loop_lib
+from kft.data import inputs as inputs_lib
+from kft.data import token_cache
+from kft.training import loop as loop_lib
 from kft.config import BUNDLED_BACKBONE, Config, FlagError
-from kft.data import DataError
+from kft.data.sources import DataError
 from kft.tasks.causal_lm import data as data_lib, inputs as lm_inputs, scoring
 from kft.tasks.seq2seq import backbone as backbone_lib, inputs as s2s_inputs, model as s2s_model
 
@@ -77,7 +78,7 @@ def served_input(example) -> str:
 
 
 def prepare(config: Config, data: Seq2SeqData, loaded, model_dir: str, is_chief: bool = True):
-    from kft.tasks import Prepared
+    from kft.training.task_api import Prepared
 
     t0 = time.time()
     splits = {"train": data.train, "eval": data.eval}

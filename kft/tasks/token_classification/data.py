@@ -13,7 +13,7 @@ import dataclasses
 
 import tensorflow as tf
 
-from kft.data import DataError, download_and_prepare, json_records
+from kft.data.sources import DataError, download_and_prepare, json_records
 
 DOCSTART = "-DOCSTART-"
 

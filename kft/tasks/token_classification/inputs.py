@@ -13,8 +13,8 @@ import dataclasses
 
 import numpy as np
 
-from kft.backbones import Packing
-from kft.inputs import word_pieces
+from kft.models.backbones import Packing
+from kft.data.inputs import word_pieces
 
 IGNORE = -1
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from kft import inputs
-from kft.backbones import Packing
+from kft.data import inputs
+from kft.models.backbones import Packing
 
 
 def tag_tables(names: list[str]) -> dict:

@@ -20,11 +20,15 @@ import tensorflow as tf
 from absl import logging
 from keras import ops
 
-from kft import augment, backbones, inputs, metrics, plots
+from kft.data import augment
+from kft.models import backbones
+from kft.data import inputs
+from kft.reporting import metrics
+from kft.reporting import plots
 from kft.tasks.token_classification import crf as crf_lib, data as token_data, inputs as token_inputs
-from kft import loop as loop_lib
+from kft.training import loop as loop_lib
 from kft.config import Config, FlagError
-from kft.data import DataError
+from kft.data.sources import DataError
 from kft.tasks.token_classification.inputs import IGNORE
 
 
@@ -190,8 +194,8 @@ def load_data(config: Config) -> TokenData:
 
 def prepare(config: Config, data: TokenData, loaded: backbones.Loaded, model_dir: str,
             is_chief: bool = True):
-    """Word pieces once per split, windows, per-position labels; returns a tasks.Prepared."""
-    from kft.tasks import Prepared
+    """Word pieces once per split, windows, per-position labels; returns a task_api.Prepared."""
+    from kft.training.task_api import Prepared
 
     t0 = time.time()
     splits = {"train": data.train, "eval": data.eval}
@@ -211,7 +215,7 @@ def prepare(config: Config, data: TokenData, loaded: backbones.Loaded, model_dir
     tag_ids = {k: data.vocab.encode(split) for k, split in splits.items()}
     class_weight = None
     if config.class_weights == "balanced":  # n / (k * count) over the training words' tags
-        from kft.data import balanced_class_weights
+        from kft.data.sources import balanced_class_weights
 
         class_weight = balanced_class_weights(np.concatenate([np.asarray(t) for t in tag_ids["train"]]),
                                               len(names))
@@ -307,7 +311,7 @@ def export(model, loaded: backbones.Loaded, prep, config: Config, run_name: str,
     returning words, tags, tag scores and entities (see serving.py in this package)."""
     import tensorflow_text as tf_text
 
-    from kft import export as export_lib
+    from kft.models import savedmodel as export_lib
     from kft.tasks.token_classification import serving as token_serving
 
     crf = crf_layer(model)

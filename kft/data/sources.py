@@ -25,10 +25,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from kft import augment
+from kft.data import augment
+from kft import SAMPLE_DATA
 
 SAMPLE_DATASET = "sample_reviews"
-_SAMPLE_DIR = os.path.join(os.path.dirname(__file__), "sample_data")
+_SAMPLE_DIR = SAMPLE_DATA
 
 # Field names and splits of the TFDS datasets kft knows; others use --text_field/--label_field.
 TFDS_DEFAULTS = {

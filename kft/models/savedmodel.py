@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from kft import inputs
+from kft.data import inputs
 
 
 def next_version(run_dir: str) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from kft import backbones
+from kft.models import backbones
 from kft.config import FlagError
 
 # Keywords of a decoder block's cached call (generation): never recomputed, no gradient there.
@@ -65,7 +65,7 @@ def enable(backbone: keras.Model) -> int:
 
             return recomputed(inputs, *[kwargs[k] for k in names])
 
-        # An instance attribute: Layer.__call__ calls it (as kft.attributions does for embeddings).
+        # An instance attribute: Layer.__call__ calls it (as kft.analysis.attributions does for embeddings).
         block.call = call
         block._kft_recomputed = True
     return len(blocks)

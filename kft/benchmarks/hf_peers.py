@@ -26,14 +26,15 @@ import time
 
 import numpy as np
 
-from kft import data as data_lib, perf
+from kft.data import sources as data_lib
+from kft.benchmarks import perf
 from kft.methods import lora_targets as lora
 from kft.config import BUNDLED_BACKBONE, Config
 
 
 def full_fine_tuning_rate(config: Config) -> float:
     """Both baselines fine-tune the whole model: --learning_rate, or kft's default for full."""
-    from kft import optim
+    from kft.training import optim
 
     return optim.peak_learning_rate(dataclasses.replace(config, method="full", freeze_layers=0))[0]
 
@@ -51,7 +52,8 @@ def keras_hub_recipe(config: Config, max_steps: int, started: float) -> dict:
     import keras_hub
     import tensorflow as tf
 
-    from kft import backbones, inputs
+    from kft.models import backbones
+    from kft.data import inputs
 
     keras.utils.set_random_seed(config.seed)
     keras.mixed_precision.set_global_policy(config.precision)  # the precision kft's row runs in
@@ -164,7 +166,7 @@ def hf_trainer(config: Config, started: float) -> dict:
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
                               Trainer)
 
-    from kft import backbones
+    from kft.models import backbones
 
     precision = hf_precision(config.precision)
     location, kind = backbones.resolve(config.backbone)
@@ -335,7 +337,8 @@ def hf_question_answering(config: Config, started: float) -> dict:
     from transformers import (AutoModelForQuestionAnswering, AutoTokenizer, Trainer,
                               default_data_collator)
 
-    from kft import backbones, optim
+    from kft.models import backbones
+    from kft.training import optim
     from kft.tasks.question_answering import data as qa_data, scoring
 
     precision = hf_precision(config.precision)
@@ -442,7 +445,7 @@ class DecoderText:
 
 
 def decoder_text(location: str, tokenizer, model_config) -> DecoderText:
-    """kft.backbones.load_decoder's reading of the special tokens, for a Hugging Face tokenizer."""
+    """kft.models.backbones.load_decoder's reading of the special tokens, for a Hugging Face tokenizer."""
     import json
     import os
 
@@ -633,7 +636,10 @@ def hf_causal_lm(config: Config, started: float) -> dict:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
-    from kft import backbones, loop as loop_lib, metrics, optim
+    from kft.models import backbones
+    from kft.training import loop as loop_lib
+    from kft.reporting import metrics
+    from kft.training import optim
     from kft.tasks.causal_lm import task as lm_task
 
     if config.method not in ("lora", "full"):

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from kft import inputs
+from kft.data import inputs
 
 # Bump when what is cached (word pieces, MAX_TEXT_CHARS cut) changes meaning.
 FORMAT = 3  # 2: byte-level BPE ids tokenized eagerly (see inputs._needs_eager); 3: accents stripped as

@@ -26,9 +26,10 @@ import os
 import keras
 import numpy as np
 
-from kft import backbones
+from kft.models import backbones
+from kft import SAMPLE_DATA
 
-GENERAL_TEXT = os.path.join(os.path.dirname(__file__), "sample_data", "general_text.txt")
+GENERAL_TEXT = os.path.join(SAMPLE_DATA, "general_text.txt")
 
 
 @dataclasses.dataclass
@@ -40,11 +41,14 @@ class Snapshot:
     by_id: dict  # id(variable) -> index into values
     probe: tuple | None = None  # (token_ids, padding_mask) of the general-text sample
     representations: list | None = None  # per block [n, hidden], before training
-    texts: PlainTexts | None = None  # decoders: the sample packed for next-token scoring
+    texts: object = None  # decoders: the sample packed for next-token scoring (the scorer's)
     perplexity: float | None = None  # decoders: the starting model's perplexity on `texts`
+    scorer: object = None  # decoders: the task's perplexity module (see `snapshot`)
 
 
-def snapshot(loaded, representations: bool = True) -> Snapshot:
+def snapshot(loaded, representations: bool = True, scorer=None) -> Snapshot:
+    """theta_0 and the starting representations; with `scorer` (a decoder task's perplexity module:
+    `plain_texts(loaded, texts)` and `perplexity(model, texts)`), the starting perplexity too."""
     weights = loaded.backbone.weights
     snap = Snapshot([np.array(w.numpy()) for w in weights], {id(w): i for i, w in enumerate(weights)})
     # Encoder–decoder backbones (BART, T5) read two sequences: their drift is the weight distance.
@@ -52,9 +56,10 @@ def snapshot(loaded, representations: bool = True) -> Snapshot:
     if representations and not two:
         snap.probe = _probe_inputs(loaded, general_text())
         snap.representations = layer_representations(loaded.backbone, *snap.probe)
-        if isinstance(loaded, backbones.LoadedDecoder):
-            snap.texts = plain_texts(loaded, general_text())
-            snap.perplexity, _ = perplexity(loaded.backbone, snap.texts)
+        if scorer is not None:
+            snap.scorer = scorer
+            snap.texts = scorer.plain_texts(loaded, general_text())
+            snap.perplexity, _ = scorer.perplexity(loaded.backbone, snap.texts)
     return snap
 
 
@@ -144,7 +149,7 @@ def anchors(snap: Snapshot, backbone: keras.Model) -> list[tuple[object, np.ndar
 
 def _probe_inputs(loaded, texts: list[str], length: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """Token ids and padding mask of the general-text sample, packed as the backbone expects."""
-    from kft import inputs
+    from kft.data import inputs
 
     packing = getattr(loaded, "packing", None)
     if packing is not None:
@@ -161,62 +166,9 @@ def _probe_inputs(loaded, texts: list[str], length: int = 128) -> tuple[np.ndarr
     return ids.astype(np.int32), mask
 
 
-@dataclasses.dataclass
-class PlainTexts:
-    """Texts packed as the causal_lm task packs plain text: [bos] text eos, every token after the
-    first one a target (labels -1 elsewhere)."""
-
-    ids: np.ndarray  # [n, longest] int32, right-padded
-    lengths: np.ndarray  # [n]
-    labels: np.ndarray  # [n, longest]: position t's target, the token at t + 1
-    cut: int  # texts longer than the model's positions, cut at the end
-
-
-def plain_texts(loaded, texts: list[str]) -> PlainTexts:
-    """`texts` tokenized and packed by the causal_lm task's own code, as long as the longest one
-    (up to the backbone's limit)."""
-    from kft.tasks.causal_lm import data as lm_data, inputs as lm_inputs
-
-    split = lm_data.Split("general_text", GENERAL_TEXT, [lm_data.Example([], t, i + 1) for i, t in
-                                                         enumerate(texts)], "text")
-    pieces = lm_inputs.tokenize(split, loaded, None, None, None, write=False)
-    bos = 1 if loaded.bos_id is not None else 0
-    # encode keeps one position spare beyond [bos] text eos
-    length = min(loaded.max_sequence_length, max(len(c) for c in pieces[1]) + bos + 2)
-    encoded = lm_inputs.encode(split, loaded, None, length, True, None, None, False, pieces)
-    ids, lengths, labels, _ = lm_inputs.matrices(encoded, loaded.pad_id, train_on_prompt=True)
-    return PlainTexts(ids, lengths, labels, encoded.completions_cut)
-
-
-def perplexity(model: keras.Model, texts: PlainTexts, batch_size: int = 8) -> tuple[float, int]:
-    """(exp of the mean next-token cross-entropy over every target in `texts`, target count).
-
-    `model` returns hidden states (a decoder backbone, or the causal_lm task's model, prompt vectors
-    included); the task's scoring path projects only the target positions onto the vocabulary, a
-    few texts at a time, so no [batch, length, vocabulary] tensor of a large vocabulary is formed.
-    """
-    import tensorflow as tf
-
-    from kft.tasks.causal_lm import model as lm_model
-
-    predict = lm_model.predict_function(model)
-    order = np.argsort(texts.lengths, kind="stable")  # similar lengths together: less padding
-    total, count = 0.0, 0
-    for i in range(0, len(order), batch_size):
-        rows = order[i:i + batch_size]
-        width = int(texts.lengths[rows].max())
-        mask = (np.arange(width)[None, :] < texts.lengths[rows][:, None]).astype(np.int32)
-        labels = texts.labels[rows, :width]
-        out = predict({"token_ids": tf.constant(texts.ids[rows, :width]), "padding_mask": tf.constant(mask)},
-                      tf.constant(labels))
-        total += float(np.sum(np.asarray(out[..., 0], np.float64)))
-        count += int((labels >= 0).sum())
-    return math.exp(total / max(count, 1)), count
-
-
 def perplexity_change(snap: Snapshot, model: keras.Model) -> dict:
     """The snapshot's perplexity on the general-text sample against `model`'s now."""
-    after, tokens = perplexity(model, snap.texts)
+    after, tokens = snap.scorer.perplexity(model, snap.texts)
     before = snap.perplexity
     return {"before": round(before, 4), "after": round(after, 4), "change": round(after - before, 4),
             "relative_change": round((after - before) / before, 6), "tokens": tokens,
@@ -242,7 +194,7 @@ def measure(snap: Snapshot, loaded, config, model: keras.Model | None = None) ->
     from kft.methods import prompt as prompt_lib
 
     out = {"weights": weight_distance(snap, loaded.backbone),
-           "sample": os.path.relpath(GENERAL_TEXT, os.path.dirname(os.path.dirname(__file__)))}
+           "sample": os.path.relpath(GENERAL_TEXT, os.path.dirname(os.path.dirname(SAMPLE_DATA)))}
     if snap.representations is not None:
         out["representations"] = representation_similarity(snap, loaded.backbone)
     with_prompt = model is not None and prompt_lib.prompt_layer(model) is not None

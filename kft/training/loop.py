@@ -21,7 +21,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from kft import checkpoints, distribute, inputs, optim, progress as progress_lib
+from kft.training import checkpoints
+from kft.training import distribute
+from kft.data import inputs
+from kft.training import optim
+from kft.training import progress as progress_lib
 from kft.config import Config, FlagError
 
 # Exit status of `kft.train` after a SIGTERM: EX_TEMPFAIL from sysexits.h, "try again later".
@@ -152,7 +156,7 @@ class StopOnSigterm:
 
     Installed once the loop has saved the finished training, so what a preemption cuts short is
     the final evaluation or export, which a rerun redoes from the checkpoint without training;
-    the export is renamed into place only when complete (kft/export.py). Set `phase` to name what
+    the export is renamed into place only when complete (kft/models/savedmodel.py). Set `phase` to name what
     is running. Use it inside `sigterm_scope`, which turns the interruption into the exception and
     puts the previous handler back.
     """

@@ -15,7 +15,7 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from kft.backbones import Packing
+from kft.models.backbones import Packing
 from kft.config import FlagError
 
 _CHUNK = 4096  # texts per tokenizer call: bounds peak memory on long documents

@@ -13,11 +13,19 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from kft import adapters, backbones, distribute, inputs, methods, optim, plots, progress, recompute
-from kft import drift as drift_lib
+from kft import methods
+from kft.models import adapters
+from kft.models import backbones
+from kft.training import distribute
+from kft.data import inputs
+from kft.training import optim
+from kft.reporting import plots
+from kft.training import progress
+from kft.training import recompute
+from kft.training import drift as drift_lib
 from kft.compression import distillation, pruning, students
-from kft import tasks
-from kft import loop as loop_lib
+from kft.training import task_api
+from kft.training import loop as loop_lib
 from kft import config as config_lib
 from kft.config import Config, FlagError, to_dict
 
@@ -51,7 +59,7 @@ def _quantize(model, loop, sources, prep, float_results, config: Config, strateg
               run_name: str, loaded, is_chief: bool, data) -> dict:
     """Quantizes the trained model, scores it on the eval split beside float32, and exports it as
     <run_name>_<mode> (the float32 export stays where it was)."""
-    from kft import export as export_lib
+    from kft.models import savedmodel as export_lib
     from kft.compression import quantization
 
     t0 = time.time()
@@ -73,7 +81,7 @@ def _quantize(model, loop, sources, prep, float_results, config: Config, strateg
         metadata = {k: metrics[k] for k in ("run_name", "task", "backbone", "method", "parameters")}
         metadata.update(data=prep.description, flags=to_dict(config), quantization=config.quantize,
                         metrics={"eval": info["eval"]})
-        info["export"] = tasks.get(config.task).export(model, loaded, prep, config, f"{run_name}_{config.quantize}",
+        info["export"] = task_api.get(config.task).export(model, loaded, prep, config, f"{run_name}_{config.quantize}",
                                              metadata)
         info["export_variables_bytes"] = export_lib.variables_bytes(info["export"])
         if metrics.get("export"):
@@ -153,7 +161,7 @@ def _fit_model(config: Config, model_dir: str, epoch_hook=None) -> Trained:
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    task = tasks.get(config.task)
+    task = task_api.get(config.task)
     worker = distribute.worker_info(strategy)
     replicas = strategy.num_replicas_in_sync
     if loop_lib.eval_batch_size(config) % replicas:
@@ -190,7 +198,8 @@ def _fit_model(config: Config, model_dir: str, epoch_hook=None) -> Trained:
     logging.info("backbone: %s (%s), %d transformer layers", loaded.source, loaded.kind,
                  loaded.num_layers)
     # theta_0 before the method changes the backbone and before a checkpoint is restored
-    start = drift_lib.snapshot(loaded, representations=config.drift) \
+    start = drift_lib.snapshot(loaded, representations=config.drift,
+                               scorer=getattr(task, "perplexity_scorer", None)) \
         if (config.drift or config.regularize_to_pretrained != "none") else None
     prep = task.prepare(config, data, loaded, model_dir, worker.is_chief)
     sources = prep.sources

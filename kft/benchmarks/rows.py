@@ -26,7 +26,8 @@ import time
 
 import numpy as np
 
-from kft import baselines, perf
+from kft.benchmarks import hf_peers as baselines
+from kft.benchmarks import perf
 from kft.methods import lora_targets as lora
 from kft.config import BUNDLED_BACKBONE, Config, FlagError
 
@@ -85,7 +86,8 @@ def label(name: str, task: str, method: str = "lora") -> str:
 
 def machine_row(config: Config, options: Options, started: float) -> dict:
     """The fp32 matmul rate, and the backbone's size as FLOPs need it."""
-    from kft import backbones, tasks
+    from kft import tasks
+    from kft.models import backbones
 
     if config.task == LM:
         return _decoder_machine(config)
@@ -118,7 +120,7 @@ def _rates_and_cpu(config: Config) -> dict:
 def _decoder_machine(config: Config) -> dict:
     """A decoder's sizes for FLOPs: its non-embedding weights, and the output projection
     (vocabulary x hidden), which only trained positions need."""
-    from kft import backbones
+    from kft.models import backbones
 
     spec = "" if config.backbone == BUNDLED_BACKBONE else config.backbone
     loaded = backbones.load_decoder(spec, config.cache_dir, load_weights=False)
@@ -134,7 +136,7 @@ def kft_row(config: Config, options: Options, started: float) -> dict:
     import keras
     import tensorflow as tf
 
-    from kft import trainer
+    from kft.training import trainer
 
     model_dir = os.path.join(options.bench_dir, "kft_run")
     shutil.rmtree(model_dir, ignore_errors=True)  # a cold run: no checkpoint, no token cache
@@ -220,7 +222,7 @@ def _decoder_answers(m: dict, epochs: int) -> dict:
 
 def _training_floor(trained, config: Config, training: dict) -> dict:
     """perf.training_floor for the batches this run trained on (its plan, every epoch)."""
-    from kft import inputs
+    from kft.data import inputs
 
     backbone = next(layer for layer in trained.model.layers if hasattr(layer, "hidden_dim"))
     hidden, layers = int(backbone.hidden_dim), int(backbone.num_layers)
@@ -247,7 +249,7 @@ def hf_trainer_row(config: Config, options: Options, started: float) -> dict:
 
 
 def _serve_texts(config: Config) -> list[str]:
-    from kft import data as data_lib
+    from kft.data import sources as data_lib
 
     texts = []
     if config.task == "token_classification" and (config.train_file or config.dataset):
@@ -267,7 +269,7 @@ def serve_row(config: Config, options: Options, started: float) -> dict:
     """Latency and throughput of the export's `serving_default` on raw strings, in this process."""
     import tensorflow as tf
 
-    from kft import export
+    from kft.models import savedmodel as export
 
     path = options.saved_model
     if not path:
@@ -318,7 +320,7 @@ DECODER_BATCH = 16
 def _decoder_prompts(config: Config, path: str, prompt_tokens: int) -> tuple[list[str], str]:
     """Served inputs from --eval_file (or --train_file); with `prompt_tokens`, each cut to its
     first that many tokens by the run's tokenizer (shorter ones are left out and counted)."""
-    from kft import backbones
+    from kft.models import backbones
     from kft.tasks.causal_lm import data as lm_data
 
     source = config.eval_file or config.train_file
@@ -666,7 +668,7 @@ def _lm_table(report: dict) -> str:
 
 
 def chart(report: dict, path: str) -> None:
-    from kft import plots
+    from kft.reporting import plots
 
     rows = [r for r in report["rows"].values() if "seconds" in r]
     labels = [r["label"] + (" (implied)" if r["status"] == "subset" else "") for r in rows]

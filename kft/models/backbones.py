@@ -308,7 +308,7 @@ def _causal_lm_class(backbone: keras.Model) -> type:
 def resolve_decoder(spec: str, cache_dir: str) -> tuple[str, str]:
     """(location for keras-hub, kind) for a --backbone value of --task=causal_lm; GGUF files are
     converted once into a cached Hugging Face folder."""
-    from kft import gguf_import
+    from kft.models import gguf_import
 
     log = lambda message: logging.info("%s", message)  # noqa: E731
     if not spec or spec in (BUNDLED_BACKBONE, gguf_import.BUNDLED_DECODER):

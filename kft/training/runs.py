@@ -15,7 +15,9 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from kft import backbones, checkpoints, config as config_lib, methods
+from kft import config as config_lib, methods
+from kft.models import backbones
+from kft.training import checkpoints
 from kft.config import Config, FlagError
 
 
@@ -44,10 +46,10 @@ def read_config(path: str, flag: str = "--model_dir") -> tuple[Config, dict]:
 
 def load_run(path: str, flag: str = "--model_dir") -> Run:
     """Rebuilds the run at `path` and restores its final weights (model only, no optimizer)."""
-    from kft import tasks
+    from kft.training import task_api
 
     run_config, metrics = read_config(path, flag)
-    task = tasks.get(run_config.task)
+    task = task_api.get(run_config.task)
     names = list(metrics["data"]["labels"])
     loaded = (task.load_backbone(run_config) if hasattr(task, "load_backbone")
               else backbones.load(run_config.backbone))

@@ -24,9 +24,10 @@ import re
 
 import numpy as np
 from absl import logging
+from kft import SAMPLE_DATA
 
 OPERATIONS = ("synonym", "insert", "swap", "delete")
-SYNONYMS = os.path.join(os.path.dirname(__file__), "sample_data", "synonyms.tsv")
+SYNONYMS = os.path.join(SAMPLE_DATA, "synonyms.tsv")
 
 # Words EDA never replaces or uses as an insertion source: function words carry no meaning a
 # synonym could keep, and negations would flip a sentiment label.
@@ -208,7 +209,7 @@ def _augmenter(config) -> tuple[Augmenter, Report]:
     except SynonymError as e:
         raise FlagError(str(e)) from None
     report = Report(config.augment, config.augment_copies, config.augment_rate, config.seed,
-                    config.augment_synonyms or os.path.relpath(SYNONYMS, os.path.dirname(os.path.dirname(__file__))))
+                    config.augment_synonyms or os.path.relpath(SYNONYMS, os.path.dirname(os.path.dirname(SAMPLE_DATA))))
     return Augmenter(config.augment_rate, config.seed, synonyms), report
 
 

@@ -1,0 +1,1 @@
+"""Attributions and their reports: why a fine-tuned model answered as it did."""

@@ -1,0 +1,1 @@
+"""Reading labelled data, encoding it for encoders, caching token ids, and augmentation."""

@@ -1,0 +1,1 @@
+"""Scores and charts written into a run's folder."""

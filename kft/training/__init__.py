@@ -1,0 +1,1 @@
+"""The training core: the trainer, its loop, checkpoints, optimizer, strategies and progress."""
