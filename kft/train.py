@@ -12,16 +12,11 @@ startup.quiet_environment()  # before anything imports TensorFlow
 from absl import app, flags, logging  # noqa: E402
 
 from kft import config as config_lib  # noqa: E402
+from kft.exit_codes import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED  # noqa: E402
 
 config_lib.define_flags()
 config_lib.declare_key_flags()  # so --help lists them, not only --helpfull
 FLAGS = flags.FLAGS
-
-# Exit statuses: 0 done; 2 bad data, flags, backbone or checkpoint (nothing to retry);
-# 3 the loss became NaN/Inf; 75 stopped by SIGTERM or a Ctrl-C after saving (rerun the command to
-# continue); 130 stopped at once by a second Ctrl-C (or one outside training).
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 def _fail(error: Exception, status: int, prefix: str = "error") -> int:
@@ -58,9 +53,9 @@ def main(argv):
             checkpoints.CheckpointError) as e:
         return _fail(e, EXIT_BAD_INPUT)
     except loop.Diverged as e:
-        return _fail(e, loop.EXIT_DIVERGED)
+        return _fail(e, EXIT_DIVERGED)
     except loop.Preempted as e:
-        return _fail(e, loop.EXIT_PREEMPTED, "interrupted" if "Ctrl-C" in str(e) else "preempted")
+        return _fail(e, EXIT_PREEMPTED, "interrupted" if "Ctrl-C" in str(e) else "preempted")
     except KeyboardInterrupt:  # a Ctrl-C outside training, or a second one during it
         steps = checkpoints.list_steps(f"{model_dir}/checkpoints")
         saved = f"the last checkpoint is step {max(steps)}" if steps else "no checkpoint was written"

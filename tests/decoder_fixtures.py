@@ -276,5 +276,5 @@ def exported_chat_run(folder: str, tmp):
                     eval_file=write_jsonl(tmp / "eval.jsonl", chats(10, 1)), epochs=1, batch_size=4,
                     learning_rate=1e-3, warmup_ratio=0.0, seed=3, max_new_tokens=8, export=True,
                     export_dir=str(tmp / "x"), model_dir=str(tmp / "m"), checkpoint_every_steps=0,
-                    run_name="tiny_lm")
+                    run_name="tiny_lm", drift=False)
     return trainer.fit_model(config, str(tmp / "m"))

@@ -170,6 +170,7 @@ def test_a_run_with_augmentation_trains_on_the_copies_and_says_so_in_metrics(tin
     assert metrics["data"]["eval"]["examples"] == len(data_lib.load(tiny_config()).eval)
 
 
+@pytest.mark.slow
 def test_the_command_line_refuses_augmentation_flags_for_question_answering(tmp_path):
     result = run_python(["-m", "kft.train", "--task=question_answering", "--augment=eda",
                          f"--model_dir={tmp_path}"])

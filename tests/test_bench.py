@@ -144,11 +144,13 @@ def test_bench_runs_all_rows_and_serving_in_fresh_processes(tiny_hf_folder, tmp_
     assert os.path.exists(tmp_path / "serve" / "serve.json")
 
 
+@pytest.mark.slow
 def test_serve_mode_without_an_export_says_which_flag_is_missing(tmp_path):
     done = run_python(["-m", "kft.bench", "--mode=serve", f"--bench_dir={tmp_path}"], timeout=300)
     assert done.returncode == 2 and "needs --saved_model" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_an_unknown_row_is_refused():
     done = run_python(["-m", "kft.bench", "--rows=kft,trainer"], timeout=120)
     assert done.returncode != 0 and "unknown ['trainer']" in done.stderr

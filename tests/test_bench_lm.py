@@ -93,6 +93,7 @@ def test_the_hf_rows_tokens_labels_and_untrained_loss_are_kfts(lm_setup, tmp_pat
 
 
 @needs_hf
+@pytest.mark.slow
 def test_the_hf_row_runs_in_a_fresh_process_and_reports_loss_speed_and_scores(lm_setup, tmp_path):
     out = tmp_path / "hf.json"
     done = run_python(["-m", "kft.bench", *_flags(lm_setup, tmp_path), "--mode=row", "--row=hf_trainer",
@@ -120,6 +121,7 @@ def test_causal_lm_runs_kft_and_the_trainer_and_refuses_keras_hub():
     assert benchmark.label("hf_trainer", "causal_lm", "full") == "Hugging Face Trainer"
 
 
+@pytest.mark.slow
 def test_asking_for_the_keras_hub_row_of_causal_lm_is_one_clear_line(tmp_path):
     done = run_python(["-m", "kft.bench", "--task=causal_lm", "--rows=keras_hub", f"--bench_dir={tmp_path}"],
                       timeout=120)

@@ -14,21 +14,14 @@ import decoder_fixtures as fx
 from conftest import SHARED_DATA
 
 
-@pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory) -> str:
-    return fx.write_llama_folder(str(tmp_path_factory.mktemp("tiny_llama")))
-
-
-@pytest.fixture(scope="module")
-def gpt2_folder(tmp_path_factory) -> str:
-    return fx.write_gpt2_folder(str(tmp_path_factory.mktemp("tiny_gpt2")))
+# llama_folder and gpt2_folder: the tiny decoders of tests/conftest.py (session-scoped, shared)
 
 
 def _config(**overrides):
     from kft.config import Config
 
     base = dict(task="causal_lm", epochs=1, batch_size=4, learning_rate=1e-3, warmup_ratio=0.0,
-                export=False, seed=3, max_new_tokens=4, checkpoint_every_steps=0)
+                export=False, seed=3, max_new_tokens=4, checkpoint_every_steps=0, drift=False)
     base.update(overrides)
     return Config(**base)
 
@@ -108,14 +101,21 @@ def test_chat_template_renders_as_the_reference_rendering():
     expected = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n"
                 "<|im_start|>assistant\n")
     assert chat.render(fx.CHATML, messages, add_generation_prompt=True) == expected
-    try:  # the reference renderer, where installed (kft.bench's extra)
-        import transformers  # noqa: F401
-        from transformers.utils.chat_template_utils import render_jinja_template
-    except Exception:
-        return
-    rendered, _ = render_jinja_template(conversations=[messages], chat_template=fx.CHATML,
-                                        add_generation_prompt=True)
-    assert rendered[0] == expected
+
+
+def test_chat_template_renders_as_transformers_renders_it():
+    from kft.tasks.causal_lm import chat
+
+    # the reference renderer, where installed (kft.bench's extra): a visible skip where it is not
+    pytest.importorskip("transformers", reason="the reference renderer needs transformers (pip install kft[bench])")
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    for messages in ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}],
+                     [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                      {"role": "user", "content": "And 3+3?"}]):
+        rendered, _ = render_jinja_template(conversations=[messages], chat_template=fx.CHATML,
+                                            add_generation_prompt=True)
+        assert chat.render(fx.CHATML, messages, add_generation_prompt=True) == rendered[0]
 
 
 def test_chat_template_errors_are_reported_not_raised_raw():
@@ -422,7 +422,7 @@ def test_drift_reports_general_text_perplexity_unchanged_untrained_and_changed_a
     rng = np.random.default_rng(0)
     words = fx.TEXT.split()
     train = fx.write_jsonl(tmp_path / "train.jsonl", [{"text": " ".join(rng.choice(words, 8))} for _ in range(8)])
-    common = dict(backbone=llama_folder, train_file=train, text_field="text", validation_fraction=0.25)
+    common = dict(backbone=llama_folder, train_file=train, text_field="text", validation_fraction=0.25, drift=True)
     still = trainer.fit_model(_config(**common, epochs=0), str(tmp_path / "a")).metrics["drift"]["perplexity"]
     assert still["before"] == still["after"] and still["change"] == still["relative_change"] == 0.0
     assert still["texts"] == len(drift.general_text()) and still["tokens"] > still["texts"]
@@ -469,7 +469,7 @@ def test_sigkill_mid_epoch_then_rerun_ends_bit_identical_to_an_uninterrupted_run
         return ["-m", "kft.train", "--task=causal_lm", f"--backbone={llama_folder}", f"--train_file={train}",
                 f"--eval_file={dev}", "--epochs=2", "--batch_size=4", "--learning_rate=1e-3", "--method=lora",
                 "--checkpoint_every_steps=4", "--log_every_steps=1", "--max_new_tokens=0", "--deterministic",
-                "--noexport", f"--model_dir={model_dir}"]
+                "--noexport", "--nodrift", f"--model_dir={model_dir}"]
 
     a_dir, b_dir = str(tmp_path / "a"), str(tmp_path / "b")
     done = run_python(args(a_dir), env={"KFT_QUIET": "1"})
@@ -559,6 +559,7 @@ def test_tokenizing_a_split_gives_the_ids_of_one_text_at_a_time():
         assert together[i].numpy().tolist() == np.asarray(loaded.tokenizer(text)).tolist(), i
 
 
+@pytest.mark.slow
 def test_every_flag_is_in_one_helpfull_group_and_the_groups_are_shown(tmp_path):
     from conftest import run_python
     from kft import config

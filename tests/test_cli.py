@@ -64,6 +64,17 @@ def test_required_flagfiles_exist():
     assert {"demo.cfg", "imdb_reviews.cfg", "sst2.cfg"} <= names
 
 
+def test_an_unmarked_test_that_starts_a_subprocess_fails_and_says_to_mark_it_slow():
+    """tests/conftest.py keeps the fast tier (-m "not slow") in one interpreter."""
+    with pytest.raises(pytest.fail.Exception, match=r"starts a subprocess .*without @pytest.mark.slow"):
+        run_python(["-c", "pass"])
+    with pytest.raises(pytest.fail.Exception, match=r"starts a subprocess .*without @pytest.mark.slow"):
+        subprocess.Popen([sys.executable, "-c", "pass"])
+    with pytest.raises(pytest.fail.Exception, match=r"os.system"):
+        os.system("true")
+
+
+@pytest.mark.slow
 def test_train_cli_reports_bad_data_without_a_traceback(tmp_path):
     bad = tmp_path / "train.tsv"
     bad.write_text("sentence\tlabel\ngood\t1\n\t0\n")
@@ -73,17 +84,20 @@ def test_train_cli_reports_bad_data_without_a_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_train_help_lists_the_kft_flags():
     proc = run_python(["-m", "kft.train", "--help"])  # absl exits 1 after printing help
     for name in ("--backbone", "--freeze_layers", "--learning_rate", "--strategy", "--train_file"):
         assert name in proc.stdout
 
 
+@pytest.mark.slow
 def test_train_cli_rejects_positional_arguments(tmp_path):
     proc = run_python(["-m", "kft.train", "imdb_reviews"])
     assert proc.returncode != 0 and "every option is a --flag" in proc.stderr
 
 
+@pytest.mark.slow
 def test_train_cli_reports_contradictory_flags_without_a_traceback(tmp_path):
     proc = run_python(["-m", "kft.train", "--dataset=sample_reviews", "--method=freeze",
                        "--freeze_layers=9", f"--model_dir={tmp_path / 'm'}", "--noexport"])
@@ -92,6 +106,7 @@ def test_train_cli_reports_contradictory_flags_without_a_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_train_cli_on_a_two_row_csv_says_why_instead_of_a_traceback(tmp_path):
     train = tmp_path / "t.csv"
     train.write_text("text,stars\ngreat film,5\nawful film,1\n")
@@ -111,12 +126,13 @@ def tiny_run(tiny_preset, tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, "-m", "kft.train", "--dataset=sample_reviews", f"--backbone={tiny_preset}",
          "--max_train_examples=64", "--num_buckets=1", "--batch_size=16", "--epochs=1", "--log_every_steps=1",
-         "--noexport", f"--model_dir={model_dir}"], cwd=ROOT, env=env, capture_output=True, text=True,
+         "--noexport", "--nodrift", f"--model_dir={model_dir}"], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
+@pytest.mark.slow
 def test_tensorflow_start_up_chatter_stays_out_and_kft_names_the_devices_once(tiny_run):
     lines = (tiny_run.stderr + tiny_run.stdout).splitlines()
     noise = [line for line in lines if line.startswith("E0000") or "cuInit" in line
@@ -127,6 +143,7 @@ def test_tensorflow_start_up_chatter_stays_out_and_kft_names_the_devices_once(ti
     assert len(devices) == 1 and "CPU" in devices[0] and "; strategy: " in devices[0], devices
 
 
+@pytest.mark.slow
 def test_a_short_runs_log_has_throughput_and_eta_and_times_its_evaluation(tiny_run):
     steps = re.findall(r"\] (step \d+/4 \(epoch 1/1\): loss [\d.]+, .*)", tiny_run.stderr)
     assert len(steps) == 4, tiny_run.stderr[-3000:]

@@ -18,12 +18,12 @@ def test_linear_cka_is_one_for_the_same_representation_up_to_rotation_and_scale_
 
 
 def test_an_untrained_run_has_no_drift_and_a_trained_one_has_some(tiny_preset, tmp_path):
-    still = trainer.fit_model(tiny_config(backbone=tiny_preset, epochs=0), str(tmp_path / "a")).metrics["drift"]
+    still = trainer.fit_model(tiny_config(backbone=tiny_preset, epochs=0, drift=True), str(tmp_path / "a")).metrics["drift"]
     assert still["weights"]["overall"] == 0.0 and set(still["weights"]["per_layer"]) == {0.0}
     assert still["representations"]["per_layer"] == pytest.approx([1.0, 1.0], abs=1e-6)
     assert still["representations"]["texts"] == len(drift.general_text()) >= 200
     assert "perplexity" not in still  # decoders only
-    moved = trainer.fit_model(tiny_config(backbone=tiny_preset, epochs=2), str(tmp_path / "b")).metrics["drift"]
+    moved = trainer.fit_model(tiny_config(backbone=tiny_preset, epochs=2, drift=True), str(tmp_path / "b")).metrics["drift"]
     assert moved["weights"]["overall"] > 0 and all(d > 0 for d in moved["weights"]["per_layer"])
     assert all(c < 1.0 for c in moved["representations"]["per_layer"])
     assert (tmp_path / "b" / "drift.png").exists()
@@ -31,10 +31,10 @@ def test_an_untrained_run_has_no_drift_and_a_trained_one_has_some(tiny_preset, t
 
 def test_lora_drift_counts_the_merged_update_and_frozen_prompts_leave_the_weights_where_they_were(
         tiny_preset, tmp_path):
-    lora = trainer.fit_model(tiny_config(backbone=tiny_preset, method="lora", lora_rank=4, epochs=2),
+    lora = trainer.fit_model(tiny_config(backbone=tiny_preset, method="lora", lora_rank=4, epochs=2, drift=True),
                              str(tmp_path / "lora")).metrics["drift"]
     assert lora["weights"]["overall"] > 0  # the base kernels are frozen; W + BA moved
-    prompt = trainer.fit_model(tiny_config(backbone=tiny_preset, method="prompt", epochs=1),
+    prompt = trainer.fit_model(tiny_config(backbone=tiny_preset, method="prompt", epochs=1, drift=True),
                                str(tmp_path / "prompt")).metrics["drift"]
     assert prompt["weights"]["overall"] == 0.0
 
@@ -66,7 +66,7 @@ def test_l2sp_pulls_the_backbone_toward_its_start_and_decays_only_the_head_towar
 
 
 def test_l2sp_ends_a_run_closer_to_the_start_than_plain_weight_decay(tiny_preset, tmp_path):
-    common = dict(backbone=tiny_preset, epochs=2, learning_rate=3e-3)
+    common = dict(backbone=tiny_preset, epochs=2, learning_rate=3e-3, drift=True)
     plain = trainer.fit_model(tiny_config(**common), str(tmp_path / "plain")).metrics["drift"]
     pulled = trainer.fit_model(tiny_config(**common, regularize_to_pretrained="l2sp", l2sp_weight=50.0),
                                str(tmp_path / "l2sp")).metrics["drift"]
@@ -74,4 +74,4 @@ def test_l2sp_ends_a_run_closer_to_the_start_than_plain_weight_decay(tiny_preset
     from kft.config import FlagError
 
     with pytest.raises(FlagError, match="--l2sp_weight applies with --regularize_to_pretrained=l2sp only"):
-        trainer.fit_model(tiny_config(**common, l2sp_weight=3.0), str(tmp_path / "x"))
+        trainer.fit_model(tiny_config(**{**common, "drift": False}, epochs=0, l2sp_weight=3.0), str(tmp_path / "x"))

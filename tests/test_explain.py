@@ -89,6 +89,7 @@ def _explain_cli(run_dir, out, texts) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 def test_the_page_the_image_and_the_json_lines_hold_every_word(trained_run, tmp_path):
     out = tmp_path / "explain"
     lines = _explain_cli(trained_run, out, TEXTS)
@@ -111,6 +112,7 @@ def test_the_page_the_image_and_the_json_lines_hold_every_word(trained_run, tmp_
     assert (out / "attributions.png").stat().st_size > 5_000
 
 
+@pytest.mark.slow
 def test_explain_refuses_what_it_cannot_explain_in_one_line(trained_run, tmp_path):
     proc = run_python(["-m", "kft.explain", f"--model_dir={tmp_path}", "text"])
     assert proc.returncode == 2 and "no metrics.json" in proc.stderr and "Traceback" not in proc.stderr
@@ -130,6 +132,7 @@ def _browser():
 
 @pytest.mark.skipif(_browser() is None, reason="no headless Chromium on this machine (Debian: apt-get "
                                                  "install chromium); the page is checked as text above")
+@pytest.mark.slow
 def test_a_headless_browser_renders_the_words_in_their_colours(trained_run, tmp_path):
     from PIL import Image
 
@@ -252,6 +255,7 @@ def test_a_prompt_word_the_decoder_cannot_see_gets_zero_attribution(decoder_run)
     assert r["words"][-1]["attribution"] != 0.0 and r["completeness_error"] <= 0.01
 
 
+@pytest.mark.slow
 def test_the_decoder_page_image_and_json_lines_hold_every_word_and_the_completion(decoder_run, tmp_path):
     import html
 

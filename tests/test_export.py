@@ -34,13 +34,10 @@ np.savez(out, text_probs=by_text["probabilities"].numpy(), ids_probs=by_ids["pro
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_preset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export")
-    loaded = backbones.load(tiny_preset)
-    model = classification.build_model(loaded.backbone, 2, 0.1)
+def exported(tiny_classifier_export):
+    # tests/conftest.py's untrained classifier exported with 32 positions (shared with test_predict_lm.py)
+    path, model, loaded, out = tiny_classifier_export
     seq_len = 32
-    path = export.export(model, loaded.tokenizer, loaded.packing, seq_len, classification,
-                         ["negative", "positive"], str(out), "tiny", {"run_name": "tiny"})
     enc = inputs.encode(loaded.tokenizer, loaded.packing, TEXTS, seq_len)
     ids = enc.ids.to_tensor(default_value=loaded.packing.pad).numpy()
     mask = (np.arange(ids.shape[1])[None, :] < enc.lengths[:, None]).astype(np.int32)
@@ -48,6 +45,7 @@ def exported(tiny_preset, tmp_path_factory):
     return path, ids, mask, expected, out
 
 
+@pytest.mark.slow
 def test_export_round_trips_in_a_fresh_process(exported):
     path, ids, mask, expected, out = exported
     texts_json, ids_npz, result = out / "texts.json", out / "ids.npz", out / "result.npz"
@@ -63,6 +61,7 @@ def test_export_round_trips_in_a_fresh_process(exported):
     np.testing.assert_array_equal(got["class_id"], expected.argmax(-1))
 
 
+@pytest.mark.slow
 def test_saved_model_lists_both_signatures(exported):
     path = exported[0]
     proc = run_python(["-c", "import sys, tensorflow as tf, tensorflow_text; "
@@ -71,6 +70,7 @@ def test_saved_model_lists_both_signatures(exported):
     assert "['serve_token_ids', 'serving_default']" in proc.stdout
 
 
+@pytest.mark.slow
 def test_predict_cli_prints_json_lines(exported, tmp_path):
     path = exported[0]
     proc = run_python(["-m", "kft.predict", f"--model={path}", TEXTS[0], TEXTS[1]])
@@ -86,6 +86,7 @@ def test_predict_cli_prints_json_lines(exported, tmp_path):
     assert proc.returncode == 0 and len(proc.stdout.splitlines()) == len(TEXTS)
 
 
+@pytest.mark.slow
 def test_predict_cli_reports_a_wrong_model_path(tmp_path):
     proc = run_python(["-m", "kft.predict", f"--model={tmp_path}", "text"])
     assert proc.returncode == 2 and "no saved_model.pb" in proc.stderr
@@ -123,6 +124,7 @@ print(json.dumps(report))
 """
 
 
+@pytest.mark.slow
 def test_serving_handles_batch_sizes_huge_texts_and_bad_requests_in_a_fresh_process(exported):
     proc = run_python(["-c", ROBUST, exported[0]])
     assert proc.returncode == 0, proc.stderr[-3000:]

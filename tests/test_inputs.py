@@ -157,8 +157,8 @@ def test_one_replica_input_pipelines_run_without_tf_data_autotuning():
     rng = np.random.default_rng(0)
     n = 64
     lengths = rng.integers(2, 9, size=n)
-    split = loop.Split(tf.constant(rng.integers(1, 50, size=(n, 8)), tf.int32), lengths,
-                       np.zeros(n, np.int32), np.ones(n, np.float32))
+    split = loop.Feed(tf.constant(rng.integers(1, 50, size=(n, 8)), tf.int32), lengths,
+                      np.zeros(n, np.int32), np.ones(n, np.float32))
     plan = inputs.eval_plan(lengths, 16, 2, False)
     dataset = loop.distributed_dataset(tf.distribute.OneDeviceStrategy("/cpu:0"), plan, split)
     assert isinstance(dataset, tf.data.Dataset)

@@ -46,16 +46,10 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory) -> str:
-    return fx.write_llama_folder(str(tmp_path_factory.mktemp("tiny_llama")))
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A LoRA run on tiny chats, exported: (fitted run, SavedModel path, model_dir)."""
-    tmp = tmp_path_factory.mktemp("lm_export")
-    fitted = fx.exported_chat_run(fx.write_sharp_llama_folder(str(tmp / "sharp_llama")), tmp)
-    return fitted, fitted.metrics["export"], str(tmp / "m")
+def exported(chat_run):
+    """A LoRA run on tiny chats, exported: (fitted run, SavedModel path, model_dir); tests/conftest.py's
+    chat_run, shared with tests/test_predict_lm.py."""
+    return chat_run
 
 
 def _served(path: str, prompts: list[str]) -> dict:
@@ -65,6 +59,7 @@ def _served(path: str, prompts: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_the_export_served_in_a_fresh_process_generates_what_the_in_memory_run_generated(exported):
     _, path, model_dir = exported
     with open(os.path.join(model_dir, "predictions.jsonl")) as f:
@@ -79,6 +74,7 @@ def test_the_export_served_in_a_fresh_process_generates_what_the_in_memory_run_g
     assert out["batch"]["prompt_tokens_cut"] == [0] * len(rows)
 
 
+@pytest.mark.slow
 def test_the_export_survives_an_empty_batch_an_empty_prompt_a_long_prompt_and_a_wrong_dtype(exported):
     _, path, _ = exported
     out = _served(path, ["what is the capital of france ?"])
@@ -136,6 +132,7 @@ def test_generate_raw_takes_the_formatted_prompt_and_token_log_probs_match_the_m
     np.testing.assert_allclose(got["next_token_log_probs"].numpy()[1], log_probs[1, 2], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_prompt_tuned_run_serves_its_vectors_from_the_kv_cache_as_the_in_memory_run_did(tmp_path):
     import tensorflow as tf
 
@@ -150,7 +147,7 @@ def test_a_prompt_tuned_run_serves_its_vectors_from_the_kv_cache_as_the_in_memor
                     train_file=fx.write_jsonl(tmp_path / "train.jsonl", fx.chats(24, 0)),
                     eval_file=fx.write_jsonl(tmp_path / "eval.jsonl", fx.chats(10, 1)), epochs=1, batch_size=4,
                     learning_rate=3e-2, warmup_ratio=0.0, seed=3, max_new_tokens=8, export=True,
-                    export_dir=str(tmp_path / "x"), checkpoint_every_steps=0, run_name="tiny_prompt")
+                    export_dir=str(tmp_path / "x"), checkpoint_every_steps=0, run_name="tiny_prompt", drift=False)
     fitted = trainer.fit_model(config, str(tmp_path / "m"))
     path = fitted.metrics["export"]
     with open(tmp_path / "m" / "predictions.jsonl") as f:
@@ -278,6 +275,7 @@ def test_the_graph_tokenizer_gives_smollm2s_training_ids_on_dialogsum_and_chat_p
     assert graph_tokenizer.check(tokenize, loaded.tokenizer, texts) == []
 
 
+@pytest.mark.slow
 def test_bench_serve_measures_time_to_first_token_and_decode_speed_of_a_decoder_export(exported):
     from conftest import run_python
 

@@ -217,6 +217,7 @@ METHOD_RUNS = {
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_RUNS))
+@pytest.mark.slow
 def test_a_method_exports_the_same_function_and_its_adapter_reloads(tiny_preset, tmp_path, method):
     config = tiny_config(backbone=tiny_preset, export=True, export_dir=str(tmp_path / "x"),
                          **METHOD_RUNS[method])

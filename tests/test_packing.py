@@ -13,7 +13,6 @@ from kft.models import backbones
 from kft.training import trainer
 from kft.config import Config, FlagError
 from kft.tasks.causal_lm import model as lm_model, packing
-from test_causal_lm import gpt2_folder, llama_folder  # noqa: F401 (the tiny decoders, as fixtures)
 from test_causal_lm import _config as _lm_config
 
 

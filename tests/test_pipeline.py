@@ -189,7 +189,8 @@ def test_a_megabyte_text_is_cut_and_counted_and_train_eval_duplicates_are_report
     evalf = tmp_path / "eval.tsv"
     evalf.write_text("\n".join([header, *test_rows, *rows[:3]]) + "\n")  # 3 training rows leak
     result = trainer.train_and_evaluate(
-        tiny_config(dataset="", train_file=str(train), eval_file=str(evalf)), str(tmp_path / "m"))
+        tiny_config(dataset="", backbone=tiny_preset, train_file=str(train), eval_file=str(evalf)),
+        str(tmp_path / "m"))
     stats = result["data"]
     assert stats["train"]["examples"] == len(rows) + 1  # nothing dropped
     assert stats["train"]["cut_to_max_chars"] == 1 and stats["train"]["truncated"] >= 1

@@ -17,26 +17,20 @@ FIELDS = {"prompt", "completion", "completion_tokens", "stopped", "prompt_tokens
 
 
 @pytest.fixture(scope="module")
-def decoder_run(tmp_path_factory):
-    """A LoRA run on tiny chats, exported: (SavedModel path, the rows of its predictions.jsonl)."""
-    tmp = tmp_path_factory.mktemp("predict_lm")
-    fitted = fx.exported_chat_run(fx.write_sharp_llama_folder(str(tmp / "tiny_llama")), tmp)
-    with open(tmp / "m" / "predictions.jsonl") as f:
+def decoder_run(chat_run):
+    """A LoRA run on tiny chats, exported (tests/conftest.py's chat_run, shared with
+    tests/test_lm_export.py): (SavedModel path, the rows of its predictions.jsonl)."""
+    _, path, model_dir = chat_run
+    with open(os.path.join(model_dir, "predictions.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    return fitted.metrics["export"], rows
+    return path, rows
 
 
 @pytest.fixture(scope="module")
-def classifier(tiny_preset, tmp_path_factory) -> str:
-    """An untrained classification export: a SavedModel without generate_raw."""
-    from kft.models import backbones
-    from kft.models import savedmodel as export
-    from kft.tasks import classification
-
-    loaded = backbones.load(tiny_preset)
-    model = classification.build_model(loaded.backbone, 2, 0.1)
-    return export.export(model, loaded.tokenizer, loaded.packing, 32, classification, ["negative", "positive"],
-                         str(tmp_path_factory.mktemp("classifier")), "tiny", {"run_name": "tiny"})
+def classifier(tiny_classifier_export) -> str:
+    """An untrained classification export: a SavedModel without generate_raw (tests/conftest.py's,
+    shared with tests/test_export.py)."""
+    return tiny_classifier_export[0]
 
 
 def _predict(*args: str):
@@ -46,6 +40,7 @@ def _predict(*args: str):
     return proc.returncode, lines, proc.stderr
 
 
+@pytest.mark.slow
 def test_a_decoder_export_prints_the_completions_the_run_generated(decoder_run, tmp_path):
     path, rows = decoder_run
     listing = tmp_path / "prompts.txt"
@@ -60,6 +55,7 @@ def test_a_decoder_export_prints_the_completions_the_run_generated(decoder_run, 
     assert "cut" not in err
 
 
+@pytest.mark.slow
 def test_a_labelled_file_is_served_and_scored_as_the_run_scored_its_own_generations(decoder_run, tmp_path):
     from kft.reporting import metrics
 
@@ -79,6 +75,7 @@ def test_a_labelled_file_is_served_and_scored_as_the_run_scored_its_own_generati
     assert line == f"error: {misshapen}:1: no string field answer"
 
 
+@pytest.mark.slow
 def test_prompts_given_as_arguments_are_served_and_cut_ones_counted_in_one_line(decoder_run):
     path, rows = decoder_run
     # 80 x 7 words and the chat template do not fit in 256 positions less 8 new tokens
@@ -93,6 +90,7 @@ def test_prompts_given_as_arguments_are_served_and_cut_ones_counted_in_one_line(
         "(prompt_tokens_cut: tokens cut)"]
 
 
+@pytest.mark.slow
 def test_raw_takes_prompts_already_formatted_from_a_jsonl_file(decoder_run, tmp_path):
     path, rows = decoder_run
     with open(os.path.join(path, "assets.extra", "metadata.json")) as f:
@@ -115,11 +113,13 @@ def _error(*args: str) -> str:
     return line
 
 
+@pytest.mark.slow
 def test_a_folder_that_is_not_a_saved_model_is_named(tmp_path):
     line = _error(f"--model={tmp_path}", "hello")
     assert line.startswith(f"error: {tmp_path}: no saved_model.pb")
 
 
+@pytest.mark.slow
 def test_an_empty_or_misshapen_input_file_is_named_with_its_line(decoder_run, tmp_path):
     path, _ = decoder_run
     empty = tmp_path / "empty.txt"
@@ -131,6 +131,7 @@ def test_an_empty_or_misshapen_input_file_is_named_with_its_line(decoder_run, tm
     assert line == f"error: {misshapen}:2: no string field prompt"
 
 
+@pytest.mark.slow
 def test_raw_is_refused_for_a_classification_export(classifier):
     line = _error(f"--model={classifier}", "--raw", "a moving film")
     assert line == (f"error: --raw: {classifier} is not a decoder export (--task=causal_lm), so it has no "

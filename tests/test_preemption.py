@@ -26,7 +26,7 @@ EPOCHS = 3
 def _args(preset, model_dir, *extra):
     return ["-m", "kft.train", "--dataset=sample_reviews", f"--backbone={preset}", f"--epochs={EPOCHS}",
             "--batch_size=8", "--learning_rate=1e-3", "--checkpoint_every_steps=7", "--log_every_steps=1",
-            "--deterministic", "--noexport", f"--model_dir={model_dir}", *extra]
+            "--deterministic", "--noexport", "--nodrift", f"--model_dir={model_dir}", *extra]
 
 
 class _Process:
@@ -154,12 +154,12 @@ def test_ctrl_c_saves_the_current_step_exits_75_without_a_traceback_and_the_reru
 
 
 def test_a_first_ctrl_c_asks_the_loop_to_stop_and_a_second_raises_at_once():
-    from kft.training import loop
+    from kft.training import preemption
 
     # as in a terminal, even when this suite runs as a background job (which ignores SIGINT)
     inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with loop._SigtermFlag() as flag:
+        with preemption.SigtermFlag() as flag:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)  # Python runs the handler between bytecodes
             assert flag.raised and flag.by == "Ctrl-C"

@@ -10,7 +10,7 @@ from kft.models import backbones
 from kft.training import recompute
 from kft.training import trainer
 from kft.config import FlagError
-from test_causal_lm import llama_folder  # noqa: F401 (the tiny llama, as a fixture)
+# llama_folder: the tiny llama of tests/conftest.py (session-scoped, shared)
 
 
 def _decoder_gradients(folder: str, checkpointed: bool, calls: list, method: str = "full") -> list[np.ndarray]:
@@ -95,13 +95,49 @@ def test_generation_and_inference_calls_are_not_recomputed(llama_folder, monkeyp
     assert len(wrapped) == len(backbones.transformer_layers(loaded.backbone))  # a training call does
 
 
-def test_blocks_with_dropout_are_refused_naming_the_flag(tiny_preset):
-    loaded = backbones.load(tiny_preset)  # the tiny encoder's blocks use dropout 0.1
-    with pytest.raises(FlagError, match="--gradient_checkpointing.*dropout"):
+def _encoder_gradients(preset: str, checkpointed: bool, training: bool = True, steps: int = 1):
+    """Loss and gradients of an encoder whose blocks use dropout (0.1), in a tf.function."""
+    import keras
+
+    keras.utils.set_random_seed(0)  # the same dropout seed generators both times
+    loaded = backbones.load(preset)
+    if checkpointed:
         recompute.enable(loaded.backbone)
+    backbone = loaded.backbone
+    ids = np.random.default_rng(0).integers(5, 40, (3, 10)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[2, 6:] = 0
+    features = {"token_ids": ids, "padding_mask": mask, "segment_ids": np.zeros_like(ids)}
+    features = {k: v for k, v in features.items() if k in backbone.input}
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            out = backbone(features, training=training)
+            out = out["sequence_output"] if isinstance(out, dict) else out
+            loss = tf.reduce_sum(out * tf.cast(mask[..., None], out.dtype) * tf.sin(tf.range(out.shape[-1], dtype=out.dtype)))
+        grads = tape.gradient(loss, backbone.trainable_weights)
+        return loss, [tf.convert_to_tensor(g) for g in grads if g is not None]  # the pooler has none
+
+    results = [step() for _ in range(steps)]
+    return [(float(loss), [np.asarray(g) for g in grads]) for loss, grads in results]
 
 
-def test_a_dropout_free_encoder_trains_to_the_same_weights(tiny_preset_no_dropout, tmp_path, monkeypatch):
+def test_checkpointing_blocks_with_dropout_keeps_the_plain_masks_loss_and_gradients(tiny_preset):
+    """The recomputed pass reuses the forward pass's dropout seeds: two steps with checkpointing give
+    the losses and gradients of two plain steps drawn from the same seed generators."""
+    plain = _encoder_gradients(tiny_preset, checkpointed=False, steps=2)
+    checkpointed = _encoder_gradients(tiny_preset, checkpointed=True, steps=2)
+    inference = _encoder_gradients(tiny_preset, checkpointed=False, training=False)
+    for (loss_a, grads_a), (loss_b, grads_b) in zip(plain, checkpointed):
+        assert loss_a == pytest.approx(loss_b, rel=1e-6)
+        for a, b in zip(grads_a, grads_b):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert plain[0][0] != pytest.approx(inference[0][0], rel=1e-4)  # dropout is on in these steps
+    assert plain[0][0] != pytest.approx(plain[1][0], rel=1e-6)  # and draws new masks each step
+
+
+def test_an_encoder_with_dropout_trains_to_the_same_weights_with_checkpointing(tiny_preset, tmp_path, monkeypatch):
     from conftest import tiny_config
 
     wrapped = []
@@ -114,7 +150,7 @@ def test_a_dropout_free_encoder_trains_to_the_same_weights(tiny_preset_no_dropou
     monkeypatch.setattr(recompute.tf, "recompute_grad", counting_recompute_grad)
 
     def final_weights(checkpointing: bool, name: str):
-        config = tiny_config(backbone=tiny_preset_no_dropout, dropout=0.0, deterministic=True,
+        config = tiny_config(backbone=tiny_preset, deterministic=True, drift=False,
                              gradient_checkpointing=checkpointing, max_train_examples=32)
         fitted = trainer.fit_model(config, str(tmp_path / name))
         return [w.numpy() for w in fitted.model.trainable_weights], fitted

@@ -58,7 +58,7 @@ def _config(**overrides):
 
     base = dict(task="seq2seq", epochs=1, batch_size=4, learning_rate=3e-3, warmup_ratio=0.0, export=False,
                 seed=3, max_new_tokens=6, checkpoint_every_steps=0, prompt_template="summarize : {dialogue}",
-                completion_field="summary")
+                completion_field="summary", drift=False)
     base.update(overrides)
     return Config(**base)
 
@@ -76,7 +76,8 @@ def trained(bart_folder, data, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("s2s_run")
     config = _config(backbone=bart_folder, train_file=data[0], eval_file=data[1], epochs=3, learning_rate=1e-2,
-                     export=True, export_dir=str(tmp / "x"), model_dir=str(tmp / "m"), run_name="tiny_s2s")
+                     export=True, export_dir=str(tmp / "x"), model_dir=str(tmp / "m"), run_name="tiny_s2s",
+                     drift=True)  # one test reads how far training moved the weights
     return trainer.fit_model(config, str(tmp / "m")), str(tmp / "m")
 
 
@@ -141,13 +142,13 @@ def test_the_served_input_sits_in_the_training_source_text():
     from kft.tasks.seq2seq import serving
 
     config = Config(task="seq2seq", prompt_template="summarize : {dialogue}\\n", completion_field="summary")
-    split = data_lib.Split("train", "t.jsonl", [data_lib.parse({"dialogue": "hi", "summary": "x"}, "template",
+    split = data_lib.Examples("train", "t.jsonl", [data_lib.parse({"dialogue": "hi", "summary": "x"}, "template",
                                                                "t.jsonl:1", config)], "template")
     assert serving.source_affixes(config, split)[:2] == ("summarize : ", "\n")
     chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
                          {"role": "assistant", "content": "x"}]}
     config = Config(task="seq2seq")
-    split = data_lib.Split("train", "t.jsonl", [data_lib.parse(chat, "messages", "t.jsonl:1", config)], "messages")
+    split = data_lib.Examples("train", "t.jsonl", [data_lib.parse(chat, "messages", "t.jsonl:1", config)], "messages")
     assert serving.source_affixes(config, split)[:2] == ("Be brief.\n\n", "")
 
 
@@ -189,6 +190,7 @@ def test_training_lowers_the_eval_loss_and_writes_scored_predictions(trained, ba
     assert fitted.metrics["drift"]["weights"]["overall"] > 0
 
 
+@pytest.mark.slow
 def test_the_export_served_in_a_fresh_process_generates_the_in_memory_predictions(trained):
     fitted, model_dir = trained
     with open(os.path.join(model_dir, "predictions.jsonl")) as f:
@@ -262,8 +264,8 @@ def test_freeze_keeps_the_embeddings_and_lowest_blocks(bart_folder, data, tmp_pa
             np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert any(not np.array_equal(a.numpy(), b.numpy()) for a, b in zip(now[3].weights, start[3].weights))
     with pytest.raises(FlagError, match="freezes every weight"):
-        trainer.fit_model(_config(backbone=bart_folder, train_file=data[0], method="freeze", freeze_layers=-1),
-                          str(tmp_path / "m2"))
+        trainer.fit_model(_config(backbone=bart_folder, train_file=data[0], method="freeze", freeze_layers=-1,
+                                  epochs=0), str(tmp_path / "m2"))
 
 
 def test_data_errors_name_the_file_line_and_field(bart_folder, tmp_path):
@@ -294,7 +296,8 @@ def test_flags_of_other_tasks_and_other_methods_are_refused(bart_folder, data, t
                         ({"quantize": "int8"}, "--quantize=int8 applies to"),
                         ({"method": "prompt"}, "--method=prompt is not available for --task=seq2seq")):
         with pytest.raises(FlagError, match=match):
-            trainer.fit_model(_config(backbone=bart_folder, train_file=data[0], **flag), str(tmp_path / "m"))
+            trainer.fit_model(_config(backbone=bart_folder, train_file=data[0], epochs=0, **flag),
+                              str(tmp_path / "m"))
     from kft.models.backbones import BackboneError
 
     with pytest.raises(BackboneError, match="--task=seq2seq has no bundled model"):

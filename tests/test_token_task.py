@@ -144,7 +144,7 @@ def test_balanced_tag_weights_scale_the_loss_of_each_tagged_position(tiny_preset
     assert weights[0] < 1.0 < weights[1]  # "O" is the most frequent tag
     with pytest.raises(FlagError, match="with --crf the loss is one sequence likelihood"):
         trainer.fit_model(tiny_config(dataset="", backbone=tiny_preset, task="token_classification",
-                                      train_file=train, class_weights="balanced", crf=True),
+                                      train_file=train, class_weights="balanced", crf=True, epochs=0),
                           str(tmp_path / "b"))
 
 
@@ -168,6 +168,7 @@ np.savez(out, **by_text, **by_words)
 
 
 @pytest.mark.parametrize("use_crf", [False, True], ids=["softmax", "crf"])
+@pytest.mark.slow
 def test_token_export_round_trips_in_a_fresh_process(tiny_preset, tmp_path, use_crf):
     from conftest import run_python, tiny_config
     from kft.training import trainer
@@ -251,13 +252,14 @@ def test_tuning_methods_work_with_the_token_head(tiny_preset, overrides):
     assert "crf/transitions" in {v.path for v in model.trainable_variables}
 
 
+@pytest.mark.slow
 def test_train_cli_runs_a_token_task_and_prints_entity_scores(tiny_preset, tmp_path):
     from conftest import run_python
 
     train = _write_conll(tmp_path / "train.txt", 40, 0)
     proc = run_python(["-m", "kft.train", "--task=token_classification", f"--train_file={train}",
                        f"--backbone={tiny_preset}", f"--model_dir={tmp_path / 'm'}",
-                       f"--export_dir={tmp_path / 'x'}", "--batch_size=8"])
+                       f"--export_dir={tmp_path / 'x'}", "--batch_size=8", "--nodrift"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert set(summary["eval"]) == {"entity_precision", "entity_recall", "entity_f1", "token_accuracy"}
@@ -277,7 +279,7 @@ def test_flags_of_the_other_task_are_refused_not_ignored(tiny_preset, tmp_path, 
     train = _write_conll(tmp_path / "train.txt", 5, 0)
     base = {"dataset": "", "train_file": train} if overrides.get("task") else {}
     with pytest.raises(FlagError, match=message):
-        trainer.fit_model(tiny_config(backbone=tiny_preset, **base, **overrides), str(tmp_path / "m"))
+        trainer.fit_model(tiny_config(backbone=tiny_preset, epochs=0, **base, **overrides), str(tmp_path / "m"))
 
 
 def test_a_token_classification_student_distils_per_tagged_word(tiny_preset, tmp_path):

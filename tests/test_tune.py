@@ -66,6 +66,7 @@ def test_a_bad_search_value_is_a_flag_error_naming_it(spec, says):
     assert str(e.value).startswith(f"--search={spec}: ") and says in str(e.value), str(e.value)
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_a_bad_search_value_with_status_2_and_one_line(tmp_path):
     proc = run_python(["-m", "kft.tune", "--dataset=sample_reviews", "--search=learnig_rate:loguniform:1e-5:1e-3",
                        f"--tune_dir={tmp_path}"])
@@ -74,6 +75,7 @@ def test_the_cli_refuses_a_bad_search_value_with_status_2_and_one_line(tmp_path)
                                    "kft flag (did you mean learning_rate?)")
 
 
+@pytest.mark.slow
 def test_without_optuna_the_cli_says_how_to_install_it(tmp_path):
     fake = tmp_path / "optuna"
     fake.mkdir()
@@ -84,6 +86,7 @@ def test_without_optuna_the_cli_says_how_to_install_it(tmp_path):
     assert proc.stderr.strip() == "error: kft.tune needs Optuna, which is not installed: pip install kft[tune]"
 
 
+@pytest.mark.slow
 def test_helpfull_groups_the_search_flags_under_their_own_heading():
     proc = run_python(["-m", "kft.tune", "--helpfull"])
     text = proc.stdout
@@ -133,6 +136,9 @@ def test_a_trial_below_the_median_is_pruned_but_never_at_its_last_epoch():
 
     last = study.ask()
     tune.epoch_hook(last, epochs=1)(1, 0.2)  # its final score is already paid for: kept
+    assert last.should_prune()  # the pruner would stop it, as it stopped `bad` at the same score
+    assert "note" not in last.user_attrs
+    assert last.storage.get_trial(last._trial_id).intermediate_values == {1: 0.2}
 
 
 def test_the_pruner_is_given_the_searched_metric_from_the_epoch_scores_not_the_runs_own_score():
@@ -229,8 +235,12 @@ def test_a_study_refuses_to_continue_with_other_flags(tmp_path):
     base = tiny_config()
     space = tune.parse_space(["epochs:int:1:2"], base)
     options = _options(tmp_path)
-    tune.open_study(base, space, options)
-    tune.open_study(config_lib.Config(**{**config_lib.to_dict(base), "export": True}), space, options)  # no effect
+    first = tune.open_study(base, space, options)
+    first.tell(first.ask({"epochs": optuna.distributions.IntDistribution(1, 2)}), 0.5)
+    # --export does not change a trial's result: the same study continues, with its trial
+    again = tune.open_study(config_lib.Config(**{**config_lib.to_dict(base), "export": True}), space, options)
+    assert [(t.number, t.value) for t in again.trials] == [(0, 0.5)]
+    assert again.user_attrs["setup"] == first.user_attrs["setup"]
     with pytest.raises(FlagError, match=r"--learning_rate: 0\.001 then, 0\.002 now.*another --tune_dir"):
         tune.open_study(config_lib.Config(**{**config_lib.to_dict(base), "learning_rate": 2e-3}), space, options)
 
@@ -242,7 +252,9 @@ def test_one_process_searches_a_tune_dir_at_a_time(tmp_path):
             tune._lock(str(tmp_path))
     finally:
         held.close()
-    tune._lock(str(tmp_path)).close()
+    again = tune._lock(str(tmp_path))  # released with its holder: the next search may take it
+    assert not again.closed and os.path.exists(tmp_path / "tune.lock")
+    again.close()
 
 
 @pytest.mark.slow

@@ -332,7 +332,6 @@ def _qa_predictions(questions, question_of, offsets, context, start_logits, end_
 def hf_question_answering(config: Config, started: float) -> dict:
     """The Hugging Face `run_qa` recipe (AutoModelForQuestionAnswering + Trainer, windows padded to
     max_length, n-best span decoding) on kft's backbone folder, data and hyperparameters."""
-    import torch
     import transformers
     from transformers import (AutoModelForQuestionAnswering, AutoTokenizer, Trainer,
                               default_data_collator)
@@ -389,7 +388,20 @@ def hf_question_answering(config: Config, started: float) -> dict:
                                       config.null_score_threshold if version_2 else None)
         scores = scoring.report(predictions, eval_q)
         eval_seconds = time.time() - t0
-    lengths = train_enc["attention_mask"].sum(axis=1)
+    return _qa_row(config, train_enc["attention_mask"].sum(axis=1), max_length, stride, version_2, scores,
+                   {"setup": setup, "tokenize": tokenize_seconds, "train": train_seconds, "eval": eval_seconds},
+                   {"train": len(train_q), "eval": len(eval_q)}, len(eval_rows), total_steps, learning_rate,
+                   rate)
+
+
+def _qa_row(config: Config, lengths, max_length: int, stride: int, version_2: bool, scores: dict,
+            seconds: dict, questions: dict, eval_windows: int, total_steps: int, learning_rate: float,
+            rate: float) -> dict:
+    """The run_qa row of bench.json from what the run measured (`lengths`: real tokens per window)."""
+    import torch
+    import transformers
+
+    windows = len(lengths)
     padded = float(windows * max_length * config.epochs)  # every window padded to max_length
     real = float(lengths.sum()) * config.epochs
     return {
@@ -398,14 +410,13 @@ def hf_question_answering(config: Config, started: float) -> dict:
         "note": f"{config.precision}; PyTorch, run_qa's windows ({max_length} tokens, stride {stride}, "
                 f"padded to {max_length}), n-best {config.n_best} span decoding"
                 + ("; SQuAD 2.0 null answers" if version_2 else ""),
-        "seconds": {"setup": setup, "tokenize": tokenize_seconds, "train": train_seconds,
-                    "eval": eval_seconds},
-        "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+        "seconds": seconds,
+        "train_seconds": seconds["train"], "eval_seconds": seconds["eval"],
         "steps_run": total_steps, "steps_full": total_steps, "learning_rate": learning_rate,
-        "questions": {"train": len(train_q), "eval": len(eval_q)},
-        "windows": windows, "eval_windows": len(eval_rows), "sequence_length": max_length,
+        "questions": questions,
+        "windows": windows, "eval_windows": eval_windows, "sequence_length": max_length,
         "train_examples": windows * config.epochs,  # windows trained on, all epochs
-        "windows_per_second": windows * config.epochs / train_seconds,
+        "windows_per_second": windows * config.epochs / seconds["train"],
         **_lengths_row(lengths, config.epochs),
         "padded_tokens": padded, "padding_share": 1.0 - real / padded,
         "exact_match": float(scores["exact_match"]), "f1": float(scores["f1"]), "dev_accuracy": None,
@@ -629,7 +640,6 @@ def hf_causal_lm(config: Config, started: float) -> dict:
     tokenizer, each batch padded to its longest sequence. Scored as kft scores: the per-token eval
     loss on completion tokens, greedy generation for the first --max_generate_examples eval prompts
     (ROUGE, BLEU)."""
-    import contextlib
     import os
 
     import torch
@@ -637,10 +647,8 @@ def hf_causal_lm(config: Config, started: float) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
     from kft.models import backbones
-    from kft.training import loop as loop_lib
-    from kft.reporting import metrics
-    from kft.training import optim
     from kft.tasks.causal_lm import task as lm_task
+    from kft.training import optim
 
     if config.method not in ("lora", "full"):
         raise ValueError(f"--method={config.method}: the Hugging Face row trains --method=lora (PEFT) or full")
@@ -655,19 +663,7 @@ def hf_causal_lm(config: Config, started: float) -> dict:
     data = lm_task.load_data(config)  # records read in setup, as kft's row reads them
     tokenizer = AutoTokenizer.from_pretrained(location)
     model = AutoModelForCausalLM.from_pretrained(location)
-    modules = []
-    if config.method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        # auto: kft's decoder default, every linear projection (PEFT's all-linear on a llama block)
-        targets = lora.ALL_LINEAR if list(config.lora_targets) == ["auto"] else config.lora_targets
-        modules = sorted({LORA_MODULES[t] for t in targets if t in LORA_MODULES})
-        unknown = sorted(set(targets) - set(LORA_MODULES))
-        if unknown or not modules:
-            raise ValueError(f"--lora_targets: {unknown or 'none'} have no llama-family module name")
-        model = get_peft_model(model, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
-                                                 lora_dropout=0.0, target_modules=modules, bias="none",
-                                                 task_type="CAUSAL_LM"))
+    model, modules = _peft_lora(model, config)
     trainable = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
     rate = perf.torch_matmul_rate()
     setup = time.time() - started
@@ -675,10 +671,9 @@ def hf_causal_lm(config: Config, started: float) -> dict:
     t0 = time.time()
     examples = lm_examples(config, location, tokenizer, model.config, data)
     tokenize_seconds = time.time() - t0
-    text, encoded, sequence_length = examples.text, examples.encoded, examples.sequence_length
-    train_rows, eval_rows = examples.rows["train"], examples.rows["eval"]
+    train_rows = examples.rows["train"]
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token_id = text.pad_id
+        tokenizer.pad_token_id = examples.text.pad_id
 
     total_steps = -(-len(train_rows) // config.batch_size) * config.epochs
     learning_rate = optim.peak_learning_rate(config)[0]  # the rate kft's row trains with
@@ -692,18 +687,51 @@ def hf_causal_lm(config: Config, started: float) -> dict:
         train_seconds = time.time() - t0
     padded = collator.positions
 
+    t0 = time.time()
+    report, generation = _lm_evaluate(model, config, data, examples, tokenizer, precision)
+    eval_seconds = time.time() - t0
+    seconds = {"setup": setup, "tokenize": tokenize_seconds, "train": train_seconds, "eval": eval_seconds}
+    return _lm_row(config, examples, modules, seconds, total_steps, learning_rate, padded, trainable, report,
+                   generation, rate)
+
+
+def _peft_lora(model, config: Config):
+    """(model, PEFT module names): LoRA through PEFT on kft's --lora_targets (full: the model as is)."""
+    if config.method != "lora":
+        return model, []
+    from peft import LoraConfig, get_peft_model
+
+    # auto: kft's decoder default, every linear projection (PEFT's all-linear on a llama block)
+    targets = lora.ALL_LINEAR if list(config.lora_targets) == ["auto"] else config.lora_targets
+    modules = sorted({LORA_MODULES[t] for t in targets if t in LORA_MODULES})
+    unknown = sorted(set(targets) - set(LORA_MODULES))
+    if unknown or not modules:
+        raise ValueError(f"--lora_targets: {unknown or 'none'} have no llama-family module name")
+    return get_peft_model(model, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                                            target_modules=modules, bias="none", task_type="CAUSAL_LM")), modules
+
+
+def _lm_evaluate(model, config: Config, data, examples: "LMExamples", tokenizer, precision) -> tuple[dict, dict]:
+    """(eval loss and generation scores, generation timing) as kft scores its own row."""
+    import contextlib
+
+    import torch
+
+    from kft.reporting import metrics
+    from kft.training import loop as loop_lib
+
+    text, eval_rows = examples.text, examples.rows["eval"]
     model.eval()
     batch = loop_lib.eval_batch_size(config)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision else contextlib.nullcontext
-    t0 = time.time()
     loss = _lm_eval_loss(model, eval_rows, batch, text.pad_id, autocast)
     report = {"eval_loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
     generation = None
     if not data.eval.plain_text and config.max_new_tokens > 0:
         n = min(len(data.eval), config.max_generate_examples or len(data.eval))
         t1 = time.time()
-        ids, stopped = _lm_generate(model, encoded["eval"].prompts[:n], batch, config.max_new_tokens, text,
-                                    autocast)
+        ids, stopped = _lm_generate(model, examples.encoded["eval"].prompts[:n], batch, config.max_new_tokens,
+                                    text, autocast)
         seconds = time.time() - t1
         texts = [tokenizer.decode(x, skip_special_tokens=False, clean_up_tokenization_spaces=False)
                  for x in ids]
@@ -711,8 +739,17 @@ def hf_causal_lm(config: Config, started: float) -> dict:
         generation = {"examples": n, "seconds": seconds, "mean_tokens": float(np.mean([len(x) for x in ids])),
                       "stopped_at_eos": float(np.mean(stopped)),
                       "tokens_per_second": sum(len(x) for x in ids) / max(seconds, 1e-9)}
-    eval_seconds = time.time() - t0
-    lengths = encoded["train"].lengths
+    return report, generation
+
+
+def _lm_row(config: Config, examples: "LMExamples", modules: list, seconds: dict, total_steps: int,
+            learning_rate: float, padded: int, trainable: int, report: dict, generation, rate: float) -> dict:
+    """The Trainer row of bench.json from what the run measured."""
+    import torch
+    import transformers
+
+    train_rows, eval_rows = examples.rows["train"], examples.rows["eval"]
+    lengths = examples.encoded["train"].lengths
     real = float(lengths.sum()) * config.epochs
     trained = _trained(train_rows)
     return {
@@ -723,10 +760,10 @@ def hf_causal_lm(config: Config, started: float) -> dict:
                    if config.method == "lora" else "full fine-tuning")
                 + "; DataCollatorForSeq2Seq (each shuffled batch padded to its longest sequence); eval: "
                   "loss on completion tokens, batched generate() with left padding",
-        "seconds": {"setup": setup, "tokenize": tokenize_seconds, "train": train_seconds, "eval": eval_seconds},
-        "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+        "seconds": seconds,
+        "train_seconds": seconds["train"], "eval_seconds": seconds["eval"],
         "steps_run": total_steps, "steps_full": total_steps, "learning_rate": learning_rate,
-        "train_examples": len(train_rows) * config.epochs, "sequence_length": sequence_length,
+        "train_examples": len(train_rows) * config.epochs, "sequence_length": examples.sequence_length,
         "trained_tokens": trained, "trained_tokens_run": trained * config.epochs,
         "eval_trained_tokens": _trained(eval_rows), "trainable_parameters": trainable,
         **_lengths_row(lengths, config.epochs),

@@ -54,7 +54,7 @@ def check_labels(teacher: Teacher, names: list[str]) -> None:
 
 
 def predict_log_probabilities(model: keras.Model, split, config: Config, counter: list | None = None):
-    """log p of every example of a loop Split in its order: [n, k] or [n, longest, k] (zeros past
+    """log p of every example of a loop Feed in its order: [n, k] or [n, longest, k] (zeros past
     each example's length). One forward pass per eval batch; `counter` counts them."""
     plan = inputs.eval_plan(split.lengths, config.eval_batch_size or 4 * config.batch_size,
                             config.num_buckets, False)
@@ -88,7 +88,7 @@ def teacher_source(teacher: Teacher, config: Config, train, data, loaded):
                         "needs the teacher's tokenizer (e.g. --student_layers)")
     encoded = inputs.encode(teacher.loaded.tokenizer, teacher.loaded.packing, data.train.texts,
                             teacher.sequence_length)
-    return loop_lib.Split.from_encoded(encoded, train.labels, teacher.loaded.packing.pad)
+    return loop_lib.Feed.from_encoded(encoded, train.labels, teacher.loaded.packing.pad)
 
 
 def _fingerprint(teacher: Teacher, split) -> str:

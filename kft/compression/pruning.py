@@ -50,14 +50,19 @@ def target_sparsity(step: int, final: float, end_step: int) -> float:
     return final * (1.0 - (1.0 - progress) ** 3)
 
 
+def check_fractions(final: float, end_fraction: float) -> None:
+    """Refuses a --prune_sparsity or --prune_end_fraction outside its range (before any training)."""
+    if not 0.0 <= final < 1.0:
+        raise FlagError(f"--prune_sparsity={final}: must be in [0, 1)")
+    if not 0.0 < end_fraction <= 1.0:
+        raise FlagError(f"--prune_end_fraction={end_fraction}: must be in (0, 1]")
+
+
 class Pruner:
     """Owns the masks of a backbone's kernels; `update(step)` recomputes them on schedule."""
 
     def __init__(self, backbone: keras.Model, final: float, total_steps: int, end_fraction: float):
-        if not 0.0 <= final < 1.0:
-            raise FlagError(f"--prune_sparsity={final}: must be in [0, 1)")
-        if not 0.0 < end_fraction <= 1.0:
-            raise FlagError(f"--prune_end_fraction={end_fraction}: must be in (0, 1]")
+        check_fractions(final, end_fraction)
         self.kernels = prunable_kernels(backbone)
         if not self.kernels:
             raise FlagError("--prune_sparsity: the backbone has no trainable projection kernels "

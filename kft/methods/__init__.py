@@ -8,7 +8,7 @@ plain function that is served.
 """
 
 from kft.config import FlagError
-from kft.methods import bitfit, freeze, lora, prefix, prompt
+from kft.methods import bitfit, freeze, lora, prefix, prompt, quantized_base
 
 METHODS = {"full": freeze, "freeze": freeze, "lora": lora, "prompt": prompt, "prefix": prefix,
            "bitfit": bitfit}
@@ -19,7 +19,12 @@ def apply(backbone, config, vocabulary: list[str] | None = None):
     if config.method not in ("full", "freeze") and config.freeze_layers:
         raise FlagError(f"--freeze_layers={config.freeze_layers} applies to --method=freeze, not "
                         f"--method={config.method}")
-    return METHODS[config.method].apply(backbone, config, vocabulary)
+    quantized_base.check(config)
+    backbone, info = METHODS[config.method].apply(backbone, config, vocabulary)
+    mode = getattr(config, "base_quantization", "none")
+    if mode != "none":  # after the method wraps its targets: a LoRA wrapper reads the float kernel's shape
+        info["base_quantization"] = quantized_base.apply(backbone, mode)
+    return backbone, info
 
 
 def prepare_export(backbone, config) -> None:

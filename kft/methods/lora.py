@@ -14,7 +14,9 @@ from __future__ import annotations
 import math
 
 import keras
+import numpy as np
 
+from kft.methods import quantized_base
 from kft.models import backbones
 from kft.config import FlagError
 from kft.methods.lora_targets import ALL_LINEAR, DECODER_TASKS, ENCODER_DEFAULT
@@ -76,9 +78,11 @@ class LoRAProjection(keras.layers.Layer):
         return self.base(x) + keras.ops.reshape(update, (*lead, *self.out_shape))
 
     def merged_kernel(self):
-        """W + scale * A B in W's shape: the base layer alone then computes the adapted map."""
+        """W + scale * A B in W's [*in, *out] shape (W dequantized when the base is int8/int4): the
+        base layer alone then computes the adapted map."""
         delta = keras.ops.matmul(self.lora_a, self.lora_b) * self.scale
-        return self.base.kernel + keras.ops.reshape(delta, self.base.kernel.shape)
+        kernel = quantized_base.float_kernel(self.base, self.in_shape, self.out_shape)
+        return kernel + keras.ops.reshape(delta, (*self.in_shape, *self.out_shape))
 
 
 def _slots(backbone, targets: list[str]) -> list[tuple]:
@@ -154,7 +158,11 @@ def merge(backbone) -> int:
             owner = getattr(block, owner_name, None) if owner_name else block
             layer = getattr(owner, attribute, None) if owner is not None else None
             if isinstance(layer, LoRAProjection):
-                layer.base.kernel.assign(layer.merged_kernel())
-                backbones.replace_sublayer(owner, attribute, layer.base)
+                if layer.base.quantization_mode is None:
+                    layer.base.kernel.assign(layer.merged_kernel())
+                    backbones.replace_sublayer(owner, attribute, layer.base)
+                else:  # a quantized base: served as the float layer it computes with, adapter folded in
+                    kernel = np.asarray(layer.merged_kernel())
+                    backbones.replace_sublayer(owner, attribute, quantized_base.dequantized(layer.base, kernel))
                 merged += 1
     return merged

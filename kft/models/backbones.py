@@ -243,6 +243,31 @@ def embedding_layers(backbone: keras.Model) -> list[keras.layers.Layer]:
     return [layer for layer in backbone.layers[:first] if layer.weights]
 
 
+def nested_layer(model: keras.Model, match) -> keras.layers.Layer | None:
+    """The first layer for which `match(layer)` holds, searched depth first through nested models
+    (a backbone inside a task model, or rebuilt by prompt tuning); None if there is none."""
+    for layer in model.layers:
+        if match(layer):
+            return layer
+        if isinstance(layer, keras.Model):
+            found = nested_layer(layer, match)
+            if found is not None:
+                return found
+    return None
+
+
+def task_class(backbone: keras.Model, base: type) -> type | None:
+    """The keras-hub task class deriving from `base` (CausalLM, Seq2SeqLM) that is built on this
+    backbone's class (its `backbone_cls`), searched through every level of subclasses; None if
+    keras-hub has none."""
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    return next((cls for cls in subclasses(base) if getattr(cls, "backbone_cls", None) is type(backbone)), None)
+
+
 def replace_sublayer(owner: keras.layers.Layer, attribute: str, layer: keras.layers.Layer) -> None:
     """Swaps a built layer's sublayer (a method's wrapper in, or the original back) in place.
 
@@ -293,14 +318,9 @@ class LoadedDecoder:
 
 
 def _causal_lm_class(backbone: keras.Model) -> type:
-    def subclasses(cls):
-        for sub in cls.__subclasses__():
-            yield sub
-            yield from subclasses(sub)
-
-    for cls in subclasses(keras_hub.models.CausalLM):
-        if getattr(cls, "backbone_cls", None) is type(backbone):
-            return cls
+    found = task_class(backbone, keras_hub.models.CausalLM)
+    if found is not None:
+        return found
     raise BackboneError(f"{type(backbone).__name__} is not a decoder keras-hub can generate with (no "
                         "CausalLM class for it); --task=causal_lm needs a GPT-style checkpoint")
 

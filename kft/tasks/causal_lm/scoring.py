@@ -3,13 +3,19 @@ scores of generated text against references are kft.reporting.metrics.generation
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import time
+from typing import Callable
 
 import numpy as np
+from absl import logging
 
 from kft.reporting import metrics
+
+HEADLINE = ("perplexity", "rougeL", "bleu")  # the report entries a generating task's export metadata copies
 
 
 def epoch_scores(outputs: np.ndarray, sizes: np.ndarray) -> dict:
@@ -53,15 +59,61 @@ def write_predictions(predictions: dict, model_dir: str) -> None:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+@dataclasses.dataclass
+class GenerationEval:
+    """The evaluate / epoch_eval / write_outputs of a generating task's Prepared.
+
+    Every epoch end scores the eval split's teacher-forced loss. After training, each split reports
+    its loss and, unless it is plain text or --max_new_tokens=0, greedy generations for its first
+    --max_generate_examples inputs, scored against their references and kept for predictions.jsonl.
+    """
+
+    config: object
+    splits: dict  # name -> causal_lm data.Examples
+    sources: dict  # name -> the loop's feed
+    inputs: dict  # name -> (generation input ids, their texts), one per example
+    tokenizer: object
+    make_generator: Callable  # model -> generator(ids, max_new_tokens); built once, on first use
+    input_of: Callable  # example -> the predictions file's "input"
+    noun: str  # what the inputs are called in the log
+    predictions: dict = dataclasses.field(default_factory=dict)
+    generator: Callable | None = None
+
+    def epoch_eval(self, outputs) -> dict:
+        return epoch_scores(outputs, self.sources["eval"].sizes)
+
+    def evaluate(self, k: str, outputs, model) -> dict:
+        config, split = self.config, self.splits[k]
+        report = loss_report(outputs, self.sources[k].sizes)
+        if split.plain_text or config.max_new_tokens <= 0:
+            return report
+        n = len(split) if not config.max_generate_examples else min(len(split), config.max_generate_examples)
+        if self.generator is None:
+            self.generator = self.make_generator(model)
+        t = time.time()
+        logging.info("generating up to %d tokens for %d %s %s ...", config.max_new_tokens, n, k, self.noun)
+        ids, stopped = self.generator(self.inputs[k][0][:n], config.max_new_tokens)
+        texts = detokenize(self.tokenizer, ids)
+        examples = split.examples[:n]
+        report.update(generation_report(texts, [e.completion for e in examples], ids, stopped, time.time() - t))
+        self.predictions[k] = [{"line": e.line, "input": self.input_of(e), "prompt": p,
+                                "reference": e.completion, "prediction": t_, "stopped": s}
+                               for e, p, t_, s in zip(examples, self.inputs[k][1], texts, stopped)]
+        return report
+
+    def write_outputs(self, results, model_dir: str) -> None:
+        write_predictions(self.predictions, model_dir)
+
+
 def format_report(report: dict) -> str:
     lines = [f"  loss {report['loss']:.4f}, perplexity {report['perplexity']:.3f}, next-token accuracy "
              f"{report['token_accuracy']:.4f} over {report['trained_tokens']} completion tokens"]
     if "rougeL" in report:
-        lines.append(f"  generated for {report['generated_examples']} prompts in "
-                     f"{report['generation_seconds']:.1f}s ({report['generated_tokens_per_second']:.1f} "
-                     f"tokens/s; mean {report['mean_generated_tokens']:.1f} tokens, "
-                     f"{100 * report['stopped_at_eos']:.1f}% ended with EOS)")
-        lines.append(f"  ROUGE-1 {report['rouge1']:.2f}  ROUGE-2 {report['rouge2']:.2f}  ROUGE-L "
-                     f"{report['rougeL']:.2f}  ROUGE-Lsum {report['rougeLsum']:.2f}  BLEU {report['bleu']:.2f}"
-                     f"  exact match {report['exact_match']:.4f}")
+        lines += [f"  generated for {report['generated_examples']} prompts in "
+                  f"{report['generation_seconds']:.1f}s ({report['generated_tokens_per_second']:.1f} "
+                  f"tokens/s; mean {report['mean_generated_tokens']:.1f} tokens, "
+                  f"{100 * report['stopped_at_eos']:.1f}% ended with EOS)",
+                  f"  ROUGE-1 {report['rouge1']:.2f}  ROUGE-2 {report['rouge2']:.2f}  ROUGE-L "
+                  f"{report['rougeL']:.2f}  ROUGE-Lsum {report['rougeLsum']:.2f}  BLEU {report['bleu']:.2f}"
+                  f"  exact match {report['exact_match']:.4f}"]
     return "\n".join(lines)

@@ -40,7 +40,7 @@ class ExportError(ValueError):
     """The run cannot be served as a generating SavedModel; the message says why."""
 
 
-def prompt_affixes(config, loaded, template: str | None, train: data_lib.Split) -> tuple[str, str, str]:
+def prompt_affixes(config, loaded, template: str | None, train: data_lib.Examples) -> tuple[str, str, str]:
     """(text before, text after, what the served `prompt` is): the rendered training prompt around
     the served input, found by rendering the run's templates around a sentinel."""
     leading, described = [], "the user's turn"

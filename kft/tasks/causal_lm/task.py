@@ -8,7 +8,6 @@ to predictions.jsonl. `--epochs=0` scores the untouched model: the zero-shot row
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -19,24 +18,12 @@ import tensorflow as tf
 from absl import logging
 
 from kft.models import backbones
-from kft.data import inputs as inputs_lib
-from kft.data import token_cache
+from kft.data import split_inputs
 from kft.training import loop as loop_lib
 from kft.config import BUNDLED_BACKBONE, Config, FlagError
-from kft.data.sources import DataError
 from kft.methods import prompt as prompt_lib
 from kft.tasks.causal_lm import data as data_lib, inputs as lm_inputs, model as lm_model, packing, scoring
-
-HEADLINE = ("perplexity", "rougeL", "bleu")
-
-
-@dataclasses.dataclass
-class LMData:
-    train: data_lib.Split
-    eval: data_lib.Split
-    test: data_lib.Split | None
-    description: str
-    model_dir: str = ""  # set by prepare(): the export writes the preset there
+from kft.tasks.causal_lm.data import LMData
 
 
 def load_backbone(config: Config) -> backbones.LoadedDecoder:
@@ -48,23 +35,11 @@ def load_data(config: Config) -> LMData:
     if config.method == "prefix":
         raise FlagError("--method=prefix is not available for --task=causal_lm: keras-hub's decoder "
                         "attention has no hook for extra keys and values; use --method=prompt or lora")
-    from kft.tasks.causal_lm import serving
-
-    try:  # refused before training, not at export after it
-        serving.check_sampler(config, beam=True)
-    except serving.ExportError as e:
-        raise FlagError(str(e)) from None
-    if config.dataset:
-        raise FlagError("--dataset (TFDS) is not read by --task=causal_lm; give JSONL files with "
-                        "--train_file / --eval_file")
-    if not config.train_file:
-        raise DataError("no training data: give --train_file (JSONL: messages, prompt/completion, fields "
-                        "for --prompt_template, or plain text)")
-    train, eval_, test, description = data_lib.read_splits(config)
-    return LMData(train, eval_, test, description)
+    return data_lib.load(config, "causal_lm", "messages, prompt/completion, fields for --prompt_template, or "
+                         "plain text", beam=True)
 
 
-def _chat_template(config: Config, loaded, split: data_lib.Split) -> str | None:
+def _chat_template(config: Config, loaded, split: data_lib.Examples) -> str | None:
     if split.plain_text or config.chat_template == "none":
         return None
     return loaded.chat_template  # None when the checkpoint has none: prompts are used as written
@@ -82,6 +57,8 @@ def _check_packing(backbone: keras.Model, config: Config) -> None:
 
 
 def prepare(config: Config, data: LMData, loaded, model_dir: str, is_chief: bool = True):
+    """Tokenizes every split once (or reads the token cache), packs the train rows with
+    --pack_sequences, and returns what the trainer needs (a task_api.Prepared)."""
     from kft.training.task_api import Prepared
 
     if config.pack_sequences:  # before tokenizing: a refused run fails at once
@@ -89,11 +66,8 @@ def prepare(config: Config, data: LMData, loaded, model_dir: str, is_chief: bool
     t0 = time.time()
     data.model_dir = model_dir
     template = _chat_template(config, loaded, data.train)
-    splits = {"train": data.train, "eval": data.eval}
-    if data.test is not None:
-        splits["test"] = data.test
-    cache_dir = os.path.join(model_dir, "token_cache") if config.cache_tokens else None
-    fingerprint = token_cache.tokenizer_fingerprint(loaded.tokenizer) if cache_dir else None
+    splits = split_inputs.by_name(data)
+    cache_dir, fingerprint = split_inputs.token_cache_site(config, model_dir, loaded.tokenizer)
     pieces = {k: lm_inputs.tokenize(s, loaded, template, cache_dir, fingerprint, is_chief)
               for k, s in splits.items()}
     bos = 1 if loaded.bos_id is not None else 0
@@ -101,39 +75,69 @@ def prepare(config: Config, data: LMData, loaded, model_dir: str, is_chief: bool
     sequence_length = lm_inputs.choose_length(config, full, loaded.max_sequence_length)
     encoded = {k: lm_inputs.encode(s, loaded, template, sequence_length, config.train_on_prompt, cache_dir,
                                    fingerprint, is_chief, pieces[k]) for k, s in splits.items()}
-    train_on_prompt = config.train_on_prompt or data.train.plain_text
+    sources, stats = _feeds(encoded, splits, loaded.pad_id, config.train_on_prompt or data.train.plain_text)
+    train_lengths = sources["train"].lengths  # per example, packed or not (the bench's attention FLOPs)
+    if config.pack_sequences:
+        sources["train"], stats["train"]["packed"] = _packed_train(sources["train"], sequence_length,
+                                                                   loaded.pad_id)
+    stats["train"]["padding_share"] = lm_inputs.padding_share(sources["train"], config)
+    seconds = time.time() - t0
+    _log_data(config, data, sequence_length, template, stats, seconds)
+
+    def generator(model):  # loaded.backbone shares every layer (and LoRA wrapper) with the trained model
+        return lm_model.Generator(loaded.backbone, loaded.causal_lm_class, loaded.stop_ids, loaded.pad_id,
+                                  loop_lib.eval_batch_size(config), prompt=prompt_lib.prompt_layer(model))
+
+    generation_inputs = {k: (e.prompts, e.prompt_texts) for k, e in encoded.items()}
+    scorer = scoring.GenerationEval(config, splits, sources, generation_inputs, loaded.tokenizer, generator,
+                                    _asked, "prompts")
+    return Prepared(names=[], sequence_length=sequence_length, sources=sources, stats=stats,
+                    description=data.description, seconds=seconds, train_lengths=train_lengths,
+                    evaluate=scorer.evaluate, epoch_eval=scorer.epoch_eval, format=scoring.format_report,
+                    write_outputs=scorer.write_outputs, headline=scoring.HEADLINE,
+                    predict_function=lm_model.predict_function, data=data)
+
+
+def _asked(example) -> str:
+    """The predictions file's input: the last context turn (none for plain text)."""
+    return example.messages[-1]["content"] if example.messages else ""
+
+
+def _feeds(encoded: dict, splits: dict, pad_id: int, train_on_prompt: bool) -> tuple[dict, dict]:
+    """(split name -> the loop's feed, split name -> statistics for metrics.json) of encoded splits."""
     sources, stats = {}, {}
     for k, enc in encoded.items():
-        ids, lengths, labels, sizes = lm_inputs.matrices(enc, loaded.pad_id, train_on_prompt)
-        sources[k] = loop_lib.Split(tf.constant(ids), lengths, labels, np.ones(len(enc), np.float32), sizes)
+        ids, lengths, labels, sizes = lm_inputs.matrices(enc, pad_id, train_on_prompt)
+        sources[k] = loop_lib.Feed(tf.constant(ids), lengths, labels, np.ones(len(enc), np.float32), sizes)
         stats[k] = {"source": splits[k].source, "examples": len(enc), "format": splits[k].format,
                     "mean_tokens": round(float(lengths.mean()), 2), "max_tokens": int(lengths.max()),
                     "trained_tokens": int(sizes.sum()), "prompts_cut": enc.prompts_cut,
                     "completions_cut": enc.completions_cut, "token_cache": enc.cache}
-    encoded_lengths = sources["train"].lengths
-    if config.pack_sequences:
-        train = sources["train"]
-        rows = packing.pack(train.matrix.numpy(), train.lengths, train.labels, sequence_length, loaded.pad_id)
-        # Rows are nearly full: length buckets would only cut them into batches topped up with padding
-        # rows (6 buckets of 50 DialogSum rows at batch 8: 72 rows computed for 50). One bucket.
-        sources["train"] = loop_lib.Split(tf.constant(rows.ids), rows.lengths, rows.labels,
-                                          np.ones(len(rows.lengths), np.float32), rows.sizes,
-                                          segments=rows.segments, buckets=1)
-        stats["train"]["packed"] = {"rows": len(rows.lengths), "examples": len(train.lengths),
-                                    "tokens": int(rows.lengths.sum()), "trained_tokens": int(rows.sizes.sum()),
-                                    "mean_examples_per_row": round(len(train.lengths) / len(rows.lengths), 2),
-                                    "fill": round(float(rows.lengths.sum()) / (len(rows.lengths) * sequence_length), 4)}
-        logging.info("  packed: %d train examples into %d rows of up to %d tokens (%.2f per row, %.1f%% full)",
-                     len(train.lengths), len(rows.lengths), sequence_length,
-                     stats["train"]["packed"]["mean_examples_per_row"], 100 * stats["train"]["packed"]["fill"])
-    plan = inputs_lib.train_plan(sources["train"].lengths, config.batch_size,
-                                 loop_lib.train_buckets(sources["train"], config), config.seed, 0)
-    computed = int(plan.widths.sum()) * config.batch_size
-    stats["train"]["padding_share"] = round(computed / max(1, int(sources["train"].lengths.sum())) - 1, 4)
-    seconds = time.time() - t0
+    return sources, stats
+
+
+def _packed_train(train, sequence_length: int, pad_id: int):
+    """(the train feed as rows of several whole examples, the packing's statistics): --pack_sequences."""
+    rows = packing.pack(train.matrix.numpy(), train.lengths, train.labels, sequence_length, pad_id)
+    # Rows are nearly full: length buckets would only cut them into batches topped up with padding
+    # rows (6 buckets of 50 DialogSum rows at batch 8: 72 rows computed for 50). One bucket.
+    packed = loop_lib.Feed(tf.constant(rows.ids), rows.lengths, rows.labels,
+                           np.ones(len(rows.lengths), np.float32), rows.sizes, segments=rows.segments, buckets=1)
+    stats = {"rows": len(rows.lengths), "examples": len(train.lengths),
+             "tokens": int(rows.lengths.sum()), "trained_tokens": int(rows.sizes.sum()),
+             "mean_examples_per_row": round(len(train.lengths) / len(rows.lengths), 2),
+             "fill": round(float(rows.lengths.sum()) / (len(rows.lengths) * sequence_length), 4)}
+    logging.info("  packed: %d train examples into %d rows of up to %d tokens (%.2f per row, %.1f%% full)",
+                 len(train.lengths), len(rows.lengths), sequence_length, stats["mean_examples_per_row"],
+                 100 * stats["fill"])
+    return packed, stats
+
+
+def _log_data(config: Config, data: LMData, sequence_length: int, template: str | None, stats: dict,
+              seconds: float) -> None:
     logging.info("data: %s; sequence_length=%d (%s); chat template: %s; tokenized in %.1fs", data.description,
-                 sequence_length, "given" if config.sequence_length else "99th percentile of train",
-                 "the model's" if template else "none", seconds)
+                 sequence_length, split_inputs.length_origin(config), "the model's" if template else "none",
+                 seconds)
     logging.info("  length-grouped batches: %.1f%% of the positions computed in an epoch are padding",
                  100 * stats["train"]["padding_share"])
     for k, st in stats.items():
@@ -145,46 +149,6 @@ def prepare(config: Config, data: LMData, loaded, model_dir: str, is_chief: bool
             logging.warning("  %s: %d completion(s) longer than --sequence_length=%d lost their end (and "
                             "EOS); raise --sequence_length to keep them", k, st["completions_cut"],
                             sequence_length)
-    eval_sizes = sources["eval"].sizes
-    predictions = {}
-    state = {}
-
-    def epoch_eval(outputs):
-        return scoring.epoch_scores(outputs, eval_sizes)
-
-    def evaluate(k, outputs, model):
-        report = scoring.loss_report(outputs, sources[k].sizes)
-        if splits[k].plain_text or config.max_new_tokens <= 0:
-            return report
-        n = len(splits[k]) if not config.max_generate_examples else min(len(splits[k]),
-                                                                          config.max_generate_examples)
-        if "generator" not in state:
-            # loaded.backbone shares every layer (and LoRA wrapper) with the trained model
-            state["generator"] = lm_model.Generator(loaded.backbone, loaded.causal_lm_class,
-                                                    loaded.stop_ids, loaded.pad_id,
-                                                    loop_lib.eval_batch_size(config),
-                                                    prompt=prompt_lib.prompt_layer(model))
-        t = time.time()
-        logging.info("generating up to %d tokens for %d %s prompts ...", config.max_new_tokens, n, k)
-        ids, stopped = state["generator"](encoded[k].prompts[:n], config.max_new_tokens)
-        texts = scoring.detokenize(loaded.tokenizer, ids)
-        references = [e.completion for e in splits[k].examples[:n]]
-        report.update(scoring.generation_report(texts, references, ids, stopped, time.time() - t))
-        predictions[k] = [{"line": e.line, "input": e.messages[-1]["content"] if e.messages else "",
-                           "prompt": p, "reference": e.completion, "prediction": t_,
-                           "stopped": s} for e, p, t_, s in zip(splits[k].examples, encoded[k].prompt_texts,
-                                                                 texts, stopped)]
-        return report
-
-    def write_outputs(results, model_dir):
-        scoring.write_predictions(predictions, model_dir)
-
-    train_lengths = encoded_lengths  # per example, packed or not (the bench's attention FLOPs)
-    return Prepared(names=[], sequence_length=sequence_length, sources=sources, stats=stats,
-                    description=data.description, seconds=seconds, train_lengths=train_lengths,
-                    evaluate=evaluate, epoch_eval=epoch_eval, format=scoring.format_report,
-                    write_outputs=write_outputs, headline=HEADLINE, predict_function=lm_model.predict_function,
-                    data=data)
 
 
 def build(backbone: keras.Model, names: list[str], config: Config) -> keras.Model:

@@ -12,13 +12,13 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from kft.models import backbones
+from kft.models import backbones, encoder_inputs
 from kft.data import sources as data_lib
 from kft.models import savedmodel as export_lib
 from kft.data import inputs
 from kft.reporting import metrics
 from kft.reporting import plots
-from kft.data import token_cache
+from kft.data import split_inputs, token_cache
 from kft.training import loop as loop_lib
 from kft.config import Config
 
@@ -45,23 +45,13 @@ def _pool(outputs, padding_mask, pooling: str):
 def build_model(backbone: keras.Model, num_classes: int, dropout: float, pooling: str = "auto",
                 seed: int | None = None) -> keras.Model:
     """Functional model taking token_ids and padding_mask ([batch, length] int32)."""
-    token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
-    padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
-    feed = {"token_ids": token_ids, "padding_mask": padding_mask}
-    backbone_inputs = backbone.input if isinstance(backbone.input, dict) else {}
-    if "segment_ids" in backbone_inputs:
-        feed["segment_ids"] = keras.ops.zeros_like(token_ids)
-    if pooling in ("cls", "mean"):
-        for layer in backbone.layers:
-            if layer.name == "pooled_dense":  # the pooler is not on this head's path: no gradient
-                layer.trainable = False
-    pooled = _pool(backbone(feed), padding_mask, pooling)
+    model_inputs, outputs = encoder_inputs.call_backbone(backbone, uses_pooler=pooling not in ("cls", "mean"))
+    pooled = _pool(outputs, model_inputs["padding_mask"], pooling)
     x = keras.layers.Dropout(dropout, seed=seed, name="head_dropout")(pooled)
     # The head computes in float32 so softmax stays accurate under mixed precision.
     probabilities = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
                                        name="classifier")(x)
-    return keras.Model({"token_ids": token_ids, "padding_mask": padding_mask}, probabilities,
-                       name="text_classifier")
+    return keras.Model(model_inputs, probabilities, name="text_classifier")
 
 
 def per_example_loss(labels, probabilities):
@@ -112,11 +102,8 @@ def _prepare_inputs(config: Config, data: data_lib.Data, loaded: backbones.Loade
                     model_dir: str, is_chief: bool = True) -> _Inputs:
     """Tokenizes every split once (or reads its ids from the token cache), then packs them."""
     t0 = time.time()
-    splits = {"train": data.train, "eval": data.eval}
-    if data.test is not None:
-        splits["test"] = data.test
-    cache_dir = os.path.join(model_dir, "token_cache") if config.cache_tokens else None
-    fingerprint = token_cache.tokenizer_fingerprint(loaded.tokenizer) if cache_dir else None
+    splits = split_inputs.by_name(data)
+    cache_dir, fingerprint = split_inputs.token_cache_site(config, model_dir, loaded.tokenizer)
     pieces, cached = {}, {}
     for k, s in splits.items():
         pieces[k], hit = token_cache.word_pieces(loaded.tokenizer, s.texts, cache_dir, fingerprint,
@@ -133,8 +120,7 @@ def _prepare_inputs(config: Config, data: data_lib.Data, loaded: backbones.Loade
              for k in splits}
     prepared = _Inputs(sequence_length, splits, encoded, label_ids, stats, time.time() - t0)
     logging.info("data: %s; sequence_length=%d (%s); tokenized in %.1fs (token cache: %s)",
-                 data.description, sequence_length,
-                 "given" if config.sequence_length else "99th percentile of train", prepared.seconds,
+                 data.description, sequence_length, split_inputs.length_origin(config), prepared.seconds,
                  ", ".join(f"{k} {v}" for k, v in cached.items()))
     for k, st in stats.items():
         logging.info("  %s: %d examples, labels %s, %d truncated to %d tokens, mean %.1f tokens",
@@ -176,8 +162,8 @@ def prepare(config: Config, data: data_lib.Data, loaded: backbones.Loaded, model
         class_weight = data_lib.balanced_class_weights(label_ids["train"], len(vocab))
         example_weights = np.asarray([class_weight[int(y)] for y in label_ids["train"]], np.float32)
         logging.info("class weights: %s", class_weight)
-    sources = {k: loop_lib.Split.from_encoded(prep.encoded[k], label_ids[k], loaded.packing.pad,
-                                             example_weights if k == "train" else None)
+    sources = {k: loop_lib.Feed.from_encoded(prep.encoded[k], label_ids[k], loaded.packing.pad,
+                                            example_weights if k == "train" else None)
                for k in prep.splits}
 
     def epoch_eval(probabilities):

@@ -21,8 +21,8 @@ import tensorflow as tf
 from absl import logging
 from keras import ops
 
-from kft.models import backbones
-from kft.data import inputs
+from kft.models import backbones, encoder_inputs
+from kft.data import inputs, split_inputs
 from kft.reporting import plots
 from kft.training import loop as loop_lib
 from kft.config import Config, FlagError
@@ -38,25 +38,20 @@ def build_model(backbone: keras.Model, dropout: float, seed: int | None = None) 
     (start, end; padding positions at -1e9). Segment ids, where the backbone takes them, are 0 up
     to the first end token (the question) and 1 after it (the context), computed from the ids: a
     window's last real token is the end token."""
-    token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
-    padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
-    feed = {"token_ids": token_ids, "padding_mask": padding_mask}
-    if "segment_ids" in (backbone.input if isinstance(backbone.input, dict) else {}):
-        last = ops.maximum(ops.sum(padding_mask, axis=1) - 1, 0)
-        end_id = ops.take_along_axis(token_ids, ops.expand_dims(last, 1), axis=1)
-        is_end = ops.cast(ops.equal(token_ids, end_id), "int32")
-        feed["segment_ids"] = ops.minimum(ops.cumsum(is_end, axis=1) - is_end, 1)
-    for layer in backbone.layers:
-        if layer.name == "pooled_dense":  # the pooler is not on a span head's path: no gradient
-            layer.trainable = False
-    outputs = backbone(feed)
-    sequence = outputs["sequence_output"] if isinstance(outputs, dict) else outputs
-    x = keras.layers.Dropout(dropout, seed=seed, name="head_dropout")(sequence)
+    model_inputs, outputs = encoder_inputs.call_backbone(backbone, segment_ids=_question_then_context)
+    x = keras.layers.Dropout(dropout, seed=seed, name="head_dropout")(encoder_inputs.sequence_output(outputs))
     logits = keras.layers.Dense(2, dtype="float32", name="span_logits")(x)
-    keep = ops.expand_dims(ops.cast(padding_mask, "float32"), -1)
+    keep = ops.expand_dims(ops.cast(model_inputs["padding_mask"], "float32"), -1)
     logits = logits * keep + (1.0 - keep) * NEGATIVE
-    return keras.Model({"token_ids": token_ids, "padding_mask": padding_mask}, logits,
-                       name="span_extractor")
+    return keras.Model(model_inputs, logits, name="span_extractor")
+
+
+def _question_then_context(token_ids, padding_mask):
+    """Segment ids: 0 up to the first end token (the question), 1 after it (the context)."""
+    last = ops.maximum(ops.sum(padding_mask, axis=1) - 1, 0)
+    end_id = ops.take_along_axis(token_ids, ops.expand_dims(last, 1), axis=1)
+    is_end = ops.cast(ops.equal(token_ids, end_id), "int32")
+    return ops.minimum(ops.cumsum(is_end, axis=1) - is_end, 1)
 
 
 def loss_function(model: keras.Model, class_weight: dict | None = None):
@@ -99,16 +94,14 @@ def load_data(config: Config) -> QAData:
     train = dataclasses.replace(train, name="train").head(config.max_train_examples)
     if eval_ is None:  # hold out whole contexts, so no eval question reads a context trained on
         contexts = sorted({q.context for q in train.items})
-        if len(contexts) < 2:
-            raise DataError(f"{train.source}: {len(contexts)} distinct context(s); --validation_fraction="
-                            f"{config.validation_fraction:g} holds out whole contexts and needs at least 2. "
-                            "Give --eval_file or more data")
-        rng = np.random.default_rng(config.seed)
-        k = min(len(contexts) - 1, max(1, int(round(config.validation_fraction * len(contexts)))))
-        held = {contexts[i] for i in rng.permutation(len(contexts))[:k]}
+        chosen = split_inputs.held_out(len(contexts), config, (
+            f"{train.source}: {len(contexts)} distinct context(s); --validation_fraction="
+            f"{config.validation_fraction:g} holds out whole contexts and needs at least 2. "
+            "Give --eval_file or more data"))
+        held = {contexts[i] for i in chosen}
         eval_ = dataclasses.replace(train, name="eval", items=[q for q in train.items if q.context in held])
         train = dataclasses.replace(train, items=[q for q in train.items if q.context not in held])
-        description += f" (eval = {k} of {len(contexts)} train contexts)"
+        description += f" (eval = {len(chosen)} of {len(contexts)} train contexts)"
     eval_ = dataclasses.replace(eval_, name="eval").head(config.max_eval_examples)
     return QAData(train, eval_, test, description)
 
@@ -130,7 +123,7 @@ class Encoded:
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.array([len(x) for x in self.ids], np.int64)
+        return split_inputs.row_lengths(self.ids)
 
 
 def encode(questions: qa_data.Questions, tokenizer, packing: backbones.Packing, sequence_length: int,
@@ -223,19 +216,15 @@ def prepare(config: Config, data: QAData, loaded: backbones.Loaded, model_dir: s
 
     t0 = time.time()
     length = sequence_length_for(config, loaded)
-    splits = {"train": data.train, "eval": data.eval}
-    if data.test is not None:
-        splits["test"] = data.test
+    splits = split_inputs.by_name(data)
     encoded = {k: encode(q, loaded.tokenizer, loaded.packing, length, config.max_query_length,
                          config.doc_stride) for k, q in splits.items()}
     null_answers = data.train.unanswerable > 0
     sources, stats = {}, {}
     for k, enc in encoded.items():
         lengths = enc.lengths
-        matrix = np.full((len(lengths), int(lengths.max())), loaded.packing.pad, np.int32)
-        for i, ids in enumerate(enc.ids):
-            matrix[i, :len(ids)] = ids
-        sources[k] = loop_lib.Split(tf.constant(matrix), lengths, enc.labels, np.ones(len(lengths), np.float32))
+        matrix = split_inputs.padded(enc.ids, loaded.packing.pad)
+        sources[k] = loop_lib.Feed(tf.constant(matrix), lengths, enc.labels, np.ones(len(lengths), np.float32))
         stats[k] = {**enc.stats, "mean_tokens": round(float(lengths.mean()), 2), "max_tokens": int(lengths.max())}
         logging.info("  %s: %d questions over %d contexts -> %d windows (%d questions in several windows; "
                      "%d questions cut to --max_query_length=%d; %d answers in no window whole; %d answers "

@@ -47,14 +47,9 @@ class LoadedSeq2Seq:
 
 
 def _seq2seq_lm_class(backbone: keras.Model, spec: str) -> type:
-    def subclasses(cls):
-        for sub in cls.__subclasses__():
-            yield sub
-            yield from subclasses(sub)
-
-    for cls in subclasses(keras_hub.models.Seq2SeqLM):
-        if getattr(cls, "backbone_cls", None) is type(backbone):
-            return cls
+    found = backbones.task_class(backbone, keras_hub.models.Seq2SeqLM)
+    if found is not None:
+        return found
     raise BackboneError(f"--backbone={spec}: {type(backbone).__name__} is not an encoder–decoder keras-hub "
                         "can generate with (no Seq2SeqLM class for it); --task=seq2seq takes BART or T5")
 

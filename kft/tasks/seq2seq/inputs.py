@@ -13,11 +13,9 @@ import dataclasses
 
 import numpy as np
 
-from kft.data import token_cache
-from kft.tasks.causal_lm import chat
-from kft.tasks.causal_lm.data import Split
-
-IGNORE = -1
+from kft.data.split_inputs import IGNORE, padded, row_lengths
+from kft.tasks.causal_lm import chat, inputs as lm_inputs
+from kft.tasks.causal_lm.data import Examples
 
 
 @dataclasses.dataclass
@@ -29,16 +27,16 @@ class Encoded:
     targets_cut: int  # examples whose target lost tokens from its end
     cache: str  # token cache: hit / miss / off
 
-    def __len__(self) -> int:
-        return len(self.sources)
-
     @property
     def source_lengths(self) -> np.ndarray:
-        return np.asarray([len(x) for x in self.sources], np.int64)
+        return row_lengths(self.sources)
 
     @property
     def target_lengths(self) -> np.ndarray:
-        return np.asarray([len(x) for x in self.targets], np.int64)
+        return row_lengths(self.targets)
+
+    def __len__(self) -> int:
+        return len(self.sources)
 
 
 def source_text(example) -> str:
@@ -49,20 +47,10 @@ def source_text(example) -> str:
     return chat.plain(example.messages)
 
 
-def _pieces(tokenizer, texts, cache_dir, fingerprint, write):
-    ragged, hit = token_cache.word_pieces(tokenizer, texts, cache_dir, fingerprint, write=write)
-    values, splits = ragged.flat_values.numpy(), ragged.row_splits.numpy()
-    return [values[splits[i]:splits[i + 1]].astype(np.int32) for i in range(len(texts))], hit
-
-
-def tokenize(split: Split, loaded, cache_dir: str | None, fingerprint: str | None, write: bool = True):
+def tokenize(split: Examples, loaded, cache_dir: str | None, fingerprint: str | None, write: bool = True):
     """(source pieces, target pieces, cache status) of every example, one tokenizer call each."""
-    sources, hit_s = _pieces(loaded.tokenizer, [source_text(e) for e in split.examples], cache_dir,
-                             fingerprint, write)
-    targets, hit_t = _pieces(loaded.tokenizer, [e.completion for e in split.examples], cache_dir,
-                             fingerprint, write)
-    hit = "off" if cache_dir is None else ("hit" if hit_s and hit_t else "miss")
-    return sources, targets, hit
+    return lm_inputs.tokenize_pairs(loaded.tokenizer, [source_text(e) for e in split.examples],
+                                    [e.completion for e in split.examples], cache_dir, fingerprint, write)
 
 
 def frame_source(pieces: np.ndarray, loaded, sequence_length: int) -> tuple[np.ndarray, bool]:
@@ -73,7 +61,7 @@ def frame_source(pieces: np.ndarray, loaded, sequence_length: int) -> tuple[np.n
     return ids.astype(np.int32), cut
 
 
-def encode(split: Split, loaded, sequence_length: int, pieces: tuple) -> Encoded:
+def encode(split: Examples, loaded, sequence_length: int, pieces: tuple) -> Encoded:
     """Frames and cuts one split's pieces (see the module docstring)."""
     source_pieces, target_pieces, hit = pieces
     sources, targets = [], []
@@ -93,13 +81,9 @@ def encode(split: Split, loaded, sequence_length: int, pieces: tuple) -> Encoded
 def matrices(encoded: Encoded, pad_id: int, prefix: int):
     """(source ids [n, s], source lengths [n], decoder ids [n, t], decoder lengths [n],
     labels [n, t], trained positions per example [n])."""
-    n = len(encoded)
-    sources = np.full((n, int(encoded.source_lengths.max())), pad_id, np.int32)
-    decoder = np.full((n, int(encoded.target_lengths.max())), pad_id, np.int32)
+    sources, decoder = padded(encoded.sources, pad_id), padded(encoded.targets, pad_id)
     labels = np.full(decoder.shape, IGNORE, np.int32)
-    for i, (s, t) in enumerate(zip(encoded.sources, encoded.targets)):
-        sources[i, :len(s)] = s
-        decoder[i, :len(t)] = t
+    for i, t in enumerate(encoded.targets):
         labels[i, prefix - 1:len(t) - 1] = t[prefix:]  # position prefix-1 predicts the first target token
     sizes = (labels >= 0).sum(axis=1)
     return sources, encoded.source_lengths, decoder, encoded.target_lengths, labels, sizes

@@ -13,6 +13,8 @@ import keras_hub
 import numpy as np
 import tensorflow as tf
 
+from kft.tasks.causal_lm import model as lm_model
+
 _INPUTS = {"token_ids": "encoder_token_ids", "padding_mask": "encoder_padding_mask",
            "decoder_token_ids": "decoder_token_ids", "decoder_padding_mask": "decoder_padding_mask"}
 
@@ -40,26 +42,9 @@ def logits_function(backbone: keras.Model):
     return lambda hidden: embedding(hidden, reverse=True)
 
 
-def _token_scores(logits_fn, hidden, labels):
-    """(per-position cross-entropy [k], whether argmax is the target [k], where [k, 2]) at labels >= 0."""
-    where = tf.where(labels >= 0)
-    logits = tf.cast(logits_fn(tf.gather_nd(hidden, where)), tf.float32)
-    targets = tf.gather_nd(labels, where)
-    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)
-    correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), targets), tf.float32)
-    return ce, correct, where
-
-
 def loss_function(model: keras.Model):
-    """fn(labels [b, t], hidden [b, t, h]) -> summed cross-entropy of each example's target tokens [b];
-    the loop divides by the global batch's trained tokens (a per-token mean)."""
-    logits_fn = logits_function(backbone_of(model))
-
-    def loss(labels, hidden):
-        ce, _, where = _token_scores(logits_fn, hidden, labels)
-        return tf.math.unsorted_segment_sum(ce, where[:, 0], tf.shape(labels)[0])
-
-    return loss
+    """The loss on the target tokens, as causal_lm's on completions (`summed_loss`)."""
+    return lm_model.summed_loss(logits_function(backbone_of(model)))
 
 
 def predict_function(model: keras.Model):
@@ -69,7 +54,7 @@ def predict_function(model: keras.Model):
 
     def predict(features, labels):
         hidden = model(features, training=False)
-        ce, correct, where = _token_scores(logits_fn, hidden, labels)
+        ce, correct, where = lm_model.token_scores(logits_fn, hidden, labels)
         return tf.math.unsorted_segment_sum(tf.stack([ce, correct], axis=-1), where[:, 0], tf.shape(labels)[0])
 
     return predict

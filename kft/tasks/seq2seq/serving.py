@@ -23,7 +23,7 @@ from kft.tasks.seq2seq import model as seq2seq_model
 _SENTINEL = "\ue001kft-source\ue001"
 
 
-def source_affixes(config, train: data_lib.Split) -> tuple[str, str, str]:
+def source_affixes(config, train: data_lib.Examples) -> tuple[str, str, str]:
     """(text before, text after, what the served `prompt` is) of the training sources."""
     if train.format == "template":
         fields = data_lib.template_fields(config.prompt_template)

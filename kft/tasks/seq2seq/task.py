@@ -10,8 +10,6 @@ prediction written to predictions.jsonl. `--epochs=0` scores the untouched model
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import time
 
 import keras
@@ -19,46 +17,23 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from kft.data import inputs as inputs_lib
-from kft.data import token_cache
+from kft.data import split_inputs
 from kft.training import loop as loop_lib
 from kft.config import BUNDLED_BACKBONE, Config, FlagError
-from kft.data.sources import DataError
 from kft.tasks.causal_lm import data as data_lib, inputs as lm_inputs, scoring
 from kft.tasks.seq2seq import backbone as backbone_lib, inputs as s2s_inputs, model as s2s_model
 
-HEADLINE = ("perplexity", "rougeL", "bleu")
 METHODS = ("full", "freeze", "lora")
-
-
-@dataclasses.dataclass
-class Seq2SeqData:
-    train: data_lib.Split
-    eval: data_lib.Split
-    test: data_lib.Split | None
-    description: str
 
 
 def load_backbone(config: Config) -> backbone_lib.LoadedSeq2Seq:
     return backbone_lib.load("" if config.backbone == BUNDLED_BACKBONE else config.backbone)
 
 
-def load_data(config: Config) -> Seq2SeqData:
+def load_data(config: Config) -> data_lib.LMData:
     if config.method not in METHODS:
         raise FlagError(f"--method={config.method} is not available for --task=seq2seq; use "
                         f"--method={', '.join(METHODS)}")
-    from kft.tasks.causal_lm import serving
-
-    try:  # refused before training, not at export after it
-        serving.check_sampler(config, beam=False)
-    except serving.ExportError as e:
-        raise FlagError(str(e)) from None
-    if config.dataset:
-        raise FlagError("--dataset (TFDS) is not read by --task=seq2seq; give JSONL files with "
-                        "--train_file / --eval_file")
-    if not config.train_file:
-        raise DataError("no training data: give --train_file (JSONL: prompt/completion, fields for "
-                        "--prompt_template, or messages)")
 
     def check(train):
         if train.plain_text:
@@ -67,8 +42,8 @@ def load_data(config: Config) -> Seq2SeqData:
                             f"'{config.prompt_field}' and '{config.completion_field}', a --prompt_template, "
                             "or messages")
 
-    train, eval_, test, description = data_lib.read_splits(config, check)
-    return Seq2SeqData(train, eval_, test, description)
+    return data_lib.load(config, "seq2seq", "prompt/completion, fields for --prompt_template, or messages",
+                         beam=False, check=check)
 
 
 def served_input(example) -> str:
@@ -77,17 +52,40 @@ def served_input(example) -> str:
     return example.served if example.served is not None else example.messages[-1]["content"]
 
 
-def prepare(config: Config, data: Seq2SeqData, loaded, model_dir: str, is_chief: bool = True):
+def prepare(config: Config, data: data_lib.LMData, loaded, model_dir: str, is_chief: bool = True):
+    """Tokenizes every split once (or reads the token cache) and returns what the trainer needs (a
+    task_api.Prepared)."""
     from kft.training.task_api import Prepared
 
     t0 = time.time()
-    splits = {"train": data.train, "eval": data.eval}
-    if data.test is not None:
-        splits["test"] = data.test
-    cache_dir = os.path.join(model_dir, "token_cache") if config.cache_tokens else None
-    fingerprint = token_cache.tokenizer_fingerprint(loaded.tokenizer) if cache_dir else None
+    splits = split_inputs.by_name(data)
+    cache_dir, fingerprint = split_inputs.token_cache_site(config, model_dir, loaded.tokenizer)
     pieces = {k: s2s_inputs.tokenize(s, loaded, cache_dir, fingerprint, is_chief) for k, s in splits.items()}
-    source_pieces, target_pieces, _ = pieces["train"]
+    sequence_length = _sequence_length(config, loaded, pieces["train"])
+    encoded = {k: s2s_inputs.encode(s, loaded, sequence_length, pieces[k]) for k, s in splits.items()}
+    sources, stats = _feeds(encoded, splits, loaded)
+    stats["train"]["source_padding_share"] = lm_inputs.padding_share(sources["train"], config)
+    seconds = time.time() - t0
+    _log_data(config, data, sequence_length, stats, seconds)
+
+    def generator(model):  # loaded.backbone shares every layer (and LoRA wrapper) with the trained model
+        return s2s_model.Generator(loaded.backbone, loaded.seq2seq_lm_class, loaded,
+                                   loop_lib.eval_batch_size(config))
+
+    generation_inputs = {k: (e.sources, e.source_texts) for k, e in encoded.items()}
+    scorer = scoring.GenerationEval(config, splits, sources, generation_inputs, loaded.tokenizer, generator,
+                                    served_input, "sources")
+    return Prepared(names=[], sequence_length=sequence_length, sources=sources, stats=stats,
+                    description=data.description, seconds=seconds, train_lengths=sources["train"].lengths,
+                    evaluate=scorer.evaluate, epoch_eval=scorer.epoch_eval, format=scoring.format_report,
+                    write_outputs=scorer.write_outputs, headline=scoring.HEADLINE,
+                    predict_function=s2s_model.predict_function, data=data)
+
+
+def _sequence_length(config: Config, loaded, train_pieces: tuple) -> int:
+    """Per side: --sequence_length or the 99th percentile of train's framed sources and targets;
+    refuses a --max_new_tokens the decoder has no positions for."""
+    source_pieces, target_pieces, _ = train_pieces
     full = np.asarray([max(len(s) + len(loaded.encoder_start) + len(loaded.encoder_end),
                            len(t) + len(loaded.decoder_prefix) + 1) for s, t in zip(source_pieces, target_pieces)])
     sequence_length = lm_inputs.choose_length(config, full, loaded.max_sequence_length)
@@ -95,24 +93,28 @@ def prepare(config: Config, data: Seq2SeqData, loaded, model_dir: str, is_chief:
             > loaded.max_sequence_length:
         raise FlagError(f"--max_new_tokens={config.max_new_tokens} exceeds the decoder's "
                         f"{loaded.max_sequence_length} positions")
-    encoded = {k: s2s_inputs.encode(s, loaded, sequence_length, pieces[k]) for k, s in splits.items()}
+    return sequence_length
+
+
+def _feeds(encoded: dict, splits: dict, loaded) -> tuple[dict, dict]:
+    """(split name -> the loop's feed, split name -> statistics for metrics.json) of encoded splits."""
     prefix = len(loaded.decoder_prefix)
     sources, stats = {}, {}
     for k, enc in encoded.items():
         ids, lengths, decoder, decoder_lengths, labels, sizes = s2s_inputs.matrices(enc, loaded.pad_id, prefix)
-        sources[k] = loop_lib.Split(tf.constant(ids), lengths, labels, np.ones(len(enc), np.float32), sizes,
-                                    decoder=(decoder, decoder_lengths))
+        sources[k] = loop_lib.Feed(tf.constant(ids), lengths, labels, np.ones(len(enc), np.float32), sizes,
+                                   decoder=(decoder, decoder_lengths))
         stats[k] = {"source": splits[k].source, "examples": len(enc), "format": splits[k].format,
                     "mean_source_tokens": round(float(lengths.mean()), 2), "max_source_tokens": int(lengths.max()),
                     "mean_target_tokens": round(float(decoder_lengths.mean()), 2),
                     "max_target_tokens": int(decoder_lengths.max()), "trained_tokens": int(sizes.sum()),
                     "sources_cut": enc.sources_cut, "targets_cut": enc.targets_cut, "token_cache": enc.cache}
-    plan = inputs_lib.train_plan(sources["train"].lengths, config.batch_size, config.num_buckets, config.seed, 0)
-    computed = int(plan.widths.sum()) * config.batch_size
-    stats["train"]["source_padding_share"] = round(computed / max(1, int(sources["train"].lengths.sum())) - 1, 4)
-    seconds = time.time() - t0
+    return sources, stats
+
+
+def _log_data(config: Config, data: data_lib.LMData, sequence_length: int, stats: dict, seconds: float) -> None:
     logging.info("data: %s; sequence_length=%d per side (%s); tokenized in %.1fs", data.description,
-                 sequence_length, "given" if config.sequence_length else "99th percentile of train", seconds)
+                 sequence_length, split_inputs.length_origin(config), seconds)
     for k, st in stats.items():
         logging.info("  %s: %d examples, mean %.1f source / %.1f target tokens, %d trained tokens; %d source(s) "
                      "and %d target(s) cut at the end (token cache: %s)", k, st["examples"],
@@ -121,42 +123,6 @@ def prepare(config: Config, data: Seq2SeqData, loaded, model_dir: str, is_chief:
         if st["targets_cut"]:
             logging.warning("  %s: %d target(s) longer than --sequence_length=%d lost their end; raise "
                             "--sequence_length to keep them", k, st["targets_cut"], sequence_length)
-    eval_sizes = sources["eval"].sizes
-    predictions, state = {}, {}
-
-    def epoch_eval(outputs):
-        return scoring.epoch_scores(outputs, eval_sizes)
-
-    def evaluate(k, outputs, model):
-        report = scoring.loss_report(outputs, sources[k].sizes)
-        if config.max_new_tokens <= 0:
-            return report
-        n = len(splits[k]) if not config.max_generate_examples else min(len(splits[k]),
-                                                                          config.max_generate_examples)
-        if "generator" not in state:
-            # loaded.backbone shares every layer (and LoRA wrapper) with the trained model
-            state["generator"] = s2s_model.Generator(loaded.backbone, loaded.seq2seq_lm_class, loaded,
-                                                     loop_lib.eval_batch_size(config))
-        t = time.time()
-        logging.info("generating up to %d tokens for %d %s sources ...", config.max_new_tokens, n, k)
-        ids, stopped = state["generator"](encoded[k].sources[:n], config.max_new_tokens)
-        texts = scoring.detokenize(loaded.tokenizer, ids)
-        examples = splits[k].examples[:n]
-        report.update(scoring.generation_report(texts, [e.completion for e in examples], ids, stopped,
-                                                time.time() - t))
-        predictions[k] = [{"line": e.line, "input": served_input(e), "prompt": p, "reference": e.completion,
-                           "prediction": t_, "stopped": s}
-                          for e, p, t_, s in zip(examples, encoded[k].source_texts, texts, stopped)]
-        return report
-
-    def write_outputs(results, model_dir):
-        scoring.write_predictions(predictions, model_dir)
-
-    return Prepared(names=[], sequence_length=sequence_length, sources=sources, stats=stats,
-                    description=data.description, seconds=seconds, train_lengths=sources["train"].lengths,
-                    evaluate=evaluate, epoch_eval=epoch_eval, format=scoring.format_report,
-                    write_outputs=write_outputs, headline=HEADLINE, predict_function=s2s_model.predict_function,
-                    data=data)
 
 
 def build(backbone: keras.Model, names: list[str], config: Config) -> keras.Model:

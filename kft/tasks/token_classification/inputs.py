@@ -15,8 +15,7 @@ import numpy as np
 
 from kft.models.backbones import Packing
 from kft.data.inputs import word_pieces
-
-IGNORE = -1
+from kft.data.split_inputs import IGNORE, row_lengths
 
 
 @dataclasses.dataclass
@@ -33,7 +32,7 @@ class Windows:
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.array([len(x) for x in self.ids], np.int64)
+        return row_lengths(self.ids)
 
 
 def _unknown_id(tokenizer) -> int:

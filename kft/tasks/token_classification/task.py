@@ -1,7 +1,7 @@
 """Token classification (NER): backbone -> per-token Dense(num_tags) -> softmax, or a linear-chain CRF.
 
 Labels live on word pieces: a word's first piece holds its tag id and every other position holds -1
-(`kft.token_inputs.IGNORE`), which loss and metrics skip. The softmax head's loss is the
+(`kft.data.split_inputs.IGNORE`), which loss and metrics skip. The softmax head's loss is the
 cross-entropy averaged over the batch's tagged positions. With a CRF the tagged positions are first
 gathered into a left-aligned word sequence (the CRF models transitions between words, not pieces)
 and the loss is the CRF's negative log-likelihood, also divided by the batch's tagged words.
@@ -21,39 +21,30 @@ from absl import logging
 from keras import ops
 
 from kft.data import augment
-from kft.models import backbones
-from kft.data import inputs
+from kft.models import backbones, encoder_inputs
+from kft.data import inputs, split_inputs
 from kft.reporting import metrics
 from kft.reporting import plots
 from kft.tasks.token_classification import crf as crf_lib, data as token_data, inputs as token_inputs
 from kft.training import loop as loop_lib
 from kft.config import Config, FlagError
 from kft.data.sources import DataError
-from kft.tasks.token_classification.inputs import IGNORE
+from kft.data.split_inputs import IGNORE
 
 
 def build_model(backbone: keras.Model, num_tags: int, dropout: float, use_crf: bool = False,
                 tags: list[str] | None = None, seed: int | None = None) -> keras.Model:
     """Functional model: token_ids, padding_mask [batch, length] -> per-position tag probabilities
     (softmax head) or tag scores (CRF head; the CRF layer holds the transitions)."""
-    token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
-    padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
-    feed = {"token_ids": token_ids, "padding_mask": padding_mask}
-    if "segment_ids" in (backbone.input if isinstance(backbone.input, dict) else {}):
-        feed["segment_ids"] = keras.ops.zeros_like(token_ids)
-    for layer in backbone.layers:
-        if layer.name == "pooled_dense":  # the pooler is not on a token head's path: no gradient
-            layer.trainable = False
-    outputs = backbone(feed)
-    sequence = outputs["sequence_output"] if isinstance(outputs, dict) else outputs
-    x = keras.layers.Dropout(dropout, seed=seed, name="head_dropout")(sequence)
+    model_inputs, outputs = encoder_inputs.call_backbone(backbone)
+    x = keras.layers.Dropout(dropout, seed=seed, name="head_dropout")(encoder_inputs.sequence_output(outputs))
     scores = keras.layers.Dense(num_tags, dtype="float32", name="tagger")(x)
     if use_crf:
         allowed, allowed_start = crf_lib.iob2_constraints(tags) if tags else (None, None)
         out = crf_lib.CRF(num_tags, allowed, allowed_start, name="crf")(scores)
     else:
         out = keras.layers.Softmax(dtype="float32", name="tag_probabilities")(scores)
-    return keras.Model({"token_ids": token_ids, "padding_mask": padding_mask}, out, name="token_classifier")
+    return keras.Model(model_inputs, out, name="token_classifier")
 
 
 def crf_layer(model: keras.Model):
@@ -159,13 +150,10 @@ def load_data(config: Config) -> TokenData:
         raise DataError("no training data: give --train_file (CoNLL or JSONL) or --dataset=conll2003")
     train = train.head(config.max_train_examples)
     if eval_ is None:
-        if len(train) < 2:
-            raise DataError(f"{train.source}: {len(train)} sentence(s); --validation_fraction="
-                            f"{config.validation_fraction:g} needs at least 2 to hold one out for evaluation. "
-                            "Give --eval_file or more sentences")
-        rng = np.random.default_rng(config.seed)
-        k = min(len(train) - 1, max(1, int(round(config.validation_fraction * len(train)))))
-        held = set(rng.permutation(len(train))[:k].tolist())
+        held = set(split_inputs.held_out(len(train), config, (
+            f"{train.source}: {len(train)} sentence(s); --validation_fraction="
+            f"{config.validation_fraction:g} needs at least 2 to hold one out for evaluation. "
+            "Give --eval_file or more sentences")).tolist())
         keep = [i for i in range(len(train)) if i not in held]
         order = sorted(held)
         eval_ = token_data.Sentences("eval", train.source, [train.words[i] for i in order],
@@ -198,97 +186,120 @@ def prepare(config: Config, data: TokenData, loaded: backbones.Loaded, model_dir
     from kft.training.task_api import Prepared
 
     t0 = time.time()
-    splits = {"train": data.train, "eval": data.eval}
-    if data.test is not None:
-        splits["test"] = data.test
+    splits = split_inputs.by_name(data)
     pieces, empty = {}, {}
     for k, split in splits.items():
         pieces[k], empty[k] = token_inputs.sentence_pieces(loaded.tokenizer, split.words)
+    sequence_length = _sequence_length(config, loaded, pieces["train"])
+    names = data.vocab.names
+    tag_ids = {k: data.vocab.encode(split) for k, split in splits.items()}
+    class_weight = _tag_weights(config, tag_ids["train"], names)
+    windows = {k: token_inputs.encode(pieces[k], tag_ids[k], loaded.packing, sequence_length, config.stride,
+                                      empty[k]) for k in splits}
+    sources, stats = _feeds(windows, splits, loaded.packing.pad)
+    seconds = time.time() - t0
+    logging.info("data: %s; %d tags %s; sequence_length=%d (%s); word pieces in %.1fs", data.description,
+                 len(names), names, sequence_length, split_inputs.length_origin(config), seconds)
+    if data.augmentation:
+        stats["augmentation"] = data.augmentation
+    scorer = _EntityEval(data, splits, sources, windows, class_weight)
+    scorer.prep = Prepared(names=names, sequence_length=sequence_length, sources=sources, stats=stats,
+                           description=data.description, seconds=seconds,
+                           train_lengths=windows["train"].lengths, evaluate=scorer.evaluate,
+                           epoch_eval=scorer.epoch_eval, format=format_report,
+                           write_outputs=scorer.write_outputs,
+                           headline=("entity_f1", "entity_precision", "entity_recall", "token_accuracy"),
+                           class_weight=class_weight)
+    return scorer.prep
+
+
+def _sequence_length(config: Config, loaded: backbones.Loaded, train_pieces) -> int:
+    """--sequence_length or the 99th percentile of train's sentences in pieces, checked against the
+    backbone and the room a window needs for word pieces."""
     specials = len(loaded.packing.start) + len(loaded.packing.end)
-    totals = np.array([sum(len(p) for p in sentence) for sentence in pieces["train"]])
+    totals = np.array([sum(len(p) for p in sentence) for sentence in train_pieces])
     sequence_length = config.sequence_length or inputs.choose_sequence_length(
         totals, loaded.packing, loaded.max_sequence_length)
     inputs.check_lengths(sequence_length, config.serving_sequence_length, loaded.max_sequence_length)
     if sequence_length - specials < 2:
         raise FlagError(f"--sequence_length={sequence_length} leaves no room for word pieces")
-    names = data.vocab.names
-    tag_ids = {k: data.vocab.encode(split) for k, split in splits.items()}
-    class_weight = None
-    if config.class_weights == "balanced":  # n / (k * count) over the training words' tags
-        from kft.data.sources import balanced_class_weights
+    return sequence_length
 
-        class_weight = balanced_class_weights(np.concatenate([np.asarray(t) for t in tag_ids["train"]]),
-                                              len(names))
-        logging.info("tag weights: %s", {names[i]: round(w, 3) for i, w in class_weight.items()})
-    windows = {k: token_inputs.encode(pieces[k], tag_ids[k], loaded.packing, sequence_length, config.stride,
-                                      empty[k]) for k in splits}
+
+def _tag_weights(config: Config, train_tag_ids, names: list[str]) -> dict | None:
+    """--class_weights=balanced: n / (k * count) over the training words' tags; otherwise None."""
+    if config.class_weights != "balanced":
+        return None
+    from kft.data.sources import balanced_class_weights
+
+    class_weight = balanced_class_weights(np.concatenate([np.asarray(t) for t in train_tag_ids]), len(names))
+    logging.info("tag weights: %s", {names[i]: round(w, 3) for i, w in class_weight.items()})
+    return class_weight
+
+
+def _feeds(windows: dict, splits: dict, pad: int) -> tuple[dict, dict]:
+    """(split name -> the loop's feed, split name -> statistics for metrics.json) of the windows."""
     sources, stats = {}, {}
     for k, w in windows.items():
         lengths = w.lengths
-        longest = int(lengths.max())
-        matrix = np.full((len(lengths), longest), loaded.packing.pad, np.int32)
-        labels = np.full((len(lengths), longest), IGNORE, np.int32)
-        for i, (ids, lab) in enumerate(zip(w.ids, w.labels)):
-            matrix[i, :len(ids)] = ids
-            labels[i, :len(lab)] = lab
+        matrix = split_inputs.padded(w.ids, pad)
+        labels = split_inputs.padded(w.labels, IGNORE)
         # the loss averages over the global batch's tagged words, not over its sentences
-        sources[k] = loop_lib.Split(tf.constant(matrix), lengths, labels, np.ones(len(lengths), np.float32),
-                                    (labels >= 0).sum(axis=1))
+        sources[k] = loop_lib.Feed(tf.constant(matrix), lengths, labels, np.ones(len(lengths), np.float32),
+                                   (labels >= 0).sum(axis=1))
         violations = token_data.iob2_violations(splits[k])
         stats[k] = {"source": splits[k].source, "sentences": len(splits[k]),
                     "words": int(sum(len(s) for s in splits[k].words)), "windows": len(lengths),
                     "split_sentences": w.split_sentences, "cut_words": w.cut_words,
                     "empty_words": w.empty_words,
                     "iob2_violations": violations, "mean_tokens": round(float(lengths.mean()), 2),
-                    "max_tokens": longest}
+                    "max_tokens": int(lengths.max())}
         logging.info("  %s: %d sentences, %d words -> %d windows (%d sentences split into windows, %d words "
                      "cut, %d words without pieces); %d ill-formed IOB2 tags %s", k, len(splits[k]),
                      stats[k]["words"], len(lengths), w.split_sentences, w.cut_words, w.empty_words,
                      violations["count"], violations["examples"][:3])
-    seconds = time.time() - t0
-    logging.info("data: %s; %d tags %s; sequence_length=%d (%s); word pieces in %.1fs", data.description,
-                 len(names), names, sequence_length,
-                 "given" if config.sequence_length else "99th percentile of train", seconds)
-    holder = {}
+    return sources, stats
 
-    def word_tags(k, outputs, model):
+
+@dataclasses.dataclass
+class _EntityEval:
+    """The evaluate / epoch_eval / write_outputs of the task's Prepared: each word's predicted tag
+    (read from its window) scored by entity."""
+
+    data: TokenData
+    splits: dict  # name -> token_data.Sentences
+    sources: dict  # name -> the loop's feed
+    windows: dict  # name -> token_inputs.Windows
+    class_weight: dict | None
+    prep: object = None  # the Prepared: the trainer sets its model, whose head the epoch-end loss reads
+
+    def word_tags(self, k, outputs, model):
         """Predicted tag names per sentence of split k."""
-        labels = sources[k].labels
+        labels = self.sources[k].labels
         per_window = predict_words(model, outputs, labels)
         rank = np.cumsum(labels >= 0, axis=1) - 1  # position -> index among the window's tagged ones
         by_position = [per_window[w][rank[w]] if len(per_window[w]) else np.zeros(0, np.int64)
                        for w in range(len(per_window))]
-        ids = token_inputs.word_predictions(windows[k], by_position)
-        return [[names[int(i)] for i in sentence] for sentence in ids]
+        ids = token_inputs.word_predictions(self.windows[k], by_position)
+        return [[self.data.vocab.names[int(i)] for i in sentence] for sentence in ids]
 
-    def evaluate(k, outputs, model):
-        return metrics.entity_report(splits[k].tags, word_tags(k, outputs, model))
+    def evaluate(self, k, outputs, model):
+        return metrics.entity_report(self.splits[k].tags, self.word_tags(k, outputs, model))
 
-    def epoch_eval(outputs):
-        model = holder["prep"].model
-        report = evaluate("eval", outputs, model)
-        loss = ops.convert_to_numpy(loss_function(model, class_weight)(sources["eval"].labels, outputs))
-        per_word = float(loss.sum() / max(1, int((sources["eval"].labels >= 0).sum())))
+    def epoch_eval(self, outputs):
+        model, labels = self.prep.model, self.sources["eval"].labels
+        report = self.evaluate("eval", outputs, model)
+        loss = ops.convert_to_numpy(loss_function(model, self.class_weight)(labels, outputs))
+        per_word = float(loss.sum() / max(1, int((labels >= 0).sum())))
         # the best epoch (and a search's pruning) goes by entity F1, the task's headline score
         return {"accuracy": report["token_accuracy"], "loss": per_word,
                 "entity_f1": report["entity_f1"], "score": report["entity_f1"]}
 
-    def write_outputs(results, model_dir):
+    def write_outputs(self, results, model_dir):
         plots.per_type_scores(results["eval"]["per_type"], os.path.join(model_dir, "entity_scores.png"),
-                              f"eval: {data.eval.source}")
+                              f"eval: {self.data.eval.source}")
         with tf.io.gfile.GFile(os.path.join(model_dir, "labels.json"), "w") as f:
-            json.dump({"tags": names}, f, indent=2)
-
-    if data.augmentation:
-        stats["augmentation"] = data.augmentation
-    prep = Prepared(names=names, sequence_length=sequence_length, sources=sources, stats=stats,
-                    description=data.description, seconds=seconds,
-                    train_lengths=windows["train"].lengths, evaluate=evaluate, epoch_eval=epoch_eval,
-                    format=format_report, write_outputs=write_outputs,
-                    headline=("entity_f1", "entity_precision", "entity_recall", "token_accuracy"),
-                    class_weight=class_weight)
-    holder["prep"] = prep
-    return prep
+            json.dump({"tags": self.data.vocab.names}, f, indent=2)
 
 
 def format_report(report: dict) -> str:
