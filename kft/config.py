@@ -148,6 +148,10 @@ class Config:
                                      tasks=DECODER_TASKS)
     export_length_penalty: float = _decoder(1.0, "With --export_sampler=beam: the best beam maximises log p / "
                                             "tokens**this (0 = total log p).", tasks=DECODER_TASKS)
+    attention: str = _decoder("auto", "How llama-family decoders attend while training: memory_efficient keeps no "
+                              "[length x length] scores for the backward pass (blockwise, recomputed); auto "
+                              "= memory_efficient.", choices=("auto", "standard", "memory_efficient"),
+                              tasks=("causal_lm",))
     pack_sequences: bool = _decoder(False, "Train on rows of several whole examples up to --sequence_length, "
                                     "each attending only to itself (llama-family decoders).",
                                     tasks=("causal_lm",))

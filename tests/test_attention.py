@@ -363,3 +363,29 @@ def test_other_llama_family_backbones(kind):
     before = _logits_and_grads(backbone, ids, padding)
     assert attention.use_memory_efficient_attention(backbone, block_size=8) == 1
     _compare(before, _logits_and_grads(backbone, ids, padding))
+
+
+def test_a_decoder_run_uses_the_memory_efficient_kernel_by_default_and_trains_as_standard_attention(
+        llama_folder, tmp_path):
+    """--attention=auto switches the tiny llama's blocks (metrics.json says so) and ends where
+    --attention=standard ends; the export path gets keras-hub's attention back."""
+    import decoder_fixtures as fx
+    from kft.config import Config
+    from kft.training import trainer
+
+    train = fx.write_jsonl(tmp_path / "train.jsonl", fx.chats(16, 0))
+    dev = fx.write_jsonl(tmp_path / "dev.jsonl", fx.chats(4, 1))
+
+    def run(mode: str):
+        config = Config(task="causal_lm", backbone=llama_folder, train_file=train, eval_file=dev, method="lora",
+                        attention=mode, epochs=1, batch_size=4, learning_rate=1e-2, warmup_ratio=0.0,
+                        max_new_tokens=0, drift=False, export=False, checkpoint_every_steps=0, seed=3,
+                        deterministic=True)
+        return trainer.fit_model(config, str(tmp_path / mode))
+
+    standard, efficient = run("standard"), run("auto")
+    assert standard.metrics["method"]["attention"] == "standard"
+    assert efficient.metrics["method"]["attention"] == "memory_efficient (2 blocks)"
+    for a, b in zip(standard.model.trainable_weights, efficient.model.trainable_weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5, err_msg=a.path)
+    assert efficient.metrics["eval"]["loss"] == pytest.approx(standard.metrics["eval"]["loss"], rel=1e-5)

@@ -216,28 +216,33 @@ METHOD_RUNS = {
 }
 
 
-@pytest.mark.parametrize("method", sorted(METHOD_RUNS))
-@pytest.mark.slow
-def test_a_method_exports_the_same_function_and_its_adapter_reloads(tiny_preset, tmp_path, method):
-    config = tiny_config(backbone=tiny_preset, export=True, export_dir=str(tmp_path / "x"),
-                         **METHOD_RUNS[method])
-    trained = trainer.fit_model(config, str(tmp_path / "m"))
+@pytest.fixture(scope="module", params=sorted(METHOD_RUNS))
+def method_run(request, tiny_preset, tmp_path_factory):
+    """One exported run per method, shared by the in-process and the fresh-process checks:
+    (method, fitted run, ids, mask, the in-memory model's probabilities)."""
+    method = request.param
+    tmp = tmp_path_factory.mktemp(f"method_{method}")
+    config = tiny_config(backbone=tiny_preset, export=True, export_dir=str(tmp / "x"), **METHOD_RUNS[method])
+    trained = trainer.fit_model(config, str(tmp / "m"))
+    ids = np.array([[2, 7, 9, 11, 3], [2, 5, 3, 0, 0]], np.int32)
+    mask = (ids > 0).astype(np.int32)
+    return method, trained, ids, mask, trained.model({"token_ids": ids, "padding_mask": mask}).numpy()
+
+
+def test_a_methods_export_computes_the_trained_function_and_its_adapter_reloads_it(
+        method_run, tiny_preset, tmp_path):
+    method, trained, ids, mask, expected = method_run
     metrics = trained.metrics
     assert metrics["method"]["method"] == method
     assert 0 < metrics["parameters"]["trainable"] < metrics["parameters"]["total"]
     assert metrics["adapter"]["parameters"] == metrics["parameters"]["trainable"]
-    ids = np.array([[2, 7, 9, 11, 3], [2, 5, 3, 0, 0]], np.int32)
-    mask = (ids > 0).astype(np.int32)
-    expected = trained.model({"token_ids": ids, "padding_mask": mask}).numpy()
 
-    # The export, loaded in a fresh process, computes what the in-memory model computes.
-    np.savez(tmp_path / "ids.npz", ids=ids, mask=mask)
-    proc = run_python(["-c", CHECK, metrics["export"], str(tmp_path / "ids.npz"), str(tmp_path / "out.npz")])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = np.load(tmp_path / "out.npz")
-    np.testing.assert_allclose(got["probabilities"], expected, atol=1e-5)
+    # The export (loaded here; tests below load it in a fresh process) computes the same function.
+    served = tf.saved_model.load(metrics["export"])
+    got = served.signatures["serve_token_ids"](token_ids=tf.constant(ids), padding_mask=tf.constant(mask))
+    np.testing.assert_allclose(got["probabilities"].numpy(), expected, atol=1e-5)
     # training-time structure is gone: LoRA merged, the prefix MLP folded
-    assert not any(("lora" in n or "prefix_encoder" in n) for n in got["names"].astype(str))
+    assert not any(("lora" in v.name or "prefix_encoder" in v.name) for v in served.variables)
 
     # The adapter alone, on a freshly loaded backbone, reproduces the predictions (no training).
     again = trainer.fit_model(tiny_config(backbone=tiny_preset, adapter=metrics["adapter"]["path"], epochs=0,
@@ -246,6 +251,17 @@ def test_a_method_exports_the_same_function_and_its_adapter_reloads(tiny_preset,
     np.testing.assert_allclose(again.model({"token_ids": ids, "padding_mask": mask}).numpy(), expected,
                                atol=1e-5)
     assert again.metrics["eval"]["accuracy"] == pytest.approx(metrics["eval"]["accuracy"])
+
+
+@pytest.mark.slow
+def test_a_methods_export_serves_the_trained_function_in_a_fresh_process(method_run, tmp_path):
+    _, trained, ids, mask, expected = method_run
+    np.savez(tmp_path / "ids.npz", ids=ids, mask=mask)
+    proc = run_python(["-c", CHECK, trained.metrics["export"], str(tmp_path / "ids.npz"), str(tmp_path / "out.npz")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(tmp_path / "out.npz")
+    np.testing.assert_allclose(got["probabilities"], expected, atol=1e-5)
+    assert not any(("lora" in n or "prefix_encoder" in n) for n in got["names"].astype(str))
 
 
 def test_an_adapter_is_refused_for_other_flags_or_labels(tiny_preset, tmp_path):

@@ -173,23 +173,34 @@ def _qa_config(tiny_preset, tmp_path, **overrides):
     return Config(**base)
 
 
-@pytest.mark.slow
-def test_training_reduces_the_loss_and_the_export_answers_as_the_in_memory_model(tiny_preset, tmp_path):
+@pytest.fixture(scope="module")
+def null_answer_run(tiny_preset, tmp_path_factory):
+    """Four epochs with unanswerable questions, exported: (config, metrics, run folder)."""
     from kft.training import trainer
 
+    tmp_path = tmp_path_factory.mktemp("qa_null_answers")
     # unanswerable questions in train turn on null answers, in evaluation and in the serving graph
     config = _qa_config(tiny_preset, tmp_path, epochs=4, export=True,
                         train_file=_write_questions(tmp_path / "train2.jsonl", 24, unanswerable_every=4),
                         eval_file=_write_questions(tmp_path / "dev2.jsonl", 6, long_context=True, seed=1,
                                                    unanswerable_every=3))
-    metrics = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+    return config, trainer.train_and_evaluate(config, str(tmp_path / "run")), tmp_path / "run"
+
+
+def test_training_with_unanswerable_questions_reduces_the_loss_and_writes_every_answer(null_answer_run):
+    _, metrics, run = null_answer_run
     assert metrics["eval"]["no_ans_questions"] == 2
     history = metrics["training"]["history"]
     assert history[-1]["loss"] < history[0]["loss"]
     assert metrics["data"]["eval"]["max_windows_per_question"] >= 3
-    assert set(json.load(open(tmp_path / "run" / "predictions.json"))) == {f"q1-{i}" for i in range(6)}
-    assert os.path.exists(tmp_path / "run" / "f1_by_context_length.png")
-    in_memory = [json.loads(line) for line in open(tmp_path / "run" / "answers.jsonl")]
+    assert set(json.load(open(run / "predictions.json"))) == {f"q1-{i}" for i in range(6)}
+    assert os.path.exists(run / "f1_by_context_length.png")
+
+
+@pytest.mark.slow
+def test_the_export_answers_in_a_fresh_process_as_the_in_memory_model(null_answer_run, tmp_path):
+    config, metrics, run = null_answer_run
+    in_memory = [json.loads(line) for line in open(run / "answers.jsonl")]
     script = tmp_path / "serve.py"
     script.write_text(
         "import json, sys\n"

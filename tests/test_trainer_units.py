@@ -144,8 +144,8 @@ def test_a_finished_decoder_run_reruns_with_another_sampler_without_training_aga
 
     train = fx.write_jsonl(tmp_path / "train.jsonl", fx.chats(8, 0))
     flags = dict(task="causal_lm", backbone=llama_folder, train_file=train, validation_fraction=0.25, epochs=1,
-                 batch_size=4, learning_rate=1e-3, warmup_ratio=0.0, export=False, seed=3, max_new_tokens=2,
-                 checkpoint_every_steps=0)
+                 batch_size=4, learning_rate=1e-3, warmup_ratio=0.0, export=False, seed=3, max_new_tokens=0,
+                 drift=False, checkpoint_every_steps=0)
     model_dir = str(tmp_path / "m")
     first = trainer.train_and_evaluate(Config(**flags), model_dir)
     assert first["training"]["steps_this_process"] == first["training"]["steps"] > 0

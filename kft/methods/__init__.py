@@ -8,6 +8,7 @@ plain function that is served.
 """
 
 from kft.config import FlagError
+from kft.models import attention
 from kft.methods import bitfit, freeze, lora, prefix, prompt, quantized_base
 
 METHODS = {"full": freeze, "freeze": freeze, "lora": lora, "prompt": prompt, "prefix": prefix,
@@ -29,7 +30,9 @@ def apply(backbone, config, vocabulary: list[str] | None = None):
 
 def prepare_export(backbone, config) -> None:
     """Method-specific changes before export that keep the function: LoRA updates merged into the
-    base kernels, a prefix reparameterisation folded into plain vectors."""
+    base kernels, a prefix reparameterisation folded into plain vectors, keras-hub's own attention
+    back in llama-family blocks (the memory-efficient kernel is a training-time choice)."""
+    attention.restore_attention(backbone)
     if config.method == "lora":
         lora.merge(backbone)
     elif config.method == "prefix":

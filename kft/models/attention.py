@@ -143,113 +143,127 @@ def flash_attention(query, key, value, *, causal=True, key_padding=None, segment
     query = tf.convert_to_tensor(query)
     key = tf.convert_to_tensor(key)
     value = tf.convert_to_tensor(value)
-    head_dim = query.shape[-1]
-    if scale is None:
-        if head_dim is None:
-            head_dim = tf.shape(query)[-1]
-            scale = tf.math.rsqrt(tf.cast(head_dim, tf.float32))
-        else:
-            scale = 1.0 / math.sqrt(head_dim)
-    scale = tf.cast(scale, tf.float32)
-    bs = int(block_size)
-
-    b, nq, heads, d = (_dim(query, i) for i in range(4))
-    nk, kvh = _dim(key, 1), _dim(key, 2)
-    groups = heads // kvh
-    rows = groups * nq
-    num_blocks, nk_padded = _blocks(nk, bs)
-    spec = _Mask(nq, nk, nk_padded, bs, causal, causal_offset, key_padding, segment_ids,
-                 key_segment_ids, sliding_window, mask, mask_fn)
-    q_dtype, k_dtype, v_dtype = query.dtype, key.dtype, value.dtype
-
-    def to_rows(t):  # [b, nq, heads, d] -> [b, kvh, groups * nq, d] float32
-        t = tf.reshape(tf.cast(t, tf.float32), [b, nq, kvh, groups, d])
-        return tf.reshape(tf.transpose(t, [0, 2, 3, 1, 4]), [b, kvh, rows, d])
-
-    def from_rows(t):  # inverse of to_rows
-        t = tf.transpose(tf.reshape(t, [b, kvh, groups, nq, d]), [0, 3, 1, 2, 4])
-        return tf.reshape(t, [b, nq, heads, d])
-
-    def to_keys(t):  # [b, nk, kvh, d] -> [b, kvh, nk_padded, d] float32, zero-padded
-        t = tf.transpose(tf.cast(t, tf.float32), [0, 2, 1, 3])
-        return tf.pad(t, [[0, 0], [0, 0], [0, nk_padded - nk], [0, 0]])
-
-    def key_block(t, start):  # constant-size slice (a dynamic slice under XLA)
-        return tf.slice(t, [0, 0, start, 0], [-1, -1, bs, -1])
-
-    def scores(q_scaled, k_block, start):
-        s = tf.matmul(q_scaled, k_block, transpose_b=True)  # [b, kvh, rows, bs]
-        return _mask_scores(s, spec.block(start), b, kvh, groups, nq, bs)
+    geometry = _Blockwise(query, key, scale, int(block_size), parallel_iterations)
+    geometry.spec = _Mask(geometry.nq, geometry.nk, geometry.nk_padded, geometry.bs, causal, causal_offset,
+                          key_padding, segment_ids, key_segment_ids, sliding_window, mask, mask_fn)
+    dtypes = query.dtype, key.dtype, value.dtype
 
     @tf.custom_gradient
     def attend(q, k, v):
         # An eager GradientTape records the ops run inside a custom gradient's forward function and
         # would keep every block's probabilities alive; computing from stopped copies records none.
-        q_scaled = to_rows(tf.stop_gradient(q)) * scale
-        k_all, v_all = to_keys(tf.stop_gradient(k)), to_keys(tf.stop_gradient(v))
-
-        def step(j, m, l, acc):
-            start = j * bs
-            k_j, v_j = key_block(k_all, start), key_block(v_all, start)
-            s = scores(q_scaled, k_j, start)
-            m_new = tf.maximum(m, tf.reduce_max(s, axis=-1))
-            m_ref = tf.where(tf.math.is_finite(m_new), m_new, tf.zeros_like(m_new))  # all masked so far
-            p = tf.exp(s - m_ref[..., None])
-            alpha = tf.exp(m - m_ref)
-            l = alpha * l + tf.reduce_sum(p, axis=-1)
-            acc = alpha[..., None] * acc + tf.matmul(p, v_j)
-            return j + 1, m_new, l, acc
-
-        stat_shape = tf.stack([b, kvh, rows])
-        m0 = tf.fill(stat_shape, tf.constant(-math.inf, tf.float32))
-        l0 = tf.zeros(stat_shape, tf.float32)
-        acc0 = tf.zeros(tf.stack([b, kvh, rows, d]), tf.float32)
-        _, m, l, acc = tf.while_loop(lambda j, *_: j < num_blocks, step, (0, m0, l0, acc0),
-                                     parallel_iterations=parallel_iterations)
-        seen = l > 0
-        out = tf.math.divide_no_nan(acc, l[..., None])  # rows with no allowed key: 0
-        lse = tf.where(seen, m + tf.math.log(tf.where(seen, l, tf.ones_like(l))), tf.zeros_like(l))
+        out, lse = geometry.forward(tf.stop_gradient(q), tf.stop_gradient(k), tf.stop_gradient(v))
         # The returned output is also what D is computed from: the next layer (the output
         # projection) keeps it anyway, so the backward pass holds no extra copy of O.
-        output = tf.cast(from_rows(out), q_dtype)
+        output = tf.cast(geometry.from_rows(out), dtypes[0])
 
         def grad(d_out):
-            d_rows = to_rows(d_out)
-            q_scaled = to_rows(q) * scale
-            k_all, v_all = to_keys(k), to_keys(v)
-            delta = tf.reduce_sum(d_rows * to_rows(output), axis=-1)  # D = rowsum(dO * O)
-
-            def back(j, dq, dk_parts, dv_parts):
-                start = j * bs
-                k_j, v_j = key_block(k_all, start), key_block(v_all, start)
-                p = tf.exp(scores(q_scaled, k_j, start) - lse[..., None])  # masked: exp(-inf) = 0
-                dv_j = tf.matmul(p, d_rows, transpose_a=True)  # [b, kvh, bs, d], summed over groups
-                dp = tf.matmul(d_rows, v_j, transpose_b=True)
-                ds = p * (dp - delta[..., None])
-                dq = dq + tf.matmul(ds, k_j)
-                dk_j = tf.matmul(ds, q_scaled, transpose_a=True)  # q_scaled carries the scale
-                return j + 1, dq, dk_parts.write(j, dk_j), dv_parts.write(j, dv_j)
-
-            parts = dict(dtype=tf.float32, size=num_blocks, element_shape=tf.TensorShape(
-                [None, None, bs, None]))
-            _, dq, dk_parts, dv_parts = tf.while_loop(
-                lambda j, *_: j < num_blocks, back,
-                (0, tf.zeros_like(q_scaled), tf.TensorArray(**parts), tf.TensorArray(**parts)),
-                parallel_iterations=parallel_iterations)
-
-            def gathered(ta, dtype):  # [blocks, b, kvh, bs, d] -> [b, nk, kvh, d]
-                t = tf.transpose(ta.stack(), [1, 2, 0, 3, 4])
-                t = tf.reshape(t, [b, kvh, nk_padded, d])[:, :, :nk]
-                return tf.cast(tf.transpose(t, [0, 2, 1, 3]), dtype)
-
-            return (tf.cast(from_rows(dq * scale), q_dtype), gathered(dk_parts, k_dtype),
-                    gathered(dv_parts, v_dtype))
+            return geometry.backward(q, k, v, output, lse, d_out, dtypes)
 
         return output, grad
 
     result = attend(query, key, value)
     result.set_shape(query.shape)
     return result
+
+
+class _Blockwise:
+    """The shapes of one attention call and its blockwise forward and backward passes.
+
+    Query heads are folded into the rows of their kv head ([b, kvh, groups * nq, d]), so grouped
+    K/V are never repeated; keys are zero-padded to whole blocks of `bs`.
+    """
+
+    def __init__(self, query, key, scale, bs: int, parallel_iterations: int):
+        head_dim = query.shape[-1]
+        if scale is None:
+            if head_dim is None:
+                scale = tf.math.rsqrt(tf.cast(tf.shape(query)[-1], tf.float32))
+            else:
+                scale = 1.0 / math.sqrt(head_dim)
+        self.scale = tf.cast(scale, tf.float32)
+        self.bs, self.parallel_iterations = bs, parallel_iterations
+        self.b, self.nq, self.heads, self.d = (_dim(query, i) for i in range(4))
+        self.nk, self.kvh = _dim(key, 1), _dim(key, 2)
+        self.groups = self.heads // self.kvh
+        self.rows = self.groups * self.nq
+        self.num_blocks, self.nk_padded = _blocks(self.nk, bs)
+        self.spec = None  # the _Mask, set by the caller
+
+    def to_rows(self, t):  # [b, nq, heads, d] -> [b, kvh, groups * nq, d] float32
+        t = tf.reshape(tf.cast(t, tf.float32), [self.b, self.nq, self.kvh, self.groups, self.d])
+        return tf.reshape(tf.transpose(t, [0, 2, 3, 1, 4]), [self.b, self.kvh, self.rows, self.d])
+
+    def from_rows(self, t):  # inverse of to_rows
+        t = tf.transpose(tf.reshape(t, [self.b, self.kvh, self.groups, self.nq, self.d]), [0, 3, 1, 2, 4])
+        return tf.reshape(t, [self.b, self.nq, self.heads, self.d])
+
+    def to_keys(self, t):  # [b, nk, kvh, d] -> [b, kvh, nk_padded, d] float32, zero-padded
+        t = tf.transpose(tf.cast(t, tf.float32), [0, 2, 1, 3])
+        return tf.pad(t, [[0, 0], [0, 0], [0, self.nk_padded - self.nk], [0, 0]])
+
+    def key_block(self, t, start):  # constant-size slice (a dynamic slice under XLA)
+        return tf.slice(t, [0, 0, start, 0], [-1, -1, self.bs, -1])
+
+    def scores(self, q_scaled, k_block, start):
+        s = tf.matmul(q_scaled, k_block, transpose_b=True)  # [b, kvh, rows, bs]
+        return _mask_scores(s, self.spec.block(start), self.b, self.kvh, self.groups, self.nq, self.bs)
+
+    def _loop(self, body, initial):
+        return tf.while_loop(lambda j, *_: j < self.num_blocks, body, (0, *initial),
+                             parallel_iterations=self.parallel_iterations)[1:]
+
+    def forward(self, q, k, v):
+        """(output rows [b, kvh, rows, d], each row's log-sum-exp): the online-softmax recurrence."""
+        q_scaled = self.to_rows(q) * self.scale
+        k_all, v_all = self.to_keys(k), self.to_keys(v)
+
+        def step(j, m, l, acc):
+            start = j * self.bs
+            s = self.scores(q_scaled, self.key_block(k_all, start), start)
+            m_new = tf.maximum(m, tf.reduce_max(s, axis=-1))
+            m_ref = tf.where(tf.math.is_finite(m_new), m_new, tf.zeros_like(m_new))  # all masked so far
+            p = tf.exp(s - m_ref[..., None])
+            alpha = tf.exp(m - m_ref)
+            l = alpha * l + tf.reduce_sum(p, axis=-1)
+            acc = alpha[..., None] * acc + tf.matmul(p, self.key_block(v_all, start))
+            return j + 1, m_new, l, acc
+
+        stat_shape = tf.stack([self.b, self.kvh, self.rows])
+        m, l, acc = self._loop(step, (tf.fill(stat_shape, tf.constant(-math.inf, tf.float32)),
+                                      tf.zeros(stat_shape, tf.float32),
+                                      tf.zeros(tf.stack([self.b, self.kvh, self.rows, self.d]), tf.float32)))
+        seen = l > 0
+        out = tf.math.divide_no_nan(acc, l[..., None])  # rows with no allowed key: 0
+        lse = tf.where(seen, m + tf.math.log(tf.where(seen, l, tf.ones_like(l))), tf.zeros_like(l))
+        return out, lse
+
+    def backward(self, q, k, v, output, lse, d_out, dtypes):
+        """dq, dk, dv: each block's probabilities recomputed from Q, K and the log-sum-exp."""
+        d_rows = self.to_rows(d_out)
+        q_scaled = self.to_rows(q) * self.scale
+        k_all, v_all = self.to_keys(k), self.to_keys(v)
+        delta = tf.reduce_sum(d_rows * self.to_rows(output), axis=-1)  # D = rowsum(dO * O)
+
+        def back(j, dq, dk_parts, dv_parts):
+            start = j * self.bs
+            k_j, v_j = self.key_block(k_all, start), self.key_block(v_all, start)
+            p = tf.exp(self.scores(q_scaled, k_j, start) - lse[..., None])  # masked: exp(-inf) = 0
+            dv_j = tf.matmul(p, d_rows, transpose_a=True)  # [b, kvh, bs, d], summed over groups
+            ds = p * (tf.matmul(d_rows, v_j, transpose_b=True) - delta[..., None])
+            dk_j = tf.matmul(ds, q_scaled, transpose_a=True)  # q_scaled carries the scale
+            return j + 1, dq + tf.matmul(ds, k_j), dk_parts.write(j, dk_j), dv_parts.write(j, dv_j)
+
+        parts = dict(dtype=tf.float32, size=self.num_blocks, element_shape=tf.TensorShape([None, None, self.bs, None]))
+        dq, dk_parts, dv_parts = self._loop(back, (tf.zeros_like(q_scaled), tf.TensorArray(**parts),
+                                                   tf.TensorArray(**parts)))
+        return (tf.cast(self.from_rows(dq * self.scale), dtypes[0]), self._gathered(dk_parts, dtypes[1]),
+                self._gathered(dv_parts, dtypes[2]))
+
+    def _gathered(self, ta, dtype):  # [blocks, b, kvh, bs, d] -> [b, nk, kvh, d]
+        t = tf.transpose(ta.stack(), [1, 2, 0, 3, 4])
+        t = tf.reshape(t, [self.b, self.kvh, self.nk_padded, self.d])[:, :, :self.nk]
+        return tf.cast(tf.transpose(t, [0, 2, 1, 3]), dtype)
 
 
 def reference_attention(query, key, value, *, scale=None, **mask_args):

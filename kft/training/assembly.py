@@ -16,7 +16,7 @@ from absl import logging
 
 from kft import methods
 from kft.compression import distillation, pruning, students
-from kft.config import Config
+from kft.config import Config, FlagError
 from kft.data import inputs
 from kft.models import adapters
 from kft.models import backbones
@@ -25,6 +25,7 @@ from kft.training import drift as drift_lib
 from kft.training import loop as loop_lib
 from kft.training import optim
 from kft.training import recompute
+from kft.models import attention
 from kft.training import task_api
 
 
@@ -83,6 +84,7 @@ def assemble(config: Config, model_dir: str, strategy, is_chief: bool) -> Assemb
     if config.gradient_checkpointing:
         logging.info("gradient checkpointing: %d transformer blocks recomputed in the backward pass",
                      recompute.enable(backbone))
+    method_info["attention"] = _attention(config, backbone)
     prep.model = model
     if teacher is not None and config.student_layers:
         copied = students.copy_head(teacher.model, model)
@@ -100,6 +102,22 @@ def assemble(config: Config, model_dir: str, strategy, is_chief: bool) -> Assemb
         loop.step_hook = pruner.update
     return Assembly(task, data, loaded, prep, backbone, model, loop, method_info, start, student_info,
                     distill_info, adapter_in, pruner, static, jit)
+
+
+def _attention(config: Config, backbone) -> str:
+    """Switches llama-family attention to the memory-efficient kernel unless --attention=standard;
+    returns what the blocks use (for the log and metrics.json)."""
+    if config.attention == "standard":
+        return "standard"
+    switched = attention.use_memory_efficient_attention(backbone)
+    if not switched:
+        if config.attention == "memory_efficient":
+            raise FlagError(f"--attention=memory_efficient: {type(backbone).__name__} has no llama-family "
+                            "attention layers to switch")
+        return "standard"
+    logging.info("attention: memory-efficient (blockwise, no [length x length] scores kept) in %d blocks",
+                 switched)
+    return f"memory_efficient ({switched} blocks)"
 
 
 def _load_backbone(config: Config, task, teacher, strategy) -> tuple[object, dict | None]:

@@ -26,7 +26,8 @@ def training(state: dict, *, resumed_at_step: int, steps_per_epoch: int, example
              static_shapes: bool, jit_compile: bool, train_seconds: float, tokenize_seconds: float,
              seconds_split: dict, first_call_seconds: float | None, eval_seconds: float,
              class_weights, learning_rate: float, learning_rate_source: str) -> dict:
-    """metrics.json's "training" entry from the loop's final `state` (step, history, stopped_early).
+    """metrics.json's "training" entry from the loop's final `state` (a TrainState or its saved dict:
+    step, history and stopped_early are read by key).
 
     `resumed_at_step` is the step this process started from (0 for a fresh run); the seconds are
     this process's. `examples_per_step`: the global batch, or with packed rows the examples an

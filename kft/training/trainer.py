@@ -24,6 +24,7 @@ from kft.training import loop as loop_lib
 from kft.training import optim
 from kft.training import run_metrics
 from kft.training import validation
+from kft.training.train_state import TrainState
 
 
 # Fewer training steps than this get a warning: 72 CSV rows at the default batch size and one epoch
@@ -81,6 +82,7 @@ def fit_model(config: Config, model_dir: str, epoch_hook=None) -> Trained:
 
 
 def _fit_model(config: Config, model_dir: str, epoch_hook=None) -> Trained:
+    """The run's stages in order: checks, assembly, training, final evaluation, metrics, artifacts."""
     started = time.time()
     validation.check_flags(config)  # before the strategy, data and backbone: a refused flag costs nothing
     rate, rate_source = optim.peak_learning_rate(config)
@@ -161,7 +163,7 @@ def _examples_per_step(config: Config, a: assembly.Assembly) -> float:
     return _train_examples(a) / max(1, a.loop.steps_per_epoch)
 
 
-def _train(loop: loop_lib.Loop, model_dir: str, is_chief: bool) -> tuple[int, dict, float]:
+def _train(loop: loop_lib.Loop, model_dir: str, is_chief: bool) -> tuple[int, TrainState, float]:
     """Resumes (or starts) and trains to the end: (the step this process began at, the final
     state, this process's training seconds)."""
     state = loop.restore_or_start()
@@ -175,8 +177,9 @@ def _train(loop: loop_lib.Loop, model_dir: str, is_chief: bool) -> tuple[int, di
     return resumed_at, state, train_seconds
 
 
-def _write_artifacts(config: Config, a: assembly.Assembly, strategy, is_chief: bool, state, results: dict,
-                     drift_info: dict | None, metrics: dict, rate: float, stop, model_dir: str) -> None:
+def _write_artifacts(config: Config, a: assembly.Assembly, strategy, is_chief: bool, state: TrainState,
+                     results: dict, drift_info: dict | None, metrics: dict, rate: float, stop,
+                     model_dir: str) -> None:
     """Charts, the adapter, the export and the quantized copy; records their paths in `metrics`."""
     run_name = metrics["run_name"]
     if is_chief:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from kft import config as config_lib
 from kft.compression import distillation, pruning
 from kft.config import Config, FlagError
+from kft.methods import quantized_base
 from kft.training import loop as loop_lib
 from kft.training import optim
 from kft.training import runs
@@ -21,6 +22,7 @@ def check_flags(config: Config) -> None:
     config_lib.check_task_flags(config)  # a flag of another task: a mistyped run fails at once
     optim.peak_learning_rate(config)  # refuses a negative (or NaN) --learning_rate
     distillation.check_flags(config)
+    quantized_base.check(config)  # --base_quantization with a method that trains the projections
     if config.teacher and config.student_layers:
         _check_student_of_teacher(config)
     _check_regularization(config)
