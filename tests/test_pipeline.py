@@ -204,12 +204,13 @@ def test_all_run_outputs_go_through_tf_io_gfile(tiny_preset, tmp_path, monkeypat
 
     monkeypatch.chdir(tmp_path)
     model_dir = "ram://kft-test/model"
-    trainer.train_and_evaluate(tiny_config(backbone=tiny_preset, checkpoint_every_steps=5), model_dir)
+    # drift=True: its plot is one more output that must go through tf.io.gfile
+    trainer.train_and_evaluate(tiny_config(backbone=tiny_preset, checkpoint_every_steps=5, drift=True), model_dir)
     names = {n.rstrip("/") for n in tf.io.gfile.listdir(model_dir)}
-    assert {"metrics.json", "labels.json", "training_curves.png", "confusion_matrix.png", "checkpoints",
-            "best", "logs"} <= names
+    assert {"metrics.json", "labels.json", "training_curves.png", "confusion_matrix.png", "drift.png",
+            "checkpoints", "best", "logs"} <= names
     assert tf.io.gfile.listdir(f"{model_dir}/checkpoints")
-    resumed = trainer.train_and_evaluate(tiny_config(backbone=tiny_preset, checkpoint_every_steps=5),
+    resumed = trainer.train_and_evaluate(tiny_config(backbone=tiny_preset, checkpoint_every_steps=5, drift=True),
                                          model_dir)
     assert resumed["training"]["steps"] == 18  # found its checkpoints there and had nothing left to do
     assert os.listdir(tmp_path) == []

@@ -137,6 +137,7 @@ def kft_row(config: Config, options: Options, started: float) -> dict:
     import tensorflow as tf
 
     from kft.training import trainer
+    import kft.tasks  # noqa: F401  (registers the tasks with the trainer)
 
     model_dir = os.path.join(options.bench_dir, "kft_run")
     shutil.rmtree(model_dir, ignore_errors=True)  # a cold run: no checkpoint, no token cache

@@ -13,7 +13,7 @@ import keras_hub
 import numpy as np
 import tensorflow as tf
 
-from kft.models import backbones
+from kft.models import attention, backbones
 
 
 def build_model(backbone: keras.Model, packed: bool = False) -> keras.Model:
@@ -47,10 +47,10 @@ class PackedCausalLM(keras.Model):
         segments = inputs.get("segment_ids")
         if segments is None:
             return self.backbone({"token_ids": token_ids, "padding_mask": padding_mask}, training=training)
-        same = keras.ops.cast(keras.ops.equal(segments[:, :, None], segments[:, None, :]), "int32")
         x = self.backbone.token_embedding(token_ids)
         for block in self.backbone.transformer_layers:  # merged with the padding and causal masks
-            x = block(x, decoder_padding_mask=padding_mask, decoder_attention_mask=same, training=training)
+            # a memory-efficient block takes the segment ids themselves: no [length x length] mask kept
+            x = attention.call_block(block, x, padding_mask, segments, training=training)
         return self.backbone.layer_norm(x)
 
 
