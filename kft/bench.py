@@ -1,5 +1,7 @@
 """Benchmark: `python -m kft.bench --flagfile=flags/bench_sst2.cfg` (training), `--mode=serve`,
-`--mode=compress --bench_dir=runs/compress` (the compression table, kft/compression/table.py).
+`--mode=compress --bench_dir=runs/compress` (the compression table, kft/compression/table.py),
+`--mode=memory --flagfile=flags/bench_memory.cfg` (decoder LoRA memory by model size and its
+projection to a Llama-3-8B shape, kft/benchmarks/memory.py).
 
 Training mode runs kft's training path, keras-hub's documented recipe and the Hugging Face
 Trainer on the same data and flags, each in a fresh process, then measures serving of kft's
@@ -27,6 +29,7 @@ startup.quiet_environment()  # before anything imports TensorFlow
 from absl import app, flags  # noqa: E402
 
 from kft import config as config_lib  # noqa: E402
+from kft.benchmarks import memory  # noqa: E402  (no TensorFlow at import)
 
 
 
@@ -34,9 +37,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """kft.train's flags plus the benchmark's own."""
     config_lib.define_flags(flag_values)
     fv = flag_values
-    flags.DEFINE_enum("mode", "train", ["train", "serve", "compress", "row"],
+    flags.DEFINE_enum("mode", "train", ["train", "serve", "compress", "memory", "row"],
                       "train: all rows then serving; serve: --saved_model only; compress: the compression "
-                      "table (flags/compress/); row: one row (internal).", flag_values=fv)
+                      "table (flags/compress/); memory: decoder LoRA memory by size and its projection "
+                      "(flags/bench_memory.cfg); row: one row (internal).", flag_values=fv)
     flags.DEFINE_list("compress_sets", ["sst2", "conll2003"], "With --mode=compress: the data sets of the "
                       "table, in this order.", flag_values=fv)
     flags.DEFINE_list("rows", ["kft", "keras_hub", "hf_trainer"], "Training rows to run, in this order "
@@ -54,6 +58,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("row", "", "With --mode=row: which row this process runs.", flag_values=fv)
     flags.DEFINE_string("row_output", "", "With --mode=row: the JSON file the row's result goes to.",
                         flag_values=fv)
+    memory.define_flags(fv)
 
 
 FLAGS = flags.FLAGS
@@ -62,6 +67,8 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
+    if FLAGS.mode == "memory" or FLAGS.row.startswith("memory_"):
+        return memory.main(FLAGS, STARTED)  # before TensorFlow: its Trainer rows never import it
     startup.import_tensorflow()
     from kft.benchmarks import rows as benchmark
 

@@ -74,4 +74,4 @@ def test_l2sp_ends_a_run_closer_to_the_start_than_plain_weight_decay(tiny_preset
     from kft.config import FlagError
 
     with pytest.raises(FlagError, match="--l2sp_weight applies with --regularize_to_pretrained=l2sp only"):
-        trainer.fit_model(tiny_config(**{**common, "drift": False}, epochs=0, l2sp_weight=3.0), str(tmp_path / "x"))
+        trainer.fit_model(tiny_config(**{**common, "drift": False, "epochs": 0}, l2sp_weight=3.0), str(tmp_path / "x"))

@@ -56,7 +56,7 @@ class LoRAProjection(keras.layers.Layer):
     """A frozen projection plus a trainable low-rank update of the same input -> output map."""
 
     def __init__(self, base: keras.layers.Layer, rank: int, alpha: float, **kwargs):
-        super().__init__(name=f"{base.name}_lora", dtype=base.dtype_policy, **kwargs)
+        super().__init__(name=f"{base.name}_lora", dtype=quantized_base.float_policy(base), **kwargs)
         self.base, self.rank, self.alpha = base, rank, alpha
         shape = tuple(base.kernel.shape)
         k = _split(base)

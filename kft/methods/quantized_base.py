@@ -35,10 +35,21 @@ PROJECTIONS = (("_self_attention_layer", "_query_dense"), ("_self_attention_laye
                (None, "_feedforward_output_dense"))
 
 
-def _config(mode: str):
+def weight_only_config(mode: str):
+    """The Keras quantization config of `mode` for weights only (activations stay float)."""
     if mode == "int8":  # weight-only: no activation quantizer
         return keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
     return keras.quantizers.Int4QuantizationConfig(activation_quantizer=None, block_size=INT4_BLOCK)
+
+
+def float_policy(layer):
+    """The float dtype policy a (possibly quantized) projection computes in: what a wrapper around
+    it (LoRA) takes, whether the base was quantized before or after wrapping."""
+    policy = layer.dtype_policy
+    if policy.quantization_mode is None:
+        return policy
+    compute, variable = policy.compute_dtype, policy.variable_dtype
+    return keras.dtype_policies.get(compute if compute == variable else f"mixed_{compute}")
 
 
 def _base(layer):
@@ -80,7 +91,7 @@ def apply(backbone, mode: str) -> dict:
     before = sum(int(np.prod(layer.kernel.shape)) * 4 for layer in layers)
     for layer in layers:
         if layer.quantization_mode is None:
-            layer.quantize(mode, config=_config(mode))
+            layer.quantize(mode, config=weight_only_config(mode))
         layer.trainable = False
     after = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
                 for layer in layers for v in layer.weights if "bias" not in v.path)

@@ -191,7 +191,10 @@ def check_weights(loaded: Loaded, spec: str) -> dict:
     header = {}
     for name in files:
         header.update(_safetensors_header(os.path.join(loaded.source, name)))
-    sizes = collections.Counter(int(np.prod(w.shape)) for w in loaded.backbone.weights)
+    from kft.models import quantized_loading  # a projection created quantized stands for one float kernel
+
+    weights = quantized_loading.logical_weight_sizes(loaded.backbone)
+    sizes = collections.Counter(n for _, n in weights)
     for name, info in sorted(header.items()):
         if info["dtype"] not in ("F16", "BF16", "F32", "F64"):
             continue  # integer buffers such as position_ids are not weights
@@ -203,11 +206,10 @@ def check_weights(loaded: Loaded, spec: str) -> dict:
             sizes[n] -= 1
         else:
             report["unused_tensors"].append(f"{name}{info['shape']}")
-    for w in loaded.backbone.weights:
-        n = int(np.prod(w.shape))
+    for path, n in weights:
         if sizes[n] > 0:
             sizes[n] -= 1
-            report["unmatched_weights"].append(w.path)
+            report["unmatched_weights"].append(path)
     if report["unused_tensors"]:
         logging.warning("%s: %d tensor(s) in the checkpoint are not used by the backbone: %s",
                         loaded.source, len(report["unused_tensors"]), report["unused_tensors"][:10])
@@ -344,8 +346,14 @@ def resolve_decoder(spec: str, cache_dir: str) -> tuple[str, str]:
     return resolve(spec)
 
 
-def load_decoder(spec: str, cache_dir: str = "~/.cache/kft", load_weights: bool = True) -> LoadedDecoder:
-    """Loads a decoder LLM (GGUF file, Hugging Face folder, keras-hub preset or folder)."""
+def load_decoder(spec: str, cache_dir: str = "~/.cache/kft", load_weights: bool = True,
+                 base_quantization: str = "none") -> LoadedDecoder:
+    """Loads a decoder LLM (GGUF file, Hugging Face folder, keras-hub preset or folder).
+
+    With base_quantization int8 / int4, a Hugging Face checkpoint's block projections are created
+    quantized and filled tensor by tensor (kft.models.quantized_loading), so no float32 copy of
+    them is ever held; other checkpoints load in float and are quantized by the method.
+    """
     location, kind = resolve_decoder(spec, cache_dir)
     hf_config, tokenizer_config = {}, {}
     if tf.io.gfile.isdir(location):
@@ -358,7 +366,16 @@ def load_decoder(spec: str, cache_dir: str = "~/.cache/kft", load_weights: bool 
             kwargs["layer_norm_epsilon"] = float(hf_config["rms_norm_eps"])
             notes.append(f"layer_norm_epsilon: keras-hub's converter leaves the default {dropped}; the "
                          f"checkpoint's rms_norm_eps {hf_config['rms_norm_eps']} is used")
-        backbone = keras_hub.models.Backbone.from_preset(location, load_weights=load_weights, **kwargs)
+        quantized = None
+        if base_quantization != "none":
+            from kft.models import quantized_loading
+
+            quantized = quantized_loading.load_backbone(location, base_quantization, load_weights, **kwargs)
+        if quantized is not None:
+            backbone, note = quantized
+            notes.append(note)
+        else:
+            backbone = keras_hub.models.Backbone.from_preset(location, load_weights=load_weights, **kwargs)
         tokenizer = keras_hub.models.Tokenizer.from_preset(location, **_saved_tokenizer_kwargs(location))
     except Exception as e:  # keras-hub raises a variety of errors for unsupported checkpoints.
         raise BackboneError(f"--backbone={spec} ({location}): keras-hub could not load it as a decoder: "

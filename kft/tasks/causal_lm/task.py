@@ -28,7 +28,9 @@ from kft.tasks.causal_lm.data import LMData
 
 def load_backbone(config: Config) -> backbones.LoadedDecoder:
     spec = "" if config.backbone == BUNDLED_BACKBONE else config.backbone
-    return backbones.load_decoder(spec, config.cache_dir)
+    # a student (--student_layers) is copied from the float backbone, then quantized by the method
+    return backbones.load_decoder(spec, config.cache_dir, base_quantization="none" if config.student_layers
+                                  else config.base_quantization)
 
 
 def load_data(config: Config) -> LMData:
