@@ -41,10 +41,10 @@ demo-llm: $(STAMP)
 	$(BIN)/python -m kft.compare runs/demo_llm_before/predictions.jsonl runs/demo_llm/predictions.jsonl
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile tests
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile -m "not slow" tests
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m slow tests

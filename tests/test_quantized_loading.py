@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from kft.models import backbones
+from kft.models import backbones, quantized_loading
 
 IDS = np.array([[1, 40, 70, 9, 120, 5, 33, 8], [1, 300, 5, 120, 9, 70, 0, 0]], np.int32)
 MASK = (IDS > 0).astype(np.int32)
@@ -24,9 +24,8 @@ def _float_then_quantized(folder: str, mode: str):
     return loaded
 
 
-def _logits(backbone) -> np.ndarray:
-    hidden = backbone({"token_ids": IDS, "padding_mask": MASK})
-    return np.asarray(backbone.token_embedding(hidden, reverse=True))
+def _hidden(backbone) -> np.ndarray:
+    return np.asarray(backbone({"token_ids": IDS, "padding_mask": MASK}))
 
 
 def _bf16_folder(tmp_path, llama_folder: str) -> str:
@@ -51,11 +50,13 @@ def _bf16_folder(tmp_path, llama_folder: str) -> str:
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_loading_quantized_equals_loading_in_float_then_quantizing(llama_folder, mode):
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_loading_quantized_equals_loading_in_float_then_quantizing(request, architecture, mode):
     from kft.methods import quantized_base
 
-    expected = _float_then_quantized(llama_folder, mode).backbone
-    loaded = backbones.load_decoder(llama_folder, base_quantization=mode)
+    folder = request.getfixturevalue(f"{architecture}_folder")
+    expected = _float_then_quantized(folder, mode).backbone
+    loaded = backbones.load_decoder(folder, base_quantization=mode)
     assert any("quantized while loading" in note for note in loaded.notes)
     got = {w.path: w for w in loaded.backbone.weights}
     assert sorted(got) == sorted(w.path for w in expected.weights)
@@ -69,7 +70,7 @@ def test_loading_quantized_equals_loading_in_float_then_quantizing(llama_folder,
     assert [layer.dtype_policy.name for layer in layers] == \
         [layer.dtype_policy.name for layer in quantized_base.projections(expected)]
     assert loaded.backbone.get_config()["dtype"] == expected.get_config()["dtype"]
-    np.testing.assert_array_equal(_logits(loaded.backbone), _logits(expected))
+    np.testing.assert_array_equal(_hidden(loaded.backbone), _hidden(expected))
 
 
 # several int4 groups of 128 inputs (the last one partial), and the attention's einsum layouts
@@ -92,8 +93,6 @@ def test_quantized_values_are_what_layer_quantize_stores(kind, mode):
     import keras
 
     from kft.methods import quantized_base
-    from kft.models import quantized_loading
-
     reference = _layer(kind, "float32")
     reference.build(INPUTS[kind])
     kernel = np.random.default_rng(0).standard_normal(reference.kernel.shape).astype(np.float32) * 0.1
@@ -125,8 +124,6 @@ def test_a_bfloat16_sharded_checkpoint_loads_quantized_like_its_float_load(llama
 def test_the_file_reader_returns_what_safetensors_returns(llama_folder, tmp_path):
     import safetensors
 
-    from kft.models import quantized_loading
-
     folder = _bf16_folder(tmp_path, llama_folder)
     with open(os.path.join(folder, "model.safetensors.index.json")) as f:
         weight_map = json.load(f)["weight_map"]
@@ -146,8 +143,6 @@ def test_no_float_projection_kernel_is_ever_created(llama_folder, monkeypatch, m
     import keras
 
     from kft.methods import quantized_base
-    from kft.models import quantized_loading
-
     created = []
     original = keras.Variable.__init__
 
@@ -168,8 +163,6 @@ def test_no_float_projection_kernel_is_ever_created(llama_folder, monkeypatch, m
 
 def test_a_kernel_of_the_wrong_shape_or_not_finite_is_refused(llama_folder):
     from kft.methods import quantized_base
-    from kft.models import quantized_loading
-
     loaded = backbones.load_decoder(llama_folder, base_quantization="int8")
     layer = quantized_base.projections(loaded.backbone)[0]
     with quantized_loading.quantize_on_assign([layer], "int8") as pending:
@@ -202,7 +195,7 @@ def test_lora_over_a_base_loaded_quantized_trains_only_the_adapter(llama_folder,
     assert described["layers"] == len(quantized_base.projections(backbone))
     assert described["kernel_bytes"] < described["kernel_bytes_float32"] / (3 if mode == "int8" else 5)
     wrappers = [layer for layer in backbone._flatten_layers() if isinstance(layer, lora.LoRAProjection)]
-    assert wrappers and all(w.in_shape + w.out_shape == quantized_loading_shape(w.base) for w in wrappers)
+    assert wrappers and all(w.in_shape + w.out_shape == quantized_loading.kernel_shape(w.base) for w in wrappers)
     model = lm_model.build_model(backbone)
     assert model.trainable_weights and all("lora" in v.path for v in model.trainable_weights)
     frozen = {v.path: np.array(v.numpy()) for v in model.weights if "lora" not in v.path}
@@ -220,7 +213,31 @@ def test_lora_over_a_base_loaded_quantized_trains_only_the_adapter(llama_folder,
     assert np.abs(np.asarray(model({"token_ids": IDS, "padding_mask": MASK})) - before).max() > 1e-3
 
 
-def quantized_loading_shape(layer) -> tuple:
-    from kft.models import quantized_loading
+def test_prompt_tuning_over_a_base_loaded_quantized_trains_only_the_prompt(llama_folder):
+    import tensorflow as tf
 
-    return quantized_loading.kernel_shape(layer)
+    from kft import methods
+    from kft.config import Config
+    from kft.tasks.causal_lm import model as lm_model
+
+    loaded = backbones.load_decoder(llama_folder, base_quantization="int8")
+    config = Config(task="causal_lm", method="prompt", num_prompt_tokens=3, base_quantization="int8")
+    backbone, info = methods.apply(loaded.backbone, config)
+    assert info["base_quantization"]["mode"] == "int8"
+    model = lm_model.build_model(backbone)
+    assert model.trainable_weights and all("prompt" in v.path for v in model.trainable_weights)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(model({"token_ids": IDS, "padding_mask": MASK}, training=True) ** 2)
+    grads = tape.gradient(loss, model.trainable_weights)
+    assert all(g is not None and np.abs(np.asarray(g)).max() > 0 for g in grads)
+
+
+def test_a_checkpoint_whose_other_layers_match_the_projection_names_loads_in_float(llama_folder, monkeypatch):
+    """Where the map would quantize more than the block projections, loading falls back to float
+    (the method quantizes afterwards) rather than quantizing a layer the method leaves float."""
+    monkeypatch.setattr(quantized_loading, "_PATH", r".*")
+    loaded = backbones.load_decoder(llama_folder, base_quantization="int8")
+    assert not any("quantized while loading" in note for note in loaded.notes)
+    assert all(layer.quantization_mode is None for layer in loaded.backbone._flatten_layers())
+    expected = backbones.load_decoder(llama_folder)
+    np.testing.assert_array_equal(_hidden(loaded.backbone), _hidden(expected.backbone))

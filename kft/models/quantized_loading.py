@@ -22,6 +22,7 @@ import struct
 
 import keras
 import numpy as np
+from absl import logging
 
 from kft.methods import quantized_base
 
@@ -174,22 +175,19 @@ def _dtype(name: str):
     return np.dtype(_DTYPES[name])
 
 
-def _prepare(backbone, mode: str) -> tuple[list, list]:
-    """(projections built quantized, projections left float); refuses a quantized layer that is
-    not a block projection. Built from a policy alone, an int8 layer would quantize its inputs
-    too: it is made weight-only as `layer.quantize(mode, config)` makes it."""
+def _prepare(backbone, mode: str) -> tuple[list, list, list]:
+    """(projections built quantized, projections left float, paths of other layers the map
+    quantized). Built from a policy alone, an int8 layer would quantize its inputs too: each
+    projection is made weight-only as `layer.quantize(mode, config)` makes it."""
     projections = quantized_base.projections(backbone)
     ids = {id(layer) for layer in projections}
     stray = [layer.path for layer in backbone._flatten_layers(include_self=False)
              if layer.quantization_mode is not None and id(layer) not in ids]
-    if stray:
-        raise ValueError(f"--base_quantization={mode}: layers other than block projections were built "
-                         f"quantized: {stray[:5]}")
     built = [layer for layer in projections if layer.quantization_mode == mode]
     for layer in built:
         layer.quantization_config = quantized_base.weight_only_config(mode)
         layer.inputs_quantizer = None
-    return built, [layer for layer in projections if layer.quantization_mode is None]
+    return built, [layer for layer in projections if layer.quantization_mode is None], stray
 
 
 def _own_policies(backbone) -> None:
@@ -216,7 +214,11 @@ def load_backbone(location: str, mode: str, load_weights: bool = True, **kwargs)
         return None
     backbone = keras_hub.models.Backbone.from_preset(location, load_weights=False, dtype=policy_map(mode),
                                                      **kwargs)
-    built, left = _prepare(backbone, mode)
+    built, left, stray = _prepare(backbone, mode)
+    if stray:  # an architecture whose other layers share the projections' names
+        logging.warning("--base_quantization=%s: loading in float32 and quantizing afterwards (the "
+                        "names of %s match block projections)", mode, stray[:3])
+        return None
     if load_weights:
         with _file_reader(location) as reader, quantize_on_assign(built, mode) as pending:
             loader.converter.convert_weights(backbone, reader, loader.config)
@@ -233,14 +235,15 @@ def load_backbone(location: str, mode: str, load_weights: bool = True, **kwargs)
 
 
 def logical_weight_sizes(backbone) -> list[tuple[str, int]]:
-    """(path, element count) of every backbone weight, a quantized projection counted as the one
-    float kernel it stands for (its scales, zero points and group indices not at all): what a
-    checkpoint's tensors are matched against."""
-    sizes, skip = [], set()
+    """(path, element count) of every backbone weight in order, a quantized projection's kernel
+    counted as the float kernel it stands for and its scales, zero points and group indices left
+    out: what a checkpoint's tensors are matched against."""
+    logical, extra = {}, set()
     for layer in quantized_base.projections(backbone):
         if layer.quantization_mode is not None:
-            kernel = {v.name: v for v in layer.weights}["kernel"]
-            sizes.append((kernel.path, math.prod(kernel_shape(layer))))
-            skip.update(id(v) for v in layer.weights if v.name != "bias")
-    sizes += [(w.path, int(np.prod(w.shape))) for w in backbone.weights if id(w) not in skip]
-    return sizes
+            for v in layer.weights:
+                if v.name == "kernel":
+                    logical[id(v)] = math.prod(kernel_shape(layer))
+                elif v.name != "bias":
+                    extra.add(id(v))
+    return [(w.path, logical.get(id(w), int(np.prod(w.shape)))) for w in backbone.weights if id(w) not in extra]
