@@ -11,8 +11,8 @@ import time
 import numpy as np
 
 from kft.benchmarks.memory_models import Combo
+from kft.data import IGNORE
 
-IGNORE = -1  # kft's label of an untrained position (kft.data.split_inputs.IGNORE)
 HF_IGNORE = -100  # the Hugging Face label of an untrained position
 
 

@@ -13,9 +13,8 @@ import os
 import numpy as np
 
 from kft.data import token_cache
+from kft.data import IGNORE  # noqa: F401  (re-exported: the tasks read it here)
 from kft.data.sources import DataError
-
-IGNORE = -1  # the label of a position that no loss or metric reads
 
 
 def by_name(data) -> dict:
