@@ -455,7 +455,8 @@ def test_prompt_tuning_perplexity_is_the_backbones_unless_the_model_with_its_vec
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_rerun_ends_bit_identical_to_an_uninterrupted_run(llama_folder, tmp_path):
+@pytest.mark.parametrize("base", ["none", "int8", "int4"])  # LoRA over a float, int8 or int4 base
+def test_sigkill_mid_epoch_then_rerun_ends_bit_identical_to_an_uninterrupted_run(llama_folder, tmp_path, base):
     import signal
 
     from conftest import run_python
@@ -469,12 +470,14 @@ def test_sigkill_mid_epoch_then_rerun_ends_bit_identical_to_an_uninterrupted_run
         return ["-m", "kft.train", "--task=causal_lm", f"--backbone={llama_folder}", f"--train_file={train}",
                 f"--eval_file={dev}", "--epochs=2", "--batch_size=4", "--learning_rate=1e-3", "--method=lora",
                 "--checkpoint_every_steps=4", "--log_every_steps=1", "--max_new_tokens=0", "--deterministic",
-                "--noexport", "--nodrift", f"--model_dir={model_dir}"]
+                "--noexport", "--nodrift", f"--base_quantization={base}", f"--model_dir={model_dir}"]
 
     a_dir, b_dir = str(tmp_path / "a"), str(tmp_path / "b")
     done = run_python(args(a_dir), env={"KFT_QUIET": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     a = _final(a_dir)
+    with open(os.path.join(a_dir, "metrics.json")) as f:
+        assert json.load(f)["method"].get("base_quantization", {"mode": "none"})["mode"] == base
     run = _Process(args(b_dir))
     run.signal_after(a.step // 2 + 2, signal.SIGKILL)
     assert run.wait() == -signal.SIGKILL

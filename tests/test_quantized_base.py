@@ -1,8 +1,7 @@
-"""--base_quantization=int8|int4: LoRA and prompt tuning over a frozen base held in 8 or 4 bits."""
+"""--base_quantization=int8|int4: LoRA and prompt tuning over a frozen base held in 8 or 4 bits (the
+resume after SIGKILL over a quantized base: tests/test_causal_lm.py)."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -117,41 +116,3 @@ def test_a_quantized_base_is_refused_where_the_projections_train(llama_folder, m
     with pytest.raises(FlagError, match="--base_quantization=int4.*--method=lora or --method=prompt"):
         methods.apply(loaded.backbone, config)
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_lora_over_a_quantized_base_resumes_bit_identical_after_sigkill(llama_folder, tmp_path, mode):
-    """The whole run (kft.train in subprocesses): killed mid-run and rerun, it ends with the weights
-    and history of an uninterrupted run; the export is skipped, the checkpoint holds the adapter."""
-    import signal
-
-    import decoder_fixtures as fx
-    from conftest import run_python
-    from test_preemption import _Process, _final, _history
-
-    train = fx.write_jsonl(tmp_path / "train.jsonl", fx.chats(40, 0))
-    dev = fx.write_jsonl(tmp_path / "dev.jsonl", fx.chats(6, 1))
-
-    def args(model_dir):
-        return ["-m", "kft.train", "--task=causal_lm", f"--backbone={llama_folder}", f"--train_file={train}",
-                f"--eval_file={dev}", "--epochs=2", "--batch_size=4", "--learning_rate=1e-3", "--method=lora",
-                f"--base_quantization={mode}", "--checkpoint_every_steps=4", "--log_every_steps=1",
-                "--max_new_tokens=0", "--deterministic", "--noexport", "--nodrift", f"--model_dir={model_dir}"]
-
-    a_dir, b_dir = str(tmp_path / "a"), str(tmp_path / "b")
-    done = run_python(args(a_dir), env={"KFT_QUIET": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    a = _final(a_dir)
-    with open(f"{a_dir}/metrics.json") as f:
-        assert json.load(f)["method"]["base_quantization"]["mode"] == mode
-    run = _Process(args(b_dir))
-    run.signal_after(a.step // 2 + 2, signal.SIGKILL)
-    assert run.wait() == -signal.SIGKILL
-    rerun = run_python(args(b_dir), env={"KFT_QUIET": "1"})
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resumed from" in rerun.stderr
-    b = _final(b_dir)
-    assert b.step == a.step and sorted(a.tensors) == sorted(b.tensors)
-    for k in a.tensors:
-        np.testing.assert_array_equal(a.tensors[k], b.tensors[k], err_msg=k)
-    assert _history(b_dir)["history"] == _history(a_dir)["history"]
